@@ -1,0 +1,108 @@
+"""Shared fixtures: a tokenizer and tiny random causal LMs built locally (no hub), and a small corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_WORDS = (
+    "the a ship whale sea captain harpoon deck sail wind storm night morning crew boat oil white "
+    "great old young man men said saw went came long dark deep cold under over into upon after before "
+    "and but or so then when where while because though ahab ishmael queequeg starbuck pequod nantucket"
+).split()
+
+
+def make_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English documents of varying length (a few to a few hundred tokens)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.randint(1, 12)):
+            words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+            sentences.append(" ".join(words).capitalize() + rng.choice([".", "!", "?"]))
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def build_tokenizer(directory: Path, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(make_corpus(200, seed=123), trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(directory)
+    return hf
+
+
+def build_llama(directory: Path, vocab_size: int, *, layers: int = 2, hidden: int = 48, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform next-token distributions; scale the head so the teacher is peaked
+    # and top-k truncation matters, as with a real model.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("teacher")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(d)
+    build_llama(d, len(tok), layers=2, hidden=64, seed=1)
+    return d
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    path = d / "corpus.jsonl"
+    with open(path, "w") as f:
+        for doc in make_corpus(60, seed=0):
+            f.write(json.dumps({"text": doc}) + "\n")
+    return path
