@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
+TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the cache
 
 # Stored precision of the teacher's log-probabilities. fp16 keeps |error| <= 2^-6 for lp in [-32, -16]
 # and finer above; the loss computes in fp32 after decode.

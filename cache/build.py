@@ -1,0 +1,337 @@
+"""Stage one: run a teacher over a token stream and write the top-k cache, resumably.
+
+The stream of fixed-length sequences is cut into blocks of ``rows_per_shard`` sequences; block ``b``
+becomes ``shards/{b:08d}.parquet`` and belongs to worker ``b % num_workers``. Shard bytes therefore
+depend only on (teacher, data, options), not on how many workers wrote them or where a run was killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from cache.data import DataSpec, iter_sequences, source_fingerprint
+from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
+from cache.format import SHARD_DIR, TOKENIZER_DIR, CacheRows, sha256_file, tokens_sha256, write_shard
+from cache.manifest import (
+    CacheError,
+    Manifest,
+    ShardEntry,
+    identity_diff,
+    manifest_name,
+    read_manifest,
+    shard_name,
+    tokenizer_fingerprint,
+)
+
+
+@dataclass
+class CacheConfig:
+    teacher: str
+    data: str
+    out: Path
+    top_k: int = 64
+    seq_len: int = 1024
+    text_field: str = "text"
+    messages_field: str = "messages"
+    split: str = "train"
+    backend: str = "auto"  # auto | hf | vllm
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    shard_tokens: int = 1 << 20
+    row_group_tokens: int = 1 << 16
+    max_tokens: int | None = None
+    max_sequences: int | None = None
+    worker_index: int = 0
+    num_workers: int = 1
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("--top-k must be >= 1")
+        if self.seq_len < 2:
+            raise ValueError("--seq-len must be >= 2 (one position predicts the next token)")
+        if not 0 <= self.worker_index < self.num_workers:
+            raise ValueError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        if self.backend not in ("auto", "hf", "vllm"):
+            raise ValueError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
+        for name in ("batch_size", "shard_tokens", "row_group_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+    @property
+    def rows_per_shard(self) -> int:
+        return max(1, self.shard_tokens // self.seq_len)
+
+    @property
+    def row_group_rows(self) -> int:
+        return max(1, min(self.rows_per_shard, self.row_group_tokens // self.seq_len))
+
+
+def _without_path(d: dict) -> dict:
+    return {key: value for key, value in d.items() if key != "path"}
+
+
+def resolve_backend(name: str) -> str:
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+def make_backend(config: CacheConfig, backend: str):
+    if backend == "vllm":
+        from cache.vllm_backend import VLLMTeacher
+
+        return VLLMTeacher(
+            config.teacher,
+            k=config.top_k,
+            seq_len=config.seq_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            dtype="bfloat16" if config.dtype == "auto" else config.dtype,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+        )
+    from cache.hf_backend import HFTeacher
+
+    return HFTeacher(
+        config.teacher,
+        k=config.top_k,
+        batch_size=config.batch_size,
+        dtype=config.dtype,
+        device=config.device,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def _blocks(sequences: Iterator[tuple[np.ndarray, np.ndarray]], rows: int):
+    """Group the sequence stream into (block index, input_ids [R, L], loss_mask [R, L])."""
+    ids, masks = [], []
+    block = 0
+    for seq_ids, seq_mask in sequences:
+        ids.append(seq_ids)
+        masks.append(seq_mask)
+        if len(ids) == rows:
+            yield block, np.stack(ids), np.stack(masks)
+            ids, masks = [], []
+            block += 1
+    if ids:
+        yield block, np.stack(ids), np.stack(masks)
+
+
+def _clean_stray_temp_files(out: Path) -> None:
+    for directory in (out, out / SHARD_DIR):
+        for tmp in directory.glob(".*.tmp*"):
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """Keep the teacher's tokenizer with the cache: students are checked against it, inspect decodes with it."""
+    final = out / TOKENIZER_DIR
+    if final.exists():
+        return
+    tmp = out / f".{TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(final)
+
+
+def _prepare_output(config: CacheConfig, fresh: Manifest) -> Manifest:
+    """Return the manifest to continue from: a new one, or the one on disk if it matches."""
+    out = config.out
+    path = out / manifest_name(config.worker_index, config.num_workers)
+    if config.overwrite and out.exists():
+        if config.num_workers == 1:
+            for p in list(out.glob("manifest*.json")) + [out / SHARD_DIR, out / TOKENIZER_DIR]:
+                if p.exists():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        else:  # other workers may be running: remove only this worker's manifest and blocks
+            path.unlink(missing_ok=True)
+            for shard in (out / SHARD_DIR).glob("*.parquet"):
+                if shard.stem.isdigit() and int(shard.stem) % config.num_workers == config.worker_index:
+                    shard.unlink()
+    if path.exists():
+        existing = read_manifest(path)
+        diff = identity_diff(existing.identity(), fresh.identity())
+        settings = [
+            f"{name}: {getattr(existing, name)} != {getattr(fresh, name)}"
+            for name in ("rows_per_shard", "row_group_rows", "num_workers")
+            if getattr(existing, name) != getattr(fresh, name)
+        ]
+        if diff or settings:
+            raise CacheError(
+                f"{path} was written for a different cache, refusing to resume:\n  "
+                + "\n  ".join(diff + settings)
+                + "\nUse a new --out, or --overwrite to delete the existing cache."
+            )
+        for shard in existing.shards:
+            file = out / shard.name
+            if not file.exists() or file.stat().st_size != shard.bytes:
+                raise CacheError(f"{file}: listed in the manifest but missing or of the wrong size")
+        return existing
+    layout = {manifest_name(i, config.num_workers) for i in range(config.num_workers)}
+    existing_manifests = sorted(out.glob("manifest*.json")) if out.exists() else []
+    foreign = [p for p in existing_manifests if p.name not in layout]
+    if foreign:
+        raise CacheError(
+            f"{out} holds a cache written with a different --num-workers ({foreign[0].name}); "
+            "use the same worker layout, a new --out, or --overwrite"
+        )
+    for sibling in existing_manifests:  # another worker of this layout: it must be the same cache
+        diff = identity_diff(read_manifest(sibling).identity(), fresh.identity())
+        if diff:
+            raise CacheError(f"{sibling} describes a different cache:\n  " + "\n  ".join(diff))
+    if not existing_manifests and (out / SHARD_DIR).exists() and any((out / SHARD_DIR).iterdir()):
+        raise CacheError(f"{out / SHARD_DIR} has files but no manifest; use --overwrite to start over")
+    return fresh
+
+
+def cache_teacher(config: CacheConfig) -> Manifest:
+    """Build (or resume, or finish) the cache described by ``config``; return its final manifest."""
+    from transformers import AutoTokenizer
+
+    config.validate()
+    started = time.perf_counter()
+    backend_name = resolve_backend(config.backend)
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    spec = DataSpec(
+        path=config.data,
+        seq_len=config.seq_len,
+        text_field=config.text_field,
+        messages_field=config.messages_field,
+        split=config.split,
+        max_tokens=config.max_tokens,
+        max_sequences=config.max_sequences,
+    )
+    # Resolve "auto" now: a resume on another device must not silently mix float32 and bf16 numbers.
+    if backend_name == "vllm":
+        dtype_for_identity = "bfloat16" if config.dtype == "auto" else config.dtype
+    else:
+        dtype_for_identity = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
+    fresh = Manifest(
+        teacher=teacher_identity(config.teacher, config.revision, dtype_for_identity),
+        backend={"name": backend_name},
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        k=config.top_k,
+        seq_len=config.seq_len,
+        # The path is informational (a moved dataset still resumes); the bytes and options are identity.
+        data={**_without_path(spec.describe()), "source": _without_path(source_fingerprint(config.data, config.split))},
+        data_path=str(config.data),
+        packing=spec.describe()["packing"],
+        rows_per_shard=config.rows_per_shard,
+        row_group_rows=config.row_group_rows,
+        worker_index=config.worker_index,
+        num_workers=config.num_workers,
+    )
+    # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
+    # make it depend on where a run was interrupted.
+    fresh.teacher["backend"] = backend_name
+    manifest = _prepare_output(config, fresh)
+    if manifest.complete:
+        _log(f"{config.out}: cache already complete ({len(manifest.shards)} shards); nothing to do")
+        return manifest
+    (config.out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    _clean_stray_temp_files(config.out)
+    _save_tokenizer(tokenizer, config.out)
+
+    done = {s.block: s for s in manifest.shards}
+    teacher = None  # loaded lazily: a finished or mismatched run never pays for the model
+    stream_hash = hashlib.sha256()
+    num_sequences = 0
+    scored_tokens = 0
+    planned = config.max_tokens or (config.max_sequences * config.seq_len if config.max_sequences else None)
+    bar = tqdm(
+        total=planned // config.num_workers if planned else None,
+        initial=manifest.total_tokens,  # resumed shards count as done but not towards the rate
+        unit="tok",
+        unit_scale=True,
+        desc=f"caching (worker {config.worker_index}/{config.num_workers})",
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for block, input_ids, loss_mask in _blocks(iter_sequences(spec, tokenizer), config.rows_per_shard):
+            block_tokens_sha = tokens_sha256(input_ids)
+            stream_hash.update(block_tokens_sha.encode())
+            first_seq = block * config.rows_per_shard
+            num_sequences = first_seq + len(input_ids)
+            if block % config.num_workers != config.worker_index:
+                continue
+            if block in done:
+                if done[block].tokens_sha256 != block_tokens_sha:
+                    raise CacheError(
+                        f"the data no longer produces the token sequences of {done[block].name}; the source "
+                        "or the tokenizer changed since this cache was started. Use --overwrite to rebuild."
+                    )
+                continue
+            if teacher is None:
+                teacher = make_backend(config, backend_name)
+                described = teacher.describe()
+                manifest.backend = described["backend"]
+            scores = teacher.score(input_ids, progress=lambda n: bar.update(n * config.seq_len))
+            rows = CacheRows(
+                seq_ids=np.arange(first_seq, first_seq + len(input_ids), dtype=np.int64),
+                input_ids=input_ids,
+                loss_mask=loss_mask,
+                topk_ids=scores.topk_ids,
+                topk_logprobs=scores.topk_logprobs,
+                target_logprob=scores.target_logprob,
+            )
+            name = shard_name(block)
+            path = config.out / name
+            write_shard(rows, path, manifest.row_group_rows)
+            manifest.shards.append(
+                ShardEntry(
+                    name=name,
+                    block=block,
+                    rows=rows.num_rows,
+                    tokens=int(input_ids.size),
+                    bytes=path.stat().st_size,
+                    sha256=sha256_file(path),
+                    first_seq_id=int(rows.seq_ids[0]),
+                    last_seq_id=int(rows.seq_ids[-1]),
+                    tokens_sha256=block_tokens_sha,
+                )
+            )
+            manifest.shards.sort(key=lambda s: s.block)
+            manifest.save(config.out)  # the commit point of this shard
+            scored_tokens += int(input_ids.size)
+            bar.set_postfix(shards=len(manifest.shards), refresh=False)
+    finally:
+        bar.close()
+    if num_sequences == 0:
+        raise CacheError(f"{config.data}: the dataset produced no token sequences")
+    manifest.stream = {"num_sequences": num_sequences, "sha256": stream_hash.hexdigest()}
+    manifest.complete = True
+    manifest.save(config.out)
+    elapsed = time.perf_counter() - started
+    tokens, size = manifest.total_tokens, manifest.total_bytes
+    _log(
+        f"done: {len(manifest.shards)} shards, {tokens:,} tokens, {size / 2**20:.1f} MiB, "
+        f"{size / max(tokens, 1):.1f} B/token; scored {scored_tokens:,} tokens this run in {elapsed:.1f} s "
+        f"({scored_tokens / max(elapsed, 1e-9):,.0f} tok/s)"
+    )
+    return manifest
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,137 @@
+"""HF transformers teacher: works everywhere (CPU for tests and small runs, GPU with bf16)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache.teacher import TeacherScores
+
+# Sampled weight hashing: sizes plus the first and last MiB of each weight file. Hashing whole files
+# would cost minutes for a 70B teacher; a retrained or different model changes these bytes.
+_SAMPLE_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
+
+
+def _sampled_file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE_BYTES))
+        if size > _SAMPLE_BYTES:
+            f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def teacher_identity(name_or_path: str, revision: str | None, dtype: str) -> dict:
+    """Identity of a teacher without loading its weights (config + sampled weight-file hashes)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    config_json = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
+    identity = {
+        "name_or_path": str(name_or_path),
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "dtype": dtype,
+        "architecture": (config.architectures or [config.model_type])[0],
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+    }
+    local = Path(name_or_path)
+    if local.is_dir():
+        files = sorted(p for p in local.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        h = hashlib.sha256()
+        for p in files:
+            h.update(_sampled_file_hash(p).encode())
+        identity["weights_sha256"] = h.hexdigest()
+    return identity
+
+
+class HFTeacher:
+    """Teacher backed by ``AutoModelForCausalLM``; top-k is taken on the device so only the k columns
+    reach the CPU."""
+
+    def __init__(
+        self,
+        model: str,
+        k: int,
+        batch_size: int = 8,
+        dtype: str = "auto",
+        device: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        position_chunk: int = 512,
+    ):
+        from transformers import AutoModelForCausalLM
+
+        self.name = str(model)
+        self.k = k
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(dtype, self.device)
+        self.dtype_name = str(self.torch_dtype).removeprefix("torch.")
+        self.revision = revision
+        # log_softmax over V in fp32 for [batch, chunk] positions at a time bounds the extra memory.
+        self.position_chunk = position_chunk
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if k > vocab:
+            raise ValueError(f"--top-k {k} exceeds the teacher's vocabulary size {vocab}")
+
+    def describe(self) -> dict:
+        import transformers
+
+        return {
+            "teacher": teacher_identity(self.name, self.revision, self.dtype_name),
+            "backend": {"name": "hf", "version": f"transformers {transformers.__version__}", "device": self.device.type},
+        }
+
+    @torch.inference_mode()
+    def score(self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None) -> TeacherScores:
+        b, length = input_ids.shape
+        k = self.k
+        topk_ids = np.empty((b, length - 1, k), np.int32)
+        topk_lp = np.empty((b, length - 1, k), np.float32)
+        target_lp = np.empty((b, length - 1), np.float32)
+        for start in range(0, b, self.batch_size):
+            stop = min(b, start + self.batch_size)
+            ids = torch.from_numpy(np.ascontiguousarray(input_ids[start:stop])).to(self.device, torch.long)
+            # The last token predicts nothing we store: feed L-1 tokens.
+            logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits
+            targets = ids[:, 1:]
+            for t0 in range(0, length - 1, self.position_chunk):
+                t1 = min(length - 1, t0 + self.position_chunk)
+                lp = torch.log_softmax(logits[:, t0:t1].float(), dim=-1)
+                values, indices = torch.topk(lp, k, dim=-1, sorted=True)
+                target = lp.gather(-1, targets[:, t0:t1, None]).squeeze(-1)
+                topk_ids[start:stop, t0:t1] = indices.to(torch.int32).cpu().numpy()
+                topk_lp[start:stop, t0:t1] = values.cpu().numpy()
+                target_lp[start:stop, t0:t1] = target.cpu().numpy()
+            del logits
+            if progress is not None:
+                progress(stop - start)
+        return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, target_logprob=target_lp)

@@ -1,0 +1,197 @@
+"""The cache manifest: identity of what was cached, and the commit log of finished shards.
+
+A cache written by ``n`` workers has one manifest per worker (``manifest.json`` when n == 1, else
+``manifest.worker{i}-of-{n}.json``); :func:`load_cache` treats their union as one cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cache.format import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR, atomic_write_bytes
+
+
+class CacheError(Exception):
+    """A cache that cannot be used as asked (mismatch, corruption, incomplete). The message says why."""
+
+
+# Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
+IDENTITY_FIELDS = ("format_version", "teacher", "tokenizer", "k", "support", "seq_len", "packing", "data")
+
+
+@dataclass
+class ShardEntry:
+    name: str  # relative to the cache dir, e.g. "shards/00000003.parquet"
+    block: int  # shard index in the global sequence stream: holds seq_ids [block*R, block*R + rows)
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+    first_seq_id: int
+    last_seq_id: int
+    tokens_sha256: str  # of the block's input_ids: lets a resume prove the data did not change
+
+
+@dataclass
+class Manifest:
+    teacher: dict
+    backend: dict
+    tokenizer: dict
+    k: int
+    seq_len: int
+    data: dict
+    rows_per_shard: int
+    row_group_rows: int
+    worker_index: int = 0
+    num_workers: int = 1
+    support: str = "topk"
+    packing: str = "concat"
+    data_path: str = ""
+    logprob_dtype: str = "float16"
+    format_version: int = FORMAT_VERSION
+    shards: list[ShardEntry] = field(default_factory=list)
+    complete: bool = False
+    # Set when complete: total sequences in the stream and the sha256 over all their tokens.
+    stream: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> "Manifest":
+        raw = json.loads(text)
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"cache format version {version} is not supported by this version of the tool "
+                f"(it reads version {FORMAT_VERSION})"
+            )
+        raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
+        return Manifest(**raw)
+
+    def save(self, cache_dir: Path) -> None:
+        atomic_write_bytes(cache_dir / manifest_name(self.worker_index, self.num_workers), self.to_json().encode())
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+
+def manifest_name(worker_index: int, num_workers: int) -> str:
+    if num_workers == 1:
+        return MANIFEST_NAME
+    return f"manifest.worker{worker_index:03d}-of-{num_workers:03d}.json"
+
+
+def shard_name(block: int) -> str:
+    return f"{SHARD_DIR}/{block:08d}.parquet"
+
+
+def identity_diff(a: dict, b: dict) -> list[str]:
+    """Human-readable differences between two identities (nested dicts flattened to dotted keys)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return [f"{key}: {fa.get(key)!r} != {fb.get(key)!r}" for key in sorted(set(fa) | set(fb)) if fa.get(key) != fb.get(key)]
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.from_json(path.read_text())
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise CacheError(f"{path}: not a valid cache manifest ({e})") from e
+
+
+@dataclass
+class CacheInfo:
+    """A whole cache as the reader sees it: one identity, shards from every worker sorted by block."""
+
+    root: Path
+    manifest: Manifest  # the first worker's; identity and settings are shared by all
+    shards: list[ShardEntry]
+    complete: bool
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def fingerprint(self) -> str:
+        """Identifies this exact cache content (identity + shard checksums)."""
+        h = hashlib.sha256(json.dumps(self.manifest.identity(), sort_keys=True).encode())
+        for s in self.shards:
+            h.update(s.sha256.encode())
+        return h.hexdigest()[:16]
+
+
+def load_cache(root: str | Path, require_complete: bool = True) -> CacheInfo:
+    root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"{root}: no such cache directory")
+    single = root / MANIFEST_NAME
+    paths = [single] if single.exists() else sorted(root.glob("manifest.worker*-of-*.json"))
+    if not paths:
+        raise CacheError(f"{root}: no manifest.json (is this a cache written by `pipeline cache-teacher`?)")
+    manifests = [read_manifest(p) for p in paths]
+    first = manifests[0]
+    for path, m in zip(paths[1:], manifests[1:]):
+        diff = identity_diff(first.identity(), m.identity())
+        if diff:
+            raise CacheError(f"{path.name} describes a different cache than {paths[0].name}: " + "; ".join(diff))
+    expected_workers = first.num_workers
+    found = sorted(m.worker_index for m in manifests)
+    complete = all(m.complete for m in manifests) and found == list(range(expected_workers))
+    if require_complete and not complete:
+        missing = sorted(set(range(expected_workers)) - set(found))
+        unfinished = [m.worker_index for m in manifests if not m.complete]
+        detail = []
+        if missing:
+            detail.append(f"no manifest from worker(s) {missing}")
+        if unfinished:
+            detail.append(f"worker(s) {unfinished} not finished")
+        raise CacheError(
+            f"{root}: cache is incomplete ({'; '.join(detail)}); rerun the same `pipeline cache-teacher` "
+            "command to finish it"
+        )
+    shards = sorted((s for m in manifests for s in m.shards), key=lambda s: s.block)
+    blocks = [s.block for s in shards]
+    if len(set(blocks)) != len(blocks):
+        raise CacheError(f"{root}: two manifests claim the same shard block")
+    return CacheInfo(root=root, manifest=first, shards=shards, complete=complete)
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What a student must share with the teacher: the id ↔ token map and the special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    payload = json.dumps({"vocab": vocab, "specials": specials}, ensure_ascii=False, sort_keys=True)
+    return {
+        "sha256": hashlib.sha256(payload.encode()).hexdigest(),
+        "vocab_size": len(vocab),
+        **specials,
+    }

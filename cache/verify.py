@@ -1,0 +1,157 @@
+"""`pipeline verify` and `pipeline inspect`: check a cache end to end, and show what is in it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cache.format import SHARD_DIR, SHARD_SCHEMA, from_record_batch, sha256_file, tail_mass
+from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache
+
+# fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
+# by that much; anything beyond is a broken teacher or a broken file.
+_MASS_TOLERANCE = 2e-3
+# |stored target_logprob - stored top-k logprob| for the same token: both are fp16 roundings of one
+# value, so they agree to within one fp16 step at |lp| < 64.
+_TARGET_TOLERANCE = 0.07
+
+
+@dataclass
+class VerifyReport:
+    shards_checked: int = 0
+    rows: int = 0
+    tokens: int = 0
+    problems: list[str] = field(default_factory=list)  # each names the file
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
+    m = info.manifest
+    vocab = m.tokenizer["vocab_size"]
+    problems = []
+    table = pq.read_table(path)
+    if table.schema.remove_metadata() != SHARD_SCHEMA.remove_metadata():
+        return [f"{path}: schema differs from format v{m.format_version}: {table.schema}"]
+    if table.num_rows != shard.rows:
+        problems.append(f"{path}: {table.num_rows} rows, manifest says {shard.rows}")
+    rows = from_record_batch(table, m.seq_len, m.k)
+    expected_ids = np.arange(shard.first_seq_id, shard.last_seq_id + 1)
+    if not np.array_equal(rows.seq_ids, expected_ids):
+        problems.append(f"{path}: seq_ids are not {shard.first_seq_id}..{shard.last_seq_id} in order")
+    lp = rows.topk_logprobs.astype(np.float32)
+    for name, ids in (("input_ids", rows.input_ids), ("topk_ids", rows.topk_ids)):
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            problems.append(f"{path}: {name} outside [0, {vocab})")
+    if not np.isfinite(lp).all():
+        problems.append(f"{path}: non-finite topk_logprobs")
+    if (lp > 0).any() or (rows.target_logprob.astype(np.float32) > 0).any():
+        problems.append(f"{path}: positive log-probabilities")
+    if (np.diff(lp, axis=-1) > 0).any():
+        problems.append(f"{path}: topk_logprobs not sorted descending")
+    mass = np.exp(lp).sum(-1)
+    if (mass > 1 + _MASS_TOLERANCE).any():
+        problems.append(f"{path}: support mass up to {mass.max():.4f} > 1 (tail mass would be negative)")
+    targets = rows.input_ids[:, 1:, None]
+    hit = rows.topk_ids == targets
+    in_topk = hit.any(-1)
+    gap = np.abs(np.where(hit, lp, 0).sum(-1) - rows.target_logprob.astype(np.float32))[in_topk]
+    if gap.size and gap.max() > _TARGET_TOLERANCE:
+        problems.append(f"{path}: target_logprob disagrees with the top-k entry of the same token by {gap.max():.3f}")
+    return problems
+
+
+def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
+    """Checksums, schema, row counts, seq_id ranges and value sanity of every shard."""
+    report = VerifyReport()
+    try:
+        info = load_cache(root, require_complete=False)
+    except CacheError as e:
+        report.problems.append(str(e))
+        return report
+    if not info.complete:
+        report.warnings.append(f"{info.root}: cache is not complete (a run is in progress or was interrupted)")
+    listed = set()
+    for shard in info.shards:
+        path = info.root / shard.name
+        listed.add(path.name)
+        report.shards_checked += 1
+        if not path.exists():
+            report.problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != shard.bytes:
+            report.problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes}")
+            continue
+        if sha256_file(path) != shard.sha256:
+            report.problems.append(f"{path}: sha256 mismatch (file corrupted or replaced)")
+            continue
+        if check_values:
+            try:
+                report.problems.extend(_check_rows(shard, info, path))
+            except Exception as e:  # a file that passes sha256 but cannot be decoded is still named
+                report.problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
+                continue
+        report.rows += shard.rows
+        report.tokens += shard.tokens
+    shard_dir = info.root / SHARD_DIR
+    if shard_dir.exists():
+        for extra in sorted(p.name for p in shard_dir.iterdir() if p.name not in listed):
+            report.warnings.append(f"{shard_dir / extra}: not listed in any manifest (left by an interrupted run)")
+    return report
+
+
+def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, show: int = 10, tokenizer=None) -> str:
+    """A human summary: manifest facts, one position decoded with probabilities, tail-mass statistics."""
+    info = load_cache(root, require_complete=False)
+    m = info.manifest
+    lines = [
+        f"cache: {info.root}  (format v{m.format_version}, {'complete' if info.complete else 'INCOMPLETE'})",
+        f"teacher: {m.teacher.get('name_or_path')}  dtype={m.teacher.get('dtype')}  backend={m.backend}",
+        f"tokenizer: vocab {m.tokenizer['vocab_size']}  sha256 {m.tokenizer['sha256'][:16]}…",
+        f"support: {m.support}  k={m.k}  seq_len={m.seq_len}  packing={m.packing}",
+        f"data: {m.data_path}  sha256 {str(m.data['source'].get('sha256'))[:16]}…",
+        f"shards: {len(info.shards)} from {m.num_workers} worker(s); {info.num_sequences:,} sequences, "
+        f"{info.num_tokens:,} tokens, {info.num_bytes / 2**20:.2f} MiB, "
+        f"{info.num_bytes / max(info.num_tokens, 1):.1f} bytes/token",
+    ]
+    if not info.shards:
+        return "\n".join(lines)
+    shard = next((s for s in info.shards if s.first_seq_id <= seq <= s.last_seq_id), info.shards[0])
+    rows = from_record_batch(pq.read_table(info.root / shard.name), m.seq_len, m.k)
+    row = int(np.clip(seq - shard.first_seq_id, 0, rows.num_rows - 1))
+    mask = rows.loss_mask[row, 1:]
+    if position is None:
+        trained = np.flatnonzero(mask)
+        position = int(trained[len(trained) // 2]) if trained.size else 0
+    position = int(np.clip(position, 0, m.seq_len - 2))
+    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: str(ids))
+    context = rows.input_ids[row, max(0, position - 15) : position + 1]
+    target = int(rows.input_ids[row, position + 1])
+    lines.append("")
+    lines.append(f"seq {int(rows.seq_ids[row])}, position {position}: context …{decode(context.tolist())!r}")
+    lines.append(
+        f"  true next token {decode([target])!r} (id {target}): teacher log p = "
+        f"{float(rows.target_logprob[row, position]):.3f} (p = {np.exp(float(rows.target_logprob[row, position])):.4f})"
+    )
+    for j in range(min(show, m.k)):
+        tid = int(rows.topk_ids[row, position, j])
+        lp = float(rows.topk_logprobs[row, position, j])
+        lines.append(f"  #{j + 1:<3} {decode([tid])!r:>16} (id {tid:>6})  p = {np.exp(lp):.4f}  log p = {lp:.3f}")
+    rest = tail_mass(rows.topk_logprobs)
+    lines.append(f"  tail mass here: {float(rest[row, position]):.4f}")
+    trained_rest = rest[rows.loss_mask[:, 1:]]
+    if trained_rest.size:
+        q = np.quantile(trained_rest, [0.5, 0.9, 0.99])
+        lines.append(
+            f"tail mass over {shard.name} ({trained_rest.size:,} trained positions): mean {trained_rest.mean():.4f}  "
+            f"p50 {q[0]:.4f}  p90 {q[1]:.4f}  p99 {q[2]:.4f}  max {trained_rest.max():.4f}"
+        )
+        in_topk = (rows.topk_ids == rows.input_ids[:, 1:, None]).any(-1)[rows.loss_mask[:, 1:]]
+        lines.append(f"true next token inside the top-{m.k}: {in_topk.mean():.1%} of trained positions")
+    return "\n".join(lines)

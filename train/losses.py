@@ -1,0 +1,628 @@
+"""Distillation losses over the teacher's sparse support (see ../shared/DESIGN.md, "Losses over sparse support").
+
+Every loss works on ``k + 1`` *bins* per position: the teacher's ``k`` support ids plus one "rest" bin holding
+all other tokens. Both sides are given as log-probabilities over the bins:
+
+- teacher: ``log p_i`` = the cached top-k log-probs (normalized over the full vocabulary), and
+  ``p_rest = cache.format.tail_mass(...)`` (may be exactly 0);
+- student: ``log q_i = z_i - logsumexp(z)`` and ``log q_rest`` = logsumexp of ``z`` over the complement of the
+  support, minus ``logsumexp(z)`` (exact: no ``1 - Σ q`` cancellation, finite while any token lies outside).
+
+With ``k = V`` (the rest bin is empty for both sides) every loss equals the dense loss over the vocabulary;
+with ``k < V`` it equals the dense loss between the two coarse-grained ``k + 1`` bin distributions.
+
+The student side is factorized through :class:`StudentBins` (``log_q_support``, ``log_q_rest``, ``lse``,
+``log_q_target``) so that a fused path (hidden states × lm_head in row/vocab chunks, never materializing
+``[N, V]``) can produce the same four tensors and reuse every loss unchanged.
+
+Conventions: ``N`` positions (flatten batch × time first), ``V`` vocabulary, ``k`` support size, ``B`` bins.
+Zero probabilities are ``-inf`` log-probs; a term ``a·log(a/b)`` with ``a = 0`` is 0 and passes no gradient.
+Losses compute in float32 (float64 if given float64: the tests use it); fp16/bf16 inputs are upcast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from cache.format import tail_mass
+
+NEG_INF = float("-inf")
+
+# Reverse-KL-type terms weigh log p by q: a bin the teacher gives exactly zero mass (p_rest = 0 after fp16
+# rounding, or an underflowed log-prob) would cost +inf. Floor the teacher's log-prob there: p >= e^-100
+# (~3.7e-44, below fp32's normal range), a large but finite penalty. Only `rkl` needs it (the mixtures in
+# js/sfkl/srkl stay positive wherever q does).
+LOG_P_FLOOR = -100.0
+
+Scalar = Union[float, Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small numerics helpers
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64 (never fp16/bf16: log-sum-exp over V needs the range)."""
+    dtype = torch.float32
+    for x in tensors:
+        if x is not None and x.dtype == torch.float64:
+            dtype = torch.float64
+    return dtype
+
+
+def _safe_logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """logsumexp that returns -inf with a zero (not nan) gradient on rows whose entries are all -inf.
+
+    ``torch.logsumexp`` gives the right value there but its backward computes ``exp(-inf - -inf) = nan``.
+    """
+    m = x.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # the shift cancels exactly; detached is fine
+    s = (x - m).exp().sum(dim=dim)
+    nonzero = s > 0
+    out = torch.log(torch.where(nonzero, s, torch.ones_like(s))) + m.squeeze(dim)
+    return torch.where(nonzero, out, torch.full_like(out, NEG_INF))
+
+
+def _log_mix(log_x: Tensor, log_y: Tensor, w: float) -> Tensor:
+    """``log(w·x + (1-w)·y)`` from log-inputs; -inf (zero gradient) where both are zero."""
+    terms = []
+    if w > 0:
+        terms.append(log_x + math.log(w))
+    if w < 1:
+        terms.append(log_y + math.log1p(-w))
+    return _safe_logsumexp(torch.stack(terms, dim=-1), dim=-1)
+
+
+def _kl_sum(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``Σ_bins a·(log a - log b)`` over the last dim, with ``0·log(0/b) = 0`` (xlogy-style).
+
+    Bins with ``a = 0`` contribute 0 and pass no gradient to either side, whatever ``log b`` is (it may be -inf
+    there: an empty bin). ``a > 0`` with ``b = 0`` is a genuine +inf.
+    """
+    pos = ~torch.isneginf(log_a)
+    la = log_a.masked_fill(~pos, 0.0)
+    lb = log_b.masked_fill(~pos, 0.0)
+    return torch.where(pos, la.exp() * (la - lb), torch.zeros_like(la)).sum(-1)
+
+
+def _scale_log(w: Tensor, log_x: Tensor) -> Tensor:
+    """``w · log x`` with ``0 · log 0 = 0`` (so t = 0 / t = 1 in TAID give exactly q / p). No gradient use."""
+    return torch.where(w == 0, torch.zeros_like(log_x), w * log_x)
+
+
+def _as_column(value: Scalar, like: Tensor) -> Tensor:
+    """A float, 0-d tensor or per-position [N] tensor as something that broadcasts against [N, B]."""
+    v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return v.unsqueeze(-1) if v.dim() >= 1 else v
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` [N] over positions where ``mask`` [N] (bool) is set; 0 if none is.
+
+    Uses ``where`` rather than multiplication, so inf/nan at masked-out positions neither leak into the value
+    nor into the gradient.
+    """
+    mask = mask.to(torch.bool)
+    total = torch.where(mask, values, torch.zeros_like(values)).sum()
+    return total / mask.sum().clamp_min(1).to(values.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bins
+
+
+class StudentBins(NamedTuple):
+    """The student's side of the bins; everything a loss needs from the student.
+
+    - ``log_q_support`` [N, m]: log q of each id in the support (``-inf`` for columns marked invalid).
+    - ``log_q_rest`` [N]: log q of everything outside the support (``-inf`` if the support is the whole vocab).
+    - ``lse`` [N]: ``logsumexp(z)`` over the vocabulary (kept for a fused path and for diagnostics).
+    - ``log_q_target`` [N] or None: log q of the true next token (it may lie outside the support).
+    """
+
+    log_q_support: Tensor
+    log_q_rest: Tensor
+    lse: Tensor
+    log_q_target: Optional[Tensor] = None
+
+
+def student_bin_logprobs(
+    student_logits: Tensor, support_ids: Tensor, valid: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Student log-probs on the bins: ``(log_q_support [N, m], log_q_rest [N])``.
+
+    ``student_logits`` [N, V] (any float dtype; upcast to fp32), ``support_ids`` [N, m] integer ids in [0, V),
+    distinct within a row except where ``valid`` [N, m] (bool, optional) is False: such columns are empty bins
+    (``log q = -inf``), used when an id repeats one already in the row (ATKD's extra target column).
+
+    ``log_q_rest`` is logsumexp over the complement minus logsumexp over all, so it stays exact (and its gradient
+    finite) when q_rest is far below fp32 resolution of ``1 - Σ q``; it is ``-inf`` with zero gradient when the
+    support covers the whole vocabulary.
+    """
+    bins = student_bins(student_logits, support_ids)
+    log_q_support = bins.log_q_support
+    if valid is not None:
+        log_q_support = log_q_support.masked_fill(~valid.to(torch.bool), NEG_INF)
+    return log_q_support, bins.log_q_rest
+
+
+def student_bins(
+    student_logits: Tensor,
+    support_ids: Tensor,
+    target_ids: Optional[Tensor] = None,
+    *,
+    include_target: bool = False,
+) -> StudentBins:
+    """:class:`StudentBins` from full logits [N, V].
+
+    ``support_ids`` [N, k]; ``target_ids`` [N] (optional) fills ``log_q_target``. With ``include_target=True``
+    (ATKD) the bins are the support *plus the target as an extra column* (m = k + 1, see :func:`atkd_ids`):
+    the rest bin then excludes the target as well, and the extra column is empty where the target is already
+    in the support (no double count).
+
+    Memory: two passes of log-sum-exp over [N, V] (all ids, and the complement with the support set to -inf).
+    """
+    dtype = _compute_dtype(student_logits)
+    z = student_logits.to(dtype)
+    ids = support_ids.long()
+    valid = None
+    if include_target:
+        if target_ids is None:
+            raise ValueError("include_target=True needs target_ids")
+        ids, valid = atkd_ids(ids, target_ids)
+    lse = torch.logsumexp(z, dim=-1)
+    log_q_support = z.gather(-1, ids) - lse.unsqueeze(-1)
+    if valid is not None:
+        log_q_support = log_q_support.masked_fill(~valid, NEG_INF)
+    # Scattering -inf twice at a repeated id is harmless: the complement is the same set.
+    complement = z.scatter(-1, ids, NEG_INF)
+    log_q_rest = _safe_logsumexp(complement, dim=-1) - lse
+    log_q_target = None
+    if target_ids is not None:
+        log_q_target = z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1) - lse
+    return StudentBins(log_q_support, log_q_rest, lse, log_q_target)
+
+
+def teacher_bin_logprobs(
+    topk_logprobs: Tensor, p_rest: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None
+) -> tuple[Tensor, Tensor]:
+    """Teacher log-probs on the bins: ``(log_p_support [N, k], log_p_rest [N])``.
+
+    ``topk_logprobs`` [N, k] as cached (fp16 is upcast). ``p_rest`` [N] defaults to
+    :func:`cache.format.tail_mass` (fp32, clamped >= 0); pass it to override (e.g. float64 in tests).
+    ``log_p_rest`` is ``-inf`` where ``p_rest == 0`` (the losses treat ``0·log 0`` as 0).
+
+    fp16 rounding can make ``Σ exp(lp)`` exceed 1 (tail_mass then gives 0); such rows are renormalized so the
+    bins stay a distribution. Rows summing to <= 1 are left exactly as cached.
+    """
+    dtype = dtype or _compute_dtype(topk_logprobs)
+    if p_rest is None:
+        p_rest = tail_mass(topk_logprobs)
+    lp = topk_logprobs.to(dtype)
+    excess = torch.logsumexp(lp, dim=-1).clamp_min(0.0)
+    log_p_support = lp - excess.unsqueeze(-1)
+    log_p_rest = torch.log(p_rest.to(dtype).clamp_min(0.0))  # log 0 = -inf, no gradient needed (teacher)
+    return log_p_support, log_p_rest
+
+
+def join_bins(
+    log_p_support: Tensor, log_p_rest: Tensor, log_q_support: Tensor, log_q_rest: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Stack support and rest into ``(log_p [N, m+1], log_q [N, m+1])``, rest last.
+
+    Where the student's rest bin is empty (the support is the whole vocabulary) the teacher's is emptied too:
+    a tail mass there can only be rounding noise (tail_mass works in fp32), and keeping it would cost +inf.
+    """
+    log_p_rest = log_p_rest.to(log_p_support.dtype).masked_fill(torch.isneginf(log_q_rest), NEG_INF)
+    log_p = torch.cat([log_p_support, log_p_rest.unsqueeze(-1)], dim=-1)
+    log_q = torch.cat([log_q_support, log_q_rest.unsqueeze(-1)], dim=-1)
+    return log_p, log_q
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-position losses on bins: log_p, log_q [N, B] -> [N]. Gradients flow through log_q only.
+
+
+def forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p ‖ q) = Σ p (log p - log q)`` per position [N]."""
+    return _kl_sum(log_p, log_q)
+
+
+def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(q ‖ p) = Σ q (log q - log p)`` per position [N]; teacher log-probs floored at :data:`LOG_P_FLOOR`."""
+    return _kl_sum(log_q, log_p.clamp_min(LOG_P_FLOOR))
+
+
+def js_divergence(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
+    """Generalized Jensen-Shannon per position [N]: ``β·KL(p ‖ m) + (1-β)·KL(q ‖ m)``, ``m = β p + (1-β) q``.
+
+    β = 0.5 is the symmetric JS divergence (GKD's JSD(β) convention; TAID/DistiLLM's ``JS`` with teacher
+    weight β is the same formula). Requires 0 < β < 1.
+    """
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"js beta must be in (0, 1), got {beta}")
+    log_m = _log_mix(log_p, log_q, beta)
+    return beta * _kl_sum(log_p, log_m) + (1.0 - beta) * _kl_sum(log_q, log_m)
+
+
+def skew_forward_kl(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew KL per position [N]: ``SKL_α = KL(p ‖ α p + (1-α) q)``. 0 < α <= 1."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"skew alpha must be in (0, 1], got {alpha}")
+    return _kl_sum(log_p, _log_mix(log_p, log_q, alpha))
+
+
+def skew_reverse_kl(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> Tensor:
+    """DistiLLM skew reverse KL per position [N]: ``SRKL_α = KL(q ‖ (1-α) p + α q)``. 0 < α <= 1."""
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"skew alpha must be in (0, 1], got {alpha}")
+    return _kl_sum(log_q, _log_mix(log_p, log_q, 1.0 - alpha))
+
+
+def taid_target(log_p: Tensor, log_q: Tensor, t: Scalar) -> Tensor:
+    """TAID's intermediate target, log-probs [N, B]: ``log_softmax((1-t)·stopgrad(log q) + t·log p)``.
+
+    Official TAID interpolates raw logits; per-row constants (the log-partition functions) cancel in the
+    softmax, so log-probs give the same target. Fully detached. ``t``: float, 0-d or [N] tensor in [0, 1].
+    """
+    log_q = log_q.detach()
+    t = _as_column(t, log_q)
+    mixed = _scale_log(1.0 - t, log_q) + _scale_log(t, log_p.detach())
+    return mixed - _safe_logsumexp(mixed, dim=-1).unsqueeze(-1)
+
+
+def taid_kl(log_p: Tensor, log_q: Tensor, t: Scalar) -> Tensor:
+    """TAID loss per position [N]: ``KL(p_t ‖ q)`` with ``p_t`` from :func:`taid_target`.
+
+    Reading note: the official code (SakanaAI/TAID, src/distil_losses/taid.py) returns the cross-entropy
+    ``-Σ p_t log q`` (its ``forward_kl`` helper drops the ``p_t log p_t`` term). That differs from this KL by
+    H(p_t), which has no gradient w.r.t. the student, so the gradients are identical; but the *value* fed to
+    :class:`TAIDSchedule` differs. We follow the paper and DESIGN.md (KL).
+    """
+    return _kl_sum(taid_target(log_p, log_q, t), log_q)
+
+
+def cross_entropy(log_q_target: Tensor) -> Tensor:
+    """``-log q_g`` per position [N] for the true next token g (which may lie outside the support)."""
+    return -log_q_target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models")
+
+
+def atkd_ids(support_ids: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Support plus the true next token as an extra column: ``(ids [N, k+1], valid [N, k+1])``.
+
+    The extra column is invalid (an empty bin) where the target already is in the support. A fused student path
+    builds its :class:`StudentBins` on these ids for ATKD.
+    """
+    support_ids = support_ids.long()
+    target_ids = target_ids.long()
+    in_support = (support_ids == target_ids.unsqueeze(-1)).any(-1, keepdim=True)
+    ids = torch.cat([support_ids, target_ids.unsqueeze(-1)], dim=-1)
+    valid = torch.cat([torch.ones_like(support_ids, dtype=torch.bool), ~in_support], dim=-1)
+    return ids, valid
+
+
+def atkd_bins(
+    student: StudentBins,
+    support_ids: Tensor,
+    target_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_target_logprob: Tensor,
+    p_rest: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bins ``S ∪ {g} ∪ rest`` for ATKD: ``(log_p [N, k+2], log_q [N, k+2], is_target [N, k+2] bool)``.
+
+    ``student`` must come from :func:`student_bins` with ``include_target=True`` (``log_q_support`` [N, k+1]).
+    Where g is outside the support it gets its own bin with the teacher's ``p_g = exp(target_logprob)`` (cached
+    even outside the top-k) and the teacher's rest shrinks to ``max(p_rest - p_g, 0)``; where g is in the support
+    the extra bin is empty for both sides and the support column is g's bin.
+    """
+    k = support_ids.shape[-1]
+    if student.log_q_support.shape[-1] != k + 1:
+        raise ValueError(
+            f"ATKD needs student bins over support + target (k+1 = {k + 1} columns), got "
+            f"{student.log_q_support.shape[-1]}: build them with student_bins(..., include_target=True)"
+        )
+    log_p_support, log_p_rest = teacher_bin_logprobs(teacher_logprobs, p_rest, dtype=student.log_q_rest.dtype)
+    support_ids = support_ids.long()
+    target_ids = target_ids.long()
+    in_support = support_ids == target_ids.unsqueeze(-1)  # [N, k]
+    outside = ~in_support.any(-1)  # [N]
+    log_p_g = teacher_target_logprob.to(log_p_support.dtype)
+    log_p_extra = log_p_g.masked_fill(~outside, NEG_INF)
+    p_rest_left = (log_p_rest.exp() - log_p_extra.exp()).clamp_min(0.0)
+    log_p, log_q = join_bins(
+        torch.cat([log_p_support, log_p_extra.unsqueeze(-1)], dim=-1),
+        torch.log(p_rest_left),
+        student.log_q_support,
+        student.log_q_rest,
+    )
+    is_target = torch.cat([in_support, outside.unsqueeze(-1), torch.zeros_like(outside).unsqueeze(-1)], dim=-1)
+    return log_p, log_q, is_target
+
+
+def atkd_terms(log_p: Tensor, log_q: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-position ``(TKD [N], DKD [N])`` so that ``KL(p ‖ q) = TKD + (1 - p_g)·DKD``.
+
+    TKD = KL between the two-way splits ``(p_g, 1-p_g)`` and ``(q_g, 1-q_g)``; DKD = KL between ``p̂`` and ``q̂``,
+    the distributions renormalized without g. ``is_target`` [N, B] marks g's bin (one per row). DKD is 0 where
+    the teacher puts all its mass on g (p̂ undefined; its weight 1 - p_g is 0 there anyway).
+    """
+    is_target = is_target.to(torch.bool)
+    empty = torch.isneginf(log_p) & torch.isneginf(log_q)
+    other = ~is_target & ~empty
+    zero = torch.zeros_like(log_q)
+    # Exactly one target bin per row: a masked sum picks it without touching -inf elsewhere.
+    log_p_g = torch.where(is_target, log_p, zero).sum(-1)
+    log_q_g = torch.where(is_target, log_q, zero).sum(-1)
+    # The non-target masses as log-sum-exp over the other bins (no 1 - p_g cancellation when p_g ~ 1).
+    log_p_ng = _safe_logsumexp(log_p.masked_fill(~other, NEG_INF))
+    log_q_ng = _safe_logsumexp(log_q.masked_fill(~other, NEG_INF))
+    tkd = _kl_sum(torch.stack([log_p_g, log_p_ng], -1), torch.stack([log_q_g, log_q_ng], -1))
+
+    p_ng_pos = torch.isfinite(log_p_ng)
+    log_p_hat = (log_p - torch.where(p_ng_pos, log_p_ng, 0.0).unsqueeze(-1)).masked_fill(~other, NEG_INF)
+    q_norm = torch.where(torch.isfinite(log_q_ng), log_q_ng, torch.zeros_like(log_q_ng))
+    log_q_hat = (log_q - q_norm.unsqueeze(-1)).masked_fill(~other, NEG_INF)
+    dkd = torch.where(p_ng_pos, _kl_sum(log_p_hat, log_q_hat), torch.zeros_like(tkd))
+    return tkd, dkd
+
+
+def atkd_hard_mask(unc: Tensor, mask: Tensor) -> Tensor:
+    """Hard tokens: ``mask & (UNC >= median of UNC over the masked positions)`` [N] bool.
+
+    The median is torch's (the lower of the two middle values for an even count), taken over this call's
+    positions, as the official code does per device batch. Sort-based, so no host sync; an empty mask gives
+    no hard tokens.
+    """
+    mask = mask.to(torch.bool)
+    unc = unc.detach()
+    n = mask.sum()
+    ordered = torch.sort(unc.masked_fill(~mask, float("inf"))).values
+    median = ordered.gather(0, torch.div(n - 1, 2, rounding_mode="floor").clamp_min(0).view(1))
+    return mask & (unc >= median)
+
+
+def atkd_loss(tkd: Tensor, dkd: Tensor, unc: Tensor, mask: Tensor, alpha: float = 0.2) -> Tensor:
+    """ATKD scalar: ``α·mean_easy(DKD) + (1-α)·mean_hard(TKD + DKD)``.
+
+    ``tkd``, ``dkd`` from :func:`atkd_terms`, ``unc = 1 - p_g`` [N] (teacher), ``mask`` [N]. Each group is averaged
+    over its own masked positions (as the official code does), so this is not a mean of per-position values. An
+    empty group contributes 0 (the official code would give nan).
+    """
+    mask = mask.to(torch.bool)
+    hard = atkd_hard_mask(unc, mask)
+    easy = mask & ~hard
+    return alpha * masked_mean(dkd, easy) + (1.0 - alpha) * masked_mean(tkd + dkd, hard)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatcher
+
+
+@dataclass
+class KDBatch:
+    """One batch of cached teacher data, flattened to ``N`` positions (leading dims are flattened if given).
+
+    - ``support_ids`` [N, k] int (int32 from the cache is fine): the teacher's top-k ids.
+    - ``teacher_logprobs`` [N, k] float (fp16 from the cache is fine): their log-probs over the full vocab.
+    - ``mask`` [N] bool: which positions are trained (loss_mask of the *target* token).
+    - ``target_ids`` [N] int: the true next token (needed by ``atkd`` and for the CE term).
+    - ``teacher_target_logprob`` [N] float: the teacher's log-prob of the true next token (needed by ``atkd``).
+    - ``p_rest`` [N] float, optional: overrides ``tail_mass(teacher_logprobs)``.
+    """
+
+    support_ids: Tensor
+    teacher_logprobs: Tensor
+    mask: Tensor
+    target_ids: Optional[Tensor] = None
+    teacher_target_logprob: Optional[Tensor] = None
+    p_rest: Optional[Tensor] = None
+
+    def flat(self) -> "KDBatch":
+        k = self.support_ids.shape[-1]
+
+        def f(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.reshape(-1)
+
+        return KDBatch(
+            support_ids=self.support_ids.reshape(-1, k),
+            teacher_logprobs=self.teacher_logprobs.reshape(-1, k),
+            mask=self.mask.reshape(-1).to(torch.bool),
+            target_ids=f(self.target_ids),
+            teacher_target_logprob=f(self.teacher_target_logprob),
+            p_rest=f(self.p_rest),
+        )
+
+
+class KDLossOutput(NamedTuple):
+    """``total = kd + ce_weight·ce``; ``kd`` and ``ce`` are the masked means (``ce`` None without targets)."""
+
+    total: Tensor
+    kd: Tensor
+    ce: Optional[Tensor]
+
+
+# name -> per-position loss on (log_p, log_q, options); `atkd` is handled apart (group-wise means).
+_PER_POSITION: dict[str, Callable[..., Tensor]] = {
+    "fkl": lambda lp, lq, o: forward_kl(lp, lq),
+    "rkl": lambda lp, lq, o: reverse_kl(lp, lq),
+    "js": lambda lp, lq, o: js_divergence(lp, lq, beta=o["js_beta"]),
+    "sfkl": lambda lp, lq, o: skew_forward_kl(lp, lq, alpha=o["skew_alpha"]),
+    "srkl": lambda lp, lq, o: skew_reverse_kl(lp, lq, alpha=o["skew_alpha"]),
+    "taid": lambda lp, lq, o: taid_kl(lp, lq, t=o["t"]),
+}
+LOSS_NAMES: tuple[str, ...] = ("taid", "fkl", "rkl", "js", "sfkl", "srkl", "atkd")
+
+
+def check_loss_name(name: str) -> str:
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
+    return name
+
+
+def kd_loss_parts(
+    name: str,
+    batch: KDBatch,
+    student_logits: Optional[Tensor] = None,
+    *,
+    student: Optional[StudentBins] = None,
+    t: Optional[Scalar] = None,
+    js_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    atkd_alpha: float = 0.2,
+    ce_weight: float = 0.0,
+) -> KDLossOutput:
+    """The KD loss ``name`` (one of :data:`LOSS_NAMES`) as a masked mean, plus the CE term.
+
+    Student side: either ``student_logits`` [N, V] (or [..., V]) or precomputed ``student`` bins from a fused
+    path (built on ``batch.support_ids``, or on :func:`atkd_ids` for ``atkd``, with ``log_q_target`` set if the
+    CE term is wanted). ``t`` is TAID's interpolation parameter (required for ``taid``; see
+    :class:`TAIDSchedule`). ``js_beta``: JS mixture weight; ``skew_alpha``: α of sfkl/srkl; ``atkd_alpha``: ATKD's
+    easy/hard weight. CE (``-log q_g``, masked mean) is computed whenever ``target_ids`` are given and added with
+    ``ce_weight``.
+    """
+    check_loss_name(name)
+    b = batch.flat()
+    if name == "taid" and t is None:
+        raise ValueError("the taid loss needs t (TAIDSchedule.t)")
+    if name == "atkd" and (b.target_ids is None or b.teacher_target_logprob is None):
+        raise ValueError("the atkd loss needs batch.target_ids and batch.teacher_target_logprob")
+    if ce_weight and b.target_ids is None:
+        raise ValueError("ce_weight > 0 needs batch.target_ids")
+    if (student_logits is None) == (student is None):
+        raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
+    if student is None:
+        logits = student_logits.reshape(-1, student_logits.shape[-1])
+        student = student_bins(logits, b.support_ids, b.target_ids, include_target=(name == "atkd"))
+    elif name != "atkd" and student.log_q_support.shape[-1] != b.support_ids.shape[-1]:
+        raise ValueError(
+            f"precomputed StudentBins have {student.log_q_support.shape[-1]} support columns, the batch has "
+            f"k = {b.support_ids.shape[-1]}"
+        )
+
+    if name == "atkd":
+        log_p, log_q, is_target = atkd_bins(
+            student, b.support_ids, b.target_ids, b.teacher_logprobs, b.teacher_target_logprob, b.p_rest
+        )
+        tkd, dkd = atkd_terms(log_p, log_q, is_target)
+        unc = -torch.expm1(b.teacher_target_logprob.to(tkd.dtype))  # 1 - p_g, from the cached target log-prob
+        kd = atkd_loss(tkd, dkd, unc, b.mask, alpha=atkd_alpha)
+    else:
+        log_p_s, log_p_r = teacher_bin_logprobs(b.teacher_logprobs, b.p_rest, dtype=student.log_q_rest.dtype)
+        log_p, log_q = join_bins(log_p_s, log_p_r, student.log_q_support, student.log_q_rest)
+        opts = {"t": t, "js_beta": js_beta, "skew_alpha": skew_alpha}
+        kd = masked_mean(_PER_POSITION[name](log_p, log_q, opts), b.mask)
+
+    ce = None
+    if b.target_ids is not None:
+        if student.log_q_target is None:
+            raise ValueError("target_ids given but the precomputed StudentBins have no log_q_target")
+        ce = masked_mean(cross_entropy(student.log_q_target), b.mask)
+    total = kd + ce_weight * ce if ce_weight else kd
+    return KDLossOutput(total, kd, ce)
+
+
+def kd_loss(name: str, batch: KDBatch, student_logits: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """Scalar training loss ``kd + ce_weight·ce``; same arguments as :func:`kd_loss_parts`."""
+    return kd_loss_parts(name, batch, student_logits, **kwargs).total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TAID schedule
+
+
+class TAIDSchedule:
+    """TAID's adaptive interpolation parameter t (Shing et al. 2025, arXiv 2501.16937).
+
+    Call :meth:`update` once per OPTIMIZER step with that step's KD loss (mean over its micro-batches), never per
+    micro-batch and never during eval. (The official code updates on every loss call, i.e. per micro-batch under
+    gradient accumulation; DESIGN.md calls this a quirk not to copy.) Rule, with L the new loss::
+
+        first call: L_prev <- L, nothing else
+        δ = (L_prev - L) / (L_prev + 1e-15);  m <- β·m + (1-β)·δ
+        Δt = α·sigmoid(m)·(1 - t);  t_lin = t_start + (t_end - t_start)·step/total_steps
+        t <- min(t_end, max(t_lin, t + Δt))      (t <- min(t_end, t_lin) with disable_adaptive)
+
+    ``step`` is 0-based: the number of optimizer steps completed *before* the step that produced ``loss_value``,
+    as in the official code (it passes Lightning's ``trainer.global_step`` read inside ``training_step``, 0 on
+    the first step). So t_lin starts at t_start and reaches t_end only at step == total_steps.
+
+    Non-finite losses are ignored (state unchanged), so one bad batch cannot poison the momentum. State is
+    plain Python floats (the official code keeps float32 buffers).
+    """
+
+    def __init__(
+        self,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+        disable_adaptive: bool = False,
+    ):
+        if not (0.0 <= t_start < 1.0 and 0.0 < t_end <= 1.0 and t_start <= t_end):
+            raise ValueError(f"need 0 <= t_start < 1, 0 < t_end <= 1, t_start <= t_end; got {t_start}, {t_end}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.t_start = float(t_start)
+        self.t_end = float(t_end)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.disable_adaptive = bool(disable_adaptive)
+        self._t = float(t_start)
+        self.momentum = 0.0
+        self.prev_loss: Optional[float] = None
+
+    @property
+    def t(self) -> float:
+        return self._t
+
+    def update(self, loss_value: float, step: int, total_steps: int) -> float:
+        """Advance t after optimizer step ``step`` (0-based) of ``total_steps``; returns the new t."""
+        loss = float(loss_value)
+        if not math.isfinite(loss):
+            return self._t
+        if self.prev_loss is None:
+            self.prev_loss = loss
+            return self._t
+        delta = (self.prev_loss - loss) / (self.prev_loss + 1e-15)
+        self.momentum = self.beta * self.momentum + (1.0 - self.beta) * delta
+        t_lin = self.t_start + (self.t_end - self.t_start) * (step / max(int(total_steps), 1))
+        if self.disable_adaptive:
+            new_t = t_lin
+        else:
+            dt = self.alpha * _sigmoid(self.momentum) * (1.0 - self._t)
+            new_t = max(t_lin, self._t + dt)
+        self._t = min(self.t_end, new_t)
+        self.prev_loss = loss
+        return self._t
+
+    def state_dict(self) -> dict:
+        return {"t": self._t, "m": self.momentum, "prev_loss": self.prev_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._t = float(state["t"])
+        self.momentum = float(state["m"])
+        prev = state["prev_loss"]
+        self.prev_loss = None if prev is None else float(prev)
+
+    def __repr__(self) -> str:
+        return f"TAIDSchedule(t={self._t:.6f}, m={self.momentum:.3e}, prev_loss={self.prev_loss})"
+
+
+def _sigmoid(x: float) -> float:
+    # Overflow-free for large |x| (δ can be huge when L_prev ~ 0).
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)

@@ -1,0 +1,312 @@
+"""Stream a teacher cache into training batches: bounded memory, deterministic order, exact resume.
+
+Sample order is a pure function of (cache content, seed, epoch):
+
+1. The unit of I/O is a *chunk*: one Parquet row group of one shard (its size comes from the manifest,
+   so planning opens no file).
+2. Each epoch permutes the chunks, groups consecutive chunks into *windows* of >= ``shuffle_rows`` rows
+   and permutes the rows inside each window (a shuffle buffer whose contents are known in advance).
+3. The epoch's global order is cut into ``world_size`` equal contiguous slices, one per rank. The last
+   ``N mod world_size`` samples of the order are left out of that epoch (a different few every epoch
+   when shuffling) so that every rank takes the same number of steps: unequal counts hang DDP.
+
+A rank's position is (epoch, samples consumed); ``state_dict`` records the position of the last batch
+handed to the caller, not of what the prefetch thread has read ahead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from cache.format import TOKENIZER_DIR, CacheRows, from_record_batch, sha256_file
+from cache.manifest import CacheError, CacheInfo, load_cache, tokenizer_fingerprint
+
+
+def check_tokenizer(info: CacheInfo, tokenizer, allow_vocab_superset: bool = False) -> None:
+    """Refuse a student whose token ids do not mean what the teacher's meant."""
+    expected = info.manifest.tokenizer
+    got = tokenizer_fingerprint(tokenizer)
+    if got["sha256"] == expected["sha256"]:
+        return
+    if not allow_vocab_superset:
+        raise CacheError(
+            f"the student's tokenizer differs from the teacher's in {info.root} (vocab {got['vocab_size']} vs "
+            f"{expected['vocab_size']}, fingerprint {got['sha256'][:12]} vs {expected['sha256'][:12]}). "
+            "Cached teacher ids would index the wrong tokens. Use the teacher's tokenizer, or pass "
+            "--allow-vocab-superset if the student's vocabulary extends the teacher's with the same ids."
+        )
+    teacher_dir = info.root / TOKENIZER_DIR
+    if not teacher_dir.exists():
+        raise CacheError(f"{teacher_dir}: the cache has no copy of the teacher tokenizer to compare with")
+    from transformers import AutoTokenizer
+
+    teacher_vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    student_vocab = tokenizer.get_vocab()
+    wrong = [tok for tok, idx in teacher_vocab.items() if student_vocab.get(tok) != idx]
+    if wrong:
+        raise CacheError(
+            f"--allow-vocab-superset: {len(wrong)} teacher tokens have another id (or none) in the student's "
+            f"vocabulary, e.g. {wrong[:5]}"
+        )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    shard: int  # index into CacheInfo.shards
+    row_group: int
+    rows: int
+    first_seq_id: int
+
+
+def plan_chunks(info: CacheInfo) -> list[Chunk]:
+    rgr = info.manifest.row_group_rows
+    chunks = []
+    for i, shard in enumerate(info.shards):
+        for g, start in enumerate(range(0, shard.rows, rgr)):
+            chunks.append(Chunk(i, g, min(rgr, shard.rows - start), shard.first_seq_id + start))
+    return chunks
+
+
+def split_holdout(chunks: list[Chunk], eval_sequences: int) -> tuple[list[Chunk], list[Chunk]]:
+    """Hold out the last chunks of the stream (>= eval_sequences rows) for evaluation."""
+    if eval_sequences <= 0:
+        return chunks, []
+    held, total = [], 0
+    for chunk in reversed(chunks):
+        if total >= eval_sequences:
+            break
+        held.append(chunk)
+        total += chunk.rows
+    if len(held) == len(chunks):
+        raise CacheError(
+            f"--eval-sequences {eval_sequences} would hold out the whole cache ({total} sequences); lower it"
+        )
+    return chunks[: len(chunks) - len(held)], held[::-1]
+
+
+@dataclass
+class Window:
+    chunks: list[int]  # indices into the reader's chunk list
+    order: np.ndarray  # [rows] positions into the concatenation of those chunks' rows
+
+
+class CacheReader:
+    """Iterate batches of one rank's share of a cache, forever (epochs roll over) or for one pass.
+
+    Batches are dicts of CPU tensors (pinned if ``pin_memory``):
+    input_ids [B, L] int64, target_mask [B, L-1] bool (which next-token targets count),
+    topk_ids [B, L-1, k] int64, topk_logprobs [B, L-1, k] float16, target_logprob [B, L-1] float16,
+    seq_ids [B] int64.
+    """
+
+    def __init__(
+        self,
+        cache: str | Path | CacheInfo,
+        batch_size: int,
+        *,
+        chunks: list[Chunk] | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_rows: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_remainder: bool = True,
+        verify_checksums: bool = True,
+        prefetch: int = 4,
+        pin_memory: bool = False,
+    ):
+        self.info = cache if isinstance(cache, CacheInfo) else load_cache(cache)
+        self.manifest = self.info.manifest
+        self.batch_size = batch_size
+        self.chunks = plan_chunks(self.info) if chunks is None else chunks
+        self.seed, self.shuffle, self.shuffle_rows = seed, shuffle, max(1, shuffle_rows)
+        self.rank, self.world_size = rank, world_size
+        self.drop_remainder = drop_remainder
+        self.verify_checksums = verify_checksums
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
+        self._verified: set[int] = set()
+        self.epoch = 0
+        self.consumed = 0  # samples of this rank's slice already handed out in self.epoch
+        total = sum(c.rows for c in self.chunks)
+        self.samples_per_rank = total // world_size if drop_remainder else -(-total // world_size)
+        if self.samples_per_rank == 0:
+            raise CacheError(f"{total} sequences cannot feed {world_size} ranks")
+
+    # ----------------------------------------------------------------------------------- planning
+    def _windows(self, epoch: int) -> list[Window]:
+        rng = np.random.default_rng([self.seed, epoch])
+        chunk_order = rng.permutation(len(self.chunks)) if self.shuffle else np.arange(len(self.chunks))
+        windows, current, rows = [], [], 0
+        for idx in chunk_order:
+            current.append(int(idx))
+            rows += self.chunks[idx].rows
+            if rows >= self.shuffle_rows:
+                windows.append(current)
+                current, rows = [], 0
+        if current:
+            windows.append(current)
+        out = []
+        for w, members in enumerate(windows):
+            n = sum(self.chunks[i].rows for i in members)
+            order = np.random.default_rng([self.seed, epoch, w]).permutation(n) if self.shuffle else np.arange(n)
+            out.append(Window(members, order))
+        return out
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
+        """(window, position) of every sample of this rank's slice, for tests and debugging."""
+        start = self.rank * self.samples_per_rank
+        flat = [(w, p) for w, win in enumerate(self._windows(epoch)) for p in range(len(win.order))]
+        return flat[start : start + self.samples_per_rank]
+
+    # ------------------------------------------------------------------------------------ reading
+    def _read_chunk(self, chunk: Chunk) -> CacheRows:
+        shard = self.info.shards[chunk.shard]
+        path = self.info.root / shard.name
+        if self.verify_checksums and chunk.shard not in self._verified:
+            if not path.exists():
+                raise CacheError(f"{path}: shard listed in the manifest is missing")
+            if sha256_file(path) != shard.sha256:
+                raise CacheError(f"{path}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)")
+            self._verified.add(chunk.shard)
+        try:
+            # Small reads instead of pre-buffering the whole row group's column chunks at once.
+            with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as f:
+                table = f.read_row_group(chunk.row_group)
+        except OSError as e:
+            raise CacheError(f"{path}: unreadable shard ({e})") from e
+        if table.num_rows != chunk.rows:
+            raise CacheError(f"{path}: row group {chunk.row_group} has {table.num_rows} rows, expected {chunk.rows}")
+        return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
+
+    def _to_batch(self, rows: CacheRows) -> dict[str, torch.Tensor]:
+        batch = {
+            "input_ids": torch.from_numpy(rows.input_ids.astype(np.int64)),
+            "target_mask": torch.from_numpy(np.ascontiguousarray(rows.loss_mask[:, 1:])),
+            "topk_ids": torch.from_numpy(rows.topk_ids.astype(np.int64)),
+            "topk_logprobs": torch.from_numpy(np.ascontiguousarray(rows.topk_logprobs)),
+            "target_logprob": torch.from_numpy(np.ascontiguousarray(rows.target_logprob)),
+            "seq_ids": torch.from_numpy(rows.seq_ids.astype(np.int64)),
+        }
+        if self.pin_memory:
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        return batch
+
+    def _produce(self, epoch: int, skip: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """Yield (batch, samples consumed after it) for this rank's slice of ``epoch``, from ``skip``."""
+        start = self.rank * self.samples_per_rank + skip
+        stop = (self.rank + 1) * self.samples_per_rank
+        consumed = skip
+        pending: list[CacheRows] = []
+        pending_rows = 0
+        offset = 0  # global position of the current window's first sample
+        for window in self._windows(epoch):
+            n = len(window.order)
+            lo, hi = max(start, offset), min(stop, offset + n)
+            offset += n
+            if lo >= hi:
+                if offset >= stop:
+                    break
+                continue
+            data = CacheRows.concat([self._read_chunk(self.chunks[i]) for i in window.chunks])
+            picks = window.order[lo - (offset - n) : hi - (offset - n)]
+            taken = 0
+            while taken < len(picks):
+                need = self.batch_size - pending_rows
+                part = picks[taken : taken + need]
+                pending.append(CacheRows(**{f: getattr(data, f)[part] for f in CacheRows.__dataclass_fields__}))
+                pending_rows += len(part)
+                taken += len(part)
+                if pending_rows == self.batch_size:
+                    consumed += pending_rows
+                    yield self._to_batch(CacheRows.concat(pending)), consumed
+                    pending, pending_rows = [], 0
+        if pending_rows:
+            consumed += pending_rows
+            yield self._to_batch(CacheRows.concat(pending)), consumed
+
+    def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over this rank's slice of ``epoch`` (no state change), prefetched in a thread."""
+        for batch, _ in _prefetched(self._produce(epoch, skip), self.prefetch):
+            yield batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches forever from the current (epoch, consumed) position; updates the position as it goes."""
+        while True:
+            for batch, consumed in _prefetched(self._produce(self.epoch, self.consumed), self.prefetch):
+                self.consumed = consumed
+                yield batch
+            self.epoch += 1
+            self.consumed = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.samples_per_rank // self.batch_size)
+
+    # --------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "cache_fingerprint": self.info.fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size"):
+            if state[key] != getattr(self, key):
+                raise CacheError(f"cannot resume the reader: {key} was {state[key]}, now {getattr(self, key)}")
+        if state["cache_fingerprint"] != self.info.fingerprint():
+            raise CacheError("cannot resume the reader: the cache changed since the checkpoint")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+_DONE = object()
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run ``items`` in a background thread, ``depth`` items ahead (arrow/numpy release the GIL).
+    Errors in the thread are re-raised in the consumer; abandoning the iterator stops the thread."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=run, daemon=True, name="cache-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

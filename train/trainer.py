@@ -1,0 +1,474 @@
+"""Stage two: train a student on a teacher cache (single process or torchrun DDP)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cache.format import TOKENIZER_DIR, fsync_dir
+from cache.manifest import CacheError, CacheInfo, load_cache
+from train import losses
+from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"  # written last: a checkpoint without it is ignored
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+
+
+@dataclass
+class DistillConfig:
+    student: str  # HF model dir/id (weights), or a config.json / dir with only a config (from scratch)
+    cache: Path
+    out: Path
+    loss: str = "fkl"
+    ce_weight: float = 0.0
+    skew_alpha: float = 0.1
+    js_beta: float = 0.5
+    atkd_alpha: float = 0.2
+    taid_t_start: float = 0.4
+    taid_t_end: float = 1.0
+    taid_alpha: float = 5e-4
+    taid_beta: float = 0.99
+    batch_size: int = 8  # sequences per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # documented for the cosine floor; 0 follows transformers' schedule
+    max_steps: int | None = None
+    epochs: float = 1.0
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    shuffle_rows: int = 1024
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 200
+    eval_sequences: int = 64
+    eval_cache: Path | None = None
+    log_every: int = 10
+    resume: bool = False
+    allow_vocab_superset: bool = False
+    device: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.loss not in losses.LOSS_NAMES:
+            raise ValueError(f"--loss must be one of {', '.join(losses.LOSS_NAMES)}; got {self.loss!r}")
+        for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.ce_weight < 0:
+            raise ValueError("--ce-weight must be >= 0")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("give --max-steps or a positive --epochs")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError("--precision must be auto, bf16 or fp32")
+
+
+# --------------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+
+def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_pref != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if device_pref == "auto":
+        device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_pref)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return d, device
+
+
+# -------------------------------------------------------------------------------------------- model
+def load_student(spec: str, info: CacheInfo, seed: int):
+    """A pretrained student (dir/id with weights) or a fresh one from a config (dir or .json file)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    config = None
+    if path.is_file() and path.suffix == ".json":
+        raw = json.loads(path.read_text())
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    elif path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        config = AutoConfig.from_pretrained(path)
+    if config is None:
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    teacher_vocab = info.manifest.tokenizer["vocab_size"]
+    if vocab < teacher_vocab:
+        raise CacheError(
+            f"student's output layer has {vocab} rows but the teacher's vocabulary has {teacher_vocab} tokens"
+        )
+    return model
+
+
+def load_student_tokenizer(spec: str, info: CacheInfo):
+    from transformers import AutoTokenizer
+
+    for candidate in (spec, Path(spec).parent if Path(spec).is_file() else None):
+        if candidate is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(candidate)
+        except (OSError, ValueError, TypeError):
+            continue
+    # A student built from a bare config uses the teacher's tokenizer saved with the cache.
+    return AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR)
+
+
+# ------------------------------------------------------------------------------------------- losses
+def batch_losses(model, batch: dict, cfg: DistillConfig, taid_t: float | None, device, autocast) -> dict:
+    """Forward the student on one batch; return the scalar training loss and its parts."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["target_mask"].to(device, non_blocking=True)
+    with autocast:
+        logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
+    # Only trained positions enter the loss: padding and prompt tokens cost no loss compute.
+    logits = logits[mask].float()
+    support = batch["topk_ids"].to(device, non_blocking=True)[mask]
+    teacher_lp = batch["topk_logprobs"].to(device, non_blocking=True)[mask].float()
+    targets = input_ids[:, 1:][mask]
+    target_lp = batch["target_logprob"].to(device, non_blocking=True)[mask].float()
+    return losses.distill_loss(
+        cfg.loss,
+        logits,
+        support,
+        teacher_lp,
+        targets,
+        target_lp,
+        ce_weight=cfg.ce_weight,
+        taid_t=taid_t,
+        skew_alpha=cfg.skew_alpha,
+        js_beta=cfg.js_beta,
+        atkd_alpha=cfg.atkd_alpha,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, reader: CacheReader, device, autocast, d: Dist) -> dict:
+    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins, top-1 agreement; token-weighted."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # ce, kl, agree, tokens
+    for batch in reader.iter_epoch(0):
+        input_ids = batch["input_ids"].to(device)
+        mask = batch["target_mask"].to(device)
+        with autocast:
+            logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
+        logits = logits[mask].float()
+        support = batch["topk_ids"].to(device)[mask]
+        teacher_lp = batch["topk_logprobs"].to(device)[mask].float()
+        targets = input_ids[:, 1:][mask]
+        n = targets.numel()
+        if n == 0:
+            continue
+        ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        kl = losses.forward_kl_per_position(logits, support, teacher_lp).sum()
+        agree = (logits.argmax(-1) == support[:, 0]).sum()
+        totals += torch.stack([ce.double(), kl.double(), agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+    d.all_reduce_sum(totals)
+    model.train()
+    n = max(totals[3].item(), 1.0)
+    return {"eval_ce": totals[0].item() / n, "eval_kl": totals[1].item() / n, "eval_top1": totals[2].item() / n, "eval_tokens": int(totals[3].item())}
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+def _checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / CHECKPOINT_DIR
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARKER).exists()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    dirs = _checkpoint_dirs(out)
+    return dirs[-1] if dirs else None
+
+
+def _rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, trainer_state: dict, d: Dist, keep: int) -> Path:
+    """Write step-N under a temporary name, then rename, then the COMPLETE marker (the commit point)."""
+    root = out / CHECKPOINT_DIR
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    torch.save(_rng_state(), tmp / f"rng-rank{d.rank}.pt")
+    if d.main:
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    d.barrier()
+    if d.main:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (final / COMPLETE_MARKER).write_text(str(step))
+        fsync_dir(final)
+        fsync_dir(root)
+        for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    d.barrier()
+    return final
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# -------------------------------------------------------------------------------------------- train
+def distill(cfg: DistillConfig) -> dict:
+    """Train the student; returns the final metrics. Writes checkpoints, metrics.jsonl and final/."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg.validate()
+    d, device = init_distributed(cfg.device)
+    info = load_cache(cfg.cache)
+    tokenizer = load_student_tokenizer(cfg.student, info)
+    check_tokenizer(info, tokenizer, cfg.allow_vocab_superset)
+
+    chunks = plan_chunks(info)
+    if cfg.eval_cache is not None:
+        eval_info = load_cache(cfg.eval_cache)
+        if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
+            raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
+        train_chunks, eval_reader_source, eval_chunks = chunks, eval_info, None
+    else:
+        train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
+        eval_reader_source = info
+    reader = CacheReader(
+        info, cfg.batch_size, chunks=train_chunks, seed=cfg.seed, shuffle_rows=cfg.shuffle_rows,
+        rank=d.rank, world_size=d.world_size, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    eval_reader = None
+    if eval_chunks or cfg.eval_cache is not None:
+        eval_reader = CacheReader(
+            eval_reader_source, cfg.batch_size, chunks=eval_chunks, shuffle=False,
+            rank=d.rank, world_size=d.world_size, drop_remainder=False,
+        )  # fmt: skip
+
+    steps_per_epoch = max(1, reader.batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = load_student(cfg.student, info, cfg.seed).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.train()
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda",
+    )  # fmt: skip
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    taid = (
+        losses.TAIDSchedule(t_start=cfg.taid_t_start, t_end=cfg.taid_t_end, alpha=cfg.taid_alpha, beta=cfg.taid_beta)
+        if cfg.loss == "taid"
+        else None
+    )
+
+    step = 0
+    out = cfg.out
+    if cfg.resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            _log(d, f"--resume: no complete checkpoint in {out / CHECKPOINT_DIR}; starting from scratch")
+        else:
+            step = _restore(ckpt, model, optimizer, scheduler, reader, taid, d, cfg)
+            _log(d, f"resumed from {ckpt} at step {step}")
+    elif d.main and out.exists() and (out / METRICS_FILE).exists():
+        raise CacheError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out / METRICS_FILE, step)  # drop what a killed run logged past its checkpoint
+        (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    d.barrier()
+
+    if d.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    metrics_file = open(out / METRICS_FILE, "a") if d.main else None
+    batches = iter(reader)
+    tokens_per_step = cfg.batch_size * (info.manifest.seq_len - 1) * cfg.grad_accum * d.world_size
+    bar = tqdm(total=total_steps, initial=step, desc=f"distill {cfg.loss}", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    last: dict = {}
+    try:
+        while step < total_steps:
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                sync = micro == cfg.grad_accum - 1 or d.world_size == 1
+                ctx = model.no_sync() if (d.world_size > 1 and not sync) else _null()
+                with ctx:
+                    parts = batch_losses(model, batch, cfg, taid.t if taid else None, device, autocast)
+                    (parts["loss"] / cfg.grad_accum).backward()
+                sums += torch.stack([parts["loss"].detach().double(), parts["kd"].detach().double(), parts["ce"].detach().double()])
+                window_tokens += int(batch["target_mask"].sum()) * d.world_size
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            means = d.all_reduce_sum(sums) / (cfg.grad_accum * d.world_size)
+            loss_value, kd_value, ce_value = (float(x) for x in means)
+            if taid is not None:  # once per optimizer step, on the rank-averaged loss: every rank agrees on t
+                taid.update(kd_value, step, total_steps)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                last = {
+                    "step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value,
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "epoch": reader.epoch,
+                }  # fmt: skip
+                if taid is not None:
+                    last["taid_t"] = taid.t
+                window_start, window_tokens = time.perf_counter(), 0
+                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in ("loss", "taid_t", "tokens_per_s")})
+                _write_metrics(metrics_file, last)
+            if eval_reader is not None and (step % cfg.eval_every == 0 or step == total_steps):
+                ev = {"step": step, **evaluate(unwrap(model), eval_reader, device, autocast, d)}
+                last.update(ev)
+                _write_metrics(metrics_file, ev)
+                if d.main:
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
+            if step % cfg.save_every == 0 and step < total_steps:
+                state = {"step": step, "reader": reader.state_dict(), "taid": taid.state_dict() if taid else None, "total_steps": total_steps}
+                save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+    state = {"step": step, "reader": reader.state_dict(), "taid": taid.state_dict() if taid else None, "total_steps": total_steps}
+    save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
+    if d.main:
+        final = out / FINAL_DIR
+        tmp = out / f".{FINAL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _log(d, f"saved the student to {final}")
+    d.barrier()
+    return last
+
+
+def _restore(ckpt: Path, model, optimizer, scheduler, reader, taid, d: Dist, cfg: DistillConfig) -> int:
+    from safetensors.torch import load_file
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    weights = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        weights.update(load_file(f))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied output embeddings are saved once; anything else missing means a different student.
+    tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise CacheError(f"{ckpt}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    reader.load_state_dict(state["reader"])
+    if taid is not None and state.get("taid"):
+        taid.load_state_dict(state["taid"])
+    rng = ckpt / f"rng-rank{d.rank}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return int(state["step"])
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _write_metrics(f, record: dict) -> None:
+    if f is not None:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _log(d: Dist, message: str) -> None:
+    if d.main:
+        print(message, file=sys.stderr, flush=True)
