@@ -113,5 +113,82 @@ def inspect_cmd(
         _fail(e)
 
 
+@app.command("distill")
+def distill_cmd(
+    student: str = typer.Option(
+        ..., help="Student: a HF model dir/id with weights, or a config (config.json, or a dir with only a config) to train from scratch."
+    ),
+    cache: Path = typer.Option(..., help="Teacher cache written by `pipeline cache-teacher`."),
+    out: Path = typer.Option(..., help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained)."),
+    loss: str = typer.Option("fkl", help="KD loss over the teacher's top-k + tail: taid | fkl | rkl | js | sfkl | srkl | atkd."),
+    ce_weight: float = typer.Option(0.0, help="Weight of cross-entropy on the true next token added to the KD loss."),
+    skew_alpha: float = typer.Option(0.1, help="Skew KL mixing α (DistiLLM) for sfkl/srkl."),
+    js_beta: float = typer.Option(0.5, help="Mixture weight of the JS divergence."),
+    atkd_alpha: float = typer.Option(0.2, help="ATKD weight of the easy tokens' diversity term."),
+    taid_t_start: float = typer.Option(0.4, help="TAID initial interpolation t."),
+    taid_t_end: float = typer.Option(1.0, help="TAID final t."),
+    taid_alpha: float = typer.Option(5e-4, help="TAID adaptive step size α."),
+    taid_beta: float = typer.Option(0.99, help="TAID momentum β of the relative loss change."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch per process."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (matrices only)."),
+    warmup_steps: int = typer.Option(0, help="Linear warmup steps before the cosine decay."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (overrides --epochs)."),
+    epochs: float = typer.Option(1.0, help="Passes over the cache when --max-steps is not given."),
+    grad_clip: float = typer.Option(1.0, help="Clip the global gradient norm (0 disables)."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
+    seed: int = typer.Option(0, help="Seed of the data order and of a from-scratch student's init."),
+    shuffle_rows: int = typer.Option(1024, help="Shuffle window in sequences (rows of consecutive row groups)."),
+    save_every: int = typer.Option(500, help="Checkpoint every N optimizer steps (and at the end)."),
+    keep_checkpoints: int = typer.Option(2, help="Complete checkpoints to keep."),
+    eval_every: int = typer.Option(200, help="Evaluate every N optimizer steps (and at the end)."),
+    eval_sequences: int = typer.Option(64, help="Sequences held out from the end of the cache for eval (0: none)."),
+    eval_cache: Optional[Path] = typer.Option(None, help="Evaluate on this cache instead of a held-out part."),
+    eval_at_start: bool = typer.Option(False, help="Also evaluate the untrained student (step 0)."),
+    log_every: int = typer.Option(10, help="Write metrics every N steps."),
+    resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint in --out."),
+    allow_vocab_superset: bool = typer.Option(
+        False, help="Accept a student tokenizer that extends the teacher's with the same ids."
+    ),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Train a student on a teacher cache. Multi-GPU: `torchrun --nproc-per-node N -m pipeline distill ...`."""
+    from cache.manifest import CacheError
+    from train.trainer import DistillConfig, distill
+
+    config = DistillConfig(
+        student=student, cache=cache, out=out, loss=loss, ce_weight=ce_weight, skew_alpha=skew_alpha,
+        js_beta=js_beta, atkd_alpha=atkd_alpha, taid_t_start=taid_t_start, taid_t_end=taid_t_end,
+        taid_alpha=taid_alpha, taid_beta=taid_beta, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs,
+        grad_clip=grad_clip, precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
+        shuffle_rows=shuffle_rows, save_every=save_every, keep_checkpoints=keep_checkpoints,
+        eval_every=eval_every, eval_sequences=eval_sequences, eval_cache=eval_cache, eval_at_start=eval_at_start, log_every=log_every,
+        resume=resume, allow_vocab_superset=allow_vocab_superset, device=device, progress=progress,
+    )  # fmt: skip
+    try:
+        distill(config)
+    except (CacheError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command("plot")
+def plot_cmd(
+    runs: list[Path] = typer.Argument(..., help="One or more `pipeline distill` run directories."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/curves.png of the first run)."),
+):
+    """Plot training loss and eval CE / KL / top-1 agreement against steps (needs matplotlib)."""
+    from train.plot import plot_runs
+
+    try:
+        path = plot_runs(runs, out or runs[0] / "curves.png")
+    except (FileNotFoundError, ImportError) as e:
+        _fail(e)
+    typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()

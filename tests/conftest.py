@@ -106,3 +106,18 @@ def corpus_jsonl(tmp_path_factory) -> Path:
         for doc in make_corpus(60, seed=0):
             f.write(json.dumps({"text": doc}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, teacher_dir, corpus_jsonl) -> Path:
+    """A complete cache: 90 sequences of 32 tokens, k=8, 6 sequences per shard, 4 per row group."""
+    from cache.build import CacheConfig, cache_teacher
+
+    out = tmp_path_factory.mktemp("small_cache") / "cache"
+    cache_teacher(
+        CacheConfig(
+            teacher=str(teacher_dir), data=str(corpus_jsonl), out=out, top_k=8, seq_len=32, batch_size=8,
+            shard_tokens=32 * 6, row_group_tokens=32 * 4, max_sequences=90, progress=False,
+        )  # fmt: skip
+    )
+    return out

@@ -293,7 +293,14 @@ def cross_entropy(log_q_target: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models")
+# ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models").
+# Reading of the official code (WHU-ZQH/ATKD, distill/distill_trainer.py, method `atkd` and `get_tckd_nckd`):
+# - UNC is the teacher's non-target mass 1 - p_g; the threshold is torch.median over the non-padding positions
+#   of the batch (lower middle value for an even count); easy = UNC < median, hard = the rest (UNC >= median).
+# - DKD is NOT weighted by 1 - p_g: `get_tckd_nckd` has the weighting behind `use_pnt=False` and is never
+#   called with it. TKD and DKD are each averaged over the non-padding positions of their own group.
+# - loss = alpha·DKD_easy + (1 - alpha)·(TKD_hard + DKD_hard), alpha defaulting to 0.2 (distill/train.py).
+# - Its "reverse" setting (swapping teacher and student) is not implemented here.
 
 
 def atkd_ids(support_ids: Tensor, target_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -460,7 +467,9 @@ _PER_POSITION: dict[str, Callable[..., Tensor]] = {
     "srkl": lambda lp, lq, o: skew_reverse_kl(lp, lq, alpha=o["skew_alpha"]),
     "taid": lambda lp, lq, o: taid_kl(lp, lq, t=o["t"]),
 }
-LOSS_NAMES: tuple[str, ...] = ("taid", "fkl", "rkl", "js", "sfkl", "srkl", "atkd")
+KD_LOSS_NAMES: tuple[str, ...] = ("taid", "fkl", "rkl", "js", "sfkl", "srkl", "atkd")
+# "ce" is the no-distillation baseline: cross-entropy on the true tokens only (kd reported as 0).
+LOSS_NAMES: tuple[str, ...] = KD_LOSS_NAMES + ("ce",)
 
 
 def check_loss_name(name: str) -> str:
@@ -509,6 +518,11 @@ def kd_loss_parts(
             f"k = {b.support_ids.shape[-1]}"
         )
 
+    if name == "ce":
+        if b.target_ids is None:
+            raise ValueError("the ce loss needs batch.target_ids")
+        ce = masked_mean(cross_entropy(student.log_q_target), b.mask)
+        return KDLossOutput(ce, torch.zeros_like(ce), ce)
     if name == "atkd":
         log_p, log_q, is_target = atkd_bins(
             student, b.support_ids, b.target_ids, b.teacher_logprobs, b.teacher_target_logprob, b.p_rest

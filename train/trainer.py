@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,6 @@ class DistillConfig:
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # documented for the cosine floor; 0 follows transformers' schedule
     max_steps: int | None = None
     epochs: float = 1.0
     grad_clip: float = 1.0
@@ -61,12 +60,12 @@ class DistillConfig:
     eval_every: int = 200
     eval_sequences: int = 64
     eval_cache: Path | None = None
+    eval_at_start: bool = False
     log_every: int = 10
     resume: bool = False
     allow_vocab_superset: bool = False
     device: str = "auto"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.loss not in losses.LOSS_NAMES:
@@ -159,31 +158,31 @@ def load_student_tokenizer(spec: str, info: CacheInfo):
 
 
 # ------------------------------------------------------------------------------------------- losses
-def batch_losses(model, batch: dict, cfg: DistillConfig, taid_t: float | None, device, autocast) -> dict:
-    """Forward the student on one batch; return the scalar training loss and its parts."""
+def _student_forward(model, batch: dict, device, autocast) -> tuple[torch.Tensor, losses.KDBatch]:
+    """Student logits [M, V] (fp32) at the M trained positions of the batch, and the teacher data there."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["target_mask"].to(device, non_blocking=True)
     with autocast:
         logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
     # Only trained positions enter the loss: padding and prompt tokens cost no loss compute.
     logits = logits[mask].float()
-    support = batch["topk_ids"].to(device, non_blocking=True)[mask]
-    teacher_lp = batch["topk_logprobs"].to(device, non_blocking=True)[mask].float()
-    targets = input_ids[:, 1:][mask]
-    target_lp = batch["target_logprob"].to(device, non_blocking=True)[mask].float()
-    return losses.distill_loss(
-        cfg.loss,
-        logits,
-        support,
-        teacher_lp,
-        targets,
-        target_lp,
-        ce_weight=cfg.ce_weight,
-        taid_t=taid_t,
-        skew_alpha=cfg.skew_alpha,
-        js_beta=cfg.js_beta,
-        atkd_alpha=cfg.atkd_alpha,
+    teacher = losses.KDBatch(
+        support_ids=batch["topk_ids"].to(device, non_blocking=True)[mask],
+        teacher_logprobs=batch["topk_logprobs"].to(device, non_blocking=True)[mask],
+        mask=torch.ones(logits.shape[0], dtype=torch.bool, device=device),
+        target_ids=input_ids[:, 1:][mask],
+        teacher_target_logprob=batch["target_logprob"].to(device, non_blocking=True)[mask],
     )
+    return logits, teacher
+
+
+def batch_losses(model, batch: dict, cfg: DistillConfig, taid_t: float | None, device, autocast) -> losses.KDLossOutput:
+    """Forward the student on one batch; return the training loss (kd + ce_weight·ce) and its parts."""
+    logits, teacher = _student_forward(model, batch, device, autocast)
+    return losses.kd_loss_parts(
+        cfg.loss, teacher, logits, t=taid_t, js_beta=cfg.js_beta, skew_alpha=cfg.skew_alpha,
+        atkd_alpha=cfg.atkd_alpha, ce_weight=cfg.ce_weight,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -192,21 +191,13 @@ def evaluate(model, reader: CacheReader, device, autocast, d: Dist) -> dict:
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # ce, kl, agree, tokens
     for batch in reader.iter_epoch(0):
-        input_ids = batch["input_ids"].to(device)
-        mask = batch["target_mask"].to(device)
-        with autocast:
-            logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
-        logits = logits[mask].float()
-        support = batch["topk_ids"].to(device)[mask]
-        teacher_lp = batch["topk_logprobs"].to(device)[mask].float()
-        targets = input_ids[:, 1:][mask]
-        n = targets.numel()
+        logits, teacher = _student_forward(model, batch, device, autocast)
+        n = logits.shape[0]
         if n == 0:
             continue
-        ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-        kl = losses.forward_kl_per_position(logits, support, teacher_lp).sum()
-        agree = (logits.argmax(-1) == support[:, 0]).sum()
-        totals += torch.stack([ce.double(), kl.double(), agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+        fkl = losses.kd_loss_parts("fkl", teacher, logits)
+        agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
+        totals += torch.stack([fkl.ce.double() * n, fkl.kd.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
     d.all_reduce_sum(totals)
     model.train()
     n = max(totals[3].item(), 1.0)
@@ -242,6 +233,12 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would interleave with ours
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, trainer_state: dict, d: Dist, keep: int) -> Path:
@@ -284,6 +281,7 @@ def distill(cfg: DistillConfig) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     cfg.validate()
+    _quiet_transformers()
     d, device = init_distributed(cfg.device)
     info = load_cache(cfg.cache)
     tokenizer = load_student_tokenizer(cfg.student, info)
@@ -361,6 +359,8 @@ def distill(cfg: DistillConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc=f"distill {cfg.loss}", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     last: dict = {}
+    if eval_reader is not None and cfg.eval_at_start and step == 0:
+        _write_metrics(metrics_file, {"step": 0, **evaluate(unwrap(model), eval_reader, device, autocast, d)})
     try:
         while step < total_steps:
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
@@ -370,18 +370,18 @@ def distill(cfg: DistillConfig) -> dict:
                 ctx = model.no_sync() if (d.world_size > 1 and not sync) else _null()
                 with ctx:
                     parts = batch_losses(model, batch, cfg, taid.t if taid else None, device, autocast)
-                    (parts["loss"] / cfg.grad_accum).backward()
-                sums += torch.stack([parts["loss"].detach().double(), parts["kd"].detach().double(), parts["ce"].detach().double()])
+                    (parts.total / cfg.grad_accum).backward()
+                sums += torch.stack([parts.total.detach().double(), parts.kd.detach().double(), parts.ce.detach().double()])
                 window_tokens += int(batch["target_mask"].sum()) * d.world_size
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             means = d.all_reduce_sum(sums) / (cfg.grad_accum * d.world_size)
             loss_value, kd_value, ce_value = (float(x) for x in means)
             if taid is not None:  # once per optimizer step, on the rank-averaged loss: every rank agrees on t
-                taid.update(kd_value, step, total_steps)
+                taid.update(kd_value, step, total_steps)  # step = optimizer steps completed before this one
+            step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start

@@ -1,0 +1,134 @@
+"""The streaming reader: coverage per epoch, rank split, determinism, exact resume, corruption, tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cache.format import CacheRows, from_record_batch
+from cache.manifest import CacheError, load_cache
+from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+
+
+def all_rows(cache_dir) -> CacheRows:
+    info = load_cache(cache_dir)
+    parts = [from_record_batch(pq.read_table(cache_dir / s.name), info.manifest.seq_len, info.manifest.k) for s in info.shards]
+    return CacheRows.concat(parts)
+
+
+def take(reader, n):
+    it = iter(reader)
+    return [next(it) for _ in range(n)]
+
+
+def test_one_epoch_sees_every_sequence_once_with_its_own_data(small_cache):
+    rows = all_rows(small_cache)
+    reader = CacheReader(small_cache, batch_size=7, seed=3, shuffle_rows=10)
+    batches = list(reader.iter_epoch(0))
+    seen = torch.cat([b["seq_ids"] for b in batches]).numpy()
+    assert sorted(seen.tolist()) == list(range(90))
+    assert not np.array_equal(seen, np.arange(90))  # shuffled
+    assert [len(b["seq_ids"]) for b in batches] == [7] * 12 + [6]
+    for b in batches:
+        idx = b["seq_ids"].numpy()
+        np.testing.assert_array_equal(b["input_ids"].numpy(), rows.input_ids[idx])
+        np.testing.assert_array_equal(b["topk_ids"].numpy(), rows.topk_ids[idx])
+        np.testing.assert_array_equal(b["topk_logprobs"].numpy(), rows.topk_logprobs[idx])
+        np.testing.assert_array_equal(b["target_logprob"].numpy(), rows.target_logprob[idx])
+        np.testing.assert_array_equal(b["target_mask"].numpy(), rows.loss_mask[idx, 1:])
+        assert b["input_ids"].dtype == torch.int64 and b["topk_ids"].dtype == torch.int64
+        assert b["topk_logprobs"].dtype == torch.float16 and b["target_mask"].dtype == torch.bool
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch(small_cache):
+    def order(seed, epoch):
+        r = CacheReader(small_cache, batch_size=8, seed=seed, shuffle_rows=16)
+        return torch.cat([b["seq_ids"] for b in r.iter_epoch(epoch)]).tolist()
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1)
+    assert order(1, 0) != order(2, 0)
+    unshuffled = CacheReader(small_cache, batch_size=8, shuffle=False)
+    assert torch.cat([b["seq_ids"] for b in unshuffled.iter_epoch(0)]).tolist() == list(range(90))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_get_equal_disjoint_slices(small_cache, world):
+    per_rank = []
+    for rank in range(world):
+        r = CacheReader(small_cache, batch_size=5, seed=0, rank=rank, world_size=world, shuffle_rows=12)
+        per_rank.append(torch.cat([b["seq_ids"] for b in r.iter_epoch(0)]).tolist())
+        assert r.batches_per_epoch == -(-(90 // world) // 5)
+    assert len({len(s) for s in per_rank}) == 1 and len(per_rank[0]) == 90 // world
+    union = [i for s in per_rank for i in s]
+    assert len(set(union)) == len(union) == (90 // world) * world
+
+
+def test_exact_resume_mid_epoch_and_across_epochs(small_cache):
+    reference = take(CacheReader(small_cache, batch_size=8, seed=5, shuffle_rows=12), 30)  # > 2 epochs
+    for cut in (3, 11, 12, 25):
+        first = CacheReader(small_cache, batch_size=8, seed=5, shuffle_rows=12)
+        it = iter(first)
+        for _ in range(cut):
+            next(it)
+        state = first.state_dict()
+        resumed = CacheReader(small_cache, batch_size=8, seed=5, shuffle_rows=12)
+        resumed.load_state_dict(state)
+        rest = take(resumed, 30 - cut)
+        for a, b in zip(reference[cut:], rest):
+            assert torch.equal(a["seq_ids"], b["seq_ids"])
+            assert torch.equal(a["topk_logprobs"], b["topk_logprobs"])
+
+
+def test_resume_state_refuses_a_different_setup(small_cache):
+    state = CacheReader(small_cache, batch_size=8, seed=5).state_dict()
+    with pytest.raises(CacheError, match="seed"):
+        CacheReader(small_cache, batch_size=8, seed=6).load_state_dict(state)
+    with pytest.raises(CacheError, match="batch_size"):
+        CacheReader(small_cache, batch_size=4, seed=5).load_state_dict(state)
+
+
+def test_holdout_is_disjoint_from_training(small_cache):
+    info = load_cache(small_cache)
+    train, held = split_holdout(plan_chunks(info), 10)
+    assert sum(c.rows for c in held) >= 10
+    train_ids = torch.cat([b["seq_ids"] for b in CacheReader(info, 8, chunks=train).iter_epoch(0)])
+    held_ids = torch.cat([b["seq_ids"] for b in CacheReader(info, 8, chunks=held, shuffle=False).iter_epoch(0)])
+    assert set(train_ids.tolist()).isdisjoint(held_ids.tolist())
+    assert len(train_ids) + len(held_ids) == 90
+    with pytest.raises(CacheError, match="whole cache"):
+        split_holdout(plan_chunks(info), 1000)
+
+
+def test_corrupted_shard_is_named_on_first_read(small_cache, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    victim = copy / "shards" / "00000002.parquet"
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0x01
+    victim.write_bytes(bytes(data))
+    reader = CacheReader(copy, batch_size=8, shuffle=False)
+    with pytest.raises(CacheError, match="00000002.parquet: sha256 mismatch"):
+        list(reader.iter_epoch(0))
+
+
+def test_tokenizer_check(small_cache, tokenizer_dir, tmp_path):
+    from tests.conftest import build_tokenizer
+    from transformers import AutoTokenizer
+
+    info = load_cache(small_cache)
+    check_tokenizer(info, AutoTokenizer.from_pretrained(tokenizer_dir))
+    other = build_tokenizer(tmp_path / "other", vocab_size=300)
+    with pytest.raises(CacheError, match="differs from the teacher"):
+        check_tokenizer(info, other)
+    with pytest.raises(CacheError, match="have another id"):
+        check_tokenizer(info, other, allow_vocab_superset=True)
+    extended = AutoTokenizer.from_pretrained(tokenizer_dir)
+    extended.add_tokens(["<|tool|>"])
+    check_tokenizer(info, extended, allow_vocab_superset=True)  # same ids plus one more: allowed
+    with pytest.raises(CacheError):
+        check_tokenizer(info, extended)  # but only when asked for
