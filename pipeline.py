@@ -47,6 +47,12 @@ def cache_teacher_cmd(
     worker_index: int = typer.Option(0, help="This writer's index when several write one cache (one per GPU/node)."),
     num_workers: int = typer.Option(1, help="Number of writers sharing the cache; each takes every n-th shard."),
     overwrite: bool = typer.Option(False, help="Delete an existing cache at --out instead of resuming it."),
+    support: str = typer.Option(
+        "topk", help="topk: the teacher's k most likely tokens. sampled: RS-KD importance samples (unbiased; HF backend)."
+    ),
+    num_samples: int = typer.Option(64, help="--support sampled: draws per position (distinct ids kept, at most --top-k)."),
+    sample_temperature: float = typer.Option(1.0, help="--support sampled: proposal r ∝ p^temperature (1: sample from p)."),
+    sample_seed: int = typer.Option(0, help="--support sampled: seed (draws depend only on it and the position)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Run the teacher over a dataset and write its top-k log-probabilities (resumable: rerun to continue)."""
@@ -59,7 +65,8 @@ def cache_teacher_cmd(
         device=device, tensor_parallel_size=tensor_parallel_size, revision=revision,
         trust_remote_code=trust_remote_code, shard_tokens=shard_tokens, row_group_tokens=row_group_tokens,
         max_tokens=max_tokens, max_sequences=max_sequences, worker_index=worker_index,
-        num_workers=num_workers, overwrite=overwrite, progress=progress,
+        num_workers=num_workers, overwrite=overwrite, progress=progress, support=support,
+        num_samples=num_samples, sample_temperature=sample_temperature, sample_seed=sample_seed,
     )  # fmt: skip
     try:
         cache_teacher(config)

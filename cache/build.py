@@ -58,6 +58,10 @@ class CacheConfig:
     num_workers: int = 1
     overwrite: bool = False
     progress: bool = True
+    support: str = "topk"  # topk | sampled (RS-KD importance sampling; HF backend)
+    num_samples: int = 64
+    sample_temperature: float = 1.0
+    sample_seed: int = 0
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -66,6 +70,10 @@ class CacheConfig:
             raise ValueError("--seq-len must be >= 2 (one position predicts the next token)")
         if not 0 <= self.worker_index < self.num_workers:
             raise ValueError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+        if self.support not in ("topk", "sampled"):
+            raise ValueError(f"--support must be topk or sampled, got {self.support!r}")
+        if self.support == "sampled" and (self.num_samples < 1 or self.sample_temperature <= 0):
+            raise ValueError("--num-samples must be >= 1 and --sample-temperature > 0")
         if self.backend not in ("auto", "hf", "vllm"):
             raise ValueError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
         for name in ("batch_size", "shard_tokens", "row_group_tokens"):
@@ -85,9 +93,11 @@ def _without_path(d: dict) -> dict:
     return {key: value for key, value in d.items() if key != "path"}
 
 
-def resolve_backend(name: str) -> str:
+def resolve_backend(name: str, support: str = "topk") -> str:
     if name != "auto":
         return name
+    if support == "sampled":  # needs the full softmax, which vLLM does not return
+        return "hf"
     import importlib.util
 
     import torch
@@ -99,6 +109,8 @@ def make_backend(config: CacheConfig, backend: str):
     if backend == "vllm":
         from cache.vllm_backend import VLLMTeacher
 
+        if config.support != "topk":
+            raise ValueError("--support sampled needs the full softmax: use --backend hf")
         return VLLMTeacher(
             config.teacher,
             k=config.top_k,
@@ -118,6 +130,10 @@ def make_backend(config: CacheConfig, backend: str):
         device=config.device,
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
+        support=config.support,
+        num_samples=config.num_samples,
+        sample_temperature=config.sample_temperature,
+        seed=config.sample_seed,
     )
 
 
@@ -209,7 +225,7 @@ def cache_teacher(config: CacheConfig) -> Manifest:
 
     config.validate()
     started = time.perf_counter()
-    backend_name = resolve_backend(config.backend)
+    backend_name = resolve_backend(config.backend, config.support)
     tokenizer = AutoTokenizer.from_pretrained(
         config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -237,6 +253,12 @@ def cache_teacher(config: CacheConfig) -> Manifest:
         data={**_without_path(spec.describe()), "source": _without_path(source_fingerprint(config.data, config.split))},
         data_path=str(config.data),
         packing=spec.describe()["packing"],
+        support=config.support,
+        sampling=(
+            {"num_samples": config.num_samples, "temperature": config.sample_temperature, "seed": config.sample_seed}
+            if config.support == "sampled"
+            else {}
+        ),
         rows_per_shard=config.rows_per_shard,
         row_group_rows=config.row_group_rows,
         worker_index=config.worker_index,
@@ -287,7 +309,9 @@ def cache_teacher(config: CacheConfig) -> Manifest:
                 teacher = make_backend(config, backend_name)
                 described = teacher.describe()
                 manifest.backend = described["backend"]
-            scores = teacher.score(input_ids, progress=lambda n: bar.update(n * config.seq_len))
+            scores = teacher.score(
+                input_ids, progress=lambda n: bar.update(n * config.seq_len), first_seq_id=first_seq
+            )
             rows = CacheRows(
                 seq_ids=np.arange(first_seq, first_seq + len(input_ids), dtype=np.int64),
                 input_ids=input_ids,

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cache.teacher import TeacherScores
+from cache.teacher import TeacherScores, sample_support
 
 # Sampled weight hashing: sizes plus the first and last MiB of each weight file. Hashing whole files
 # would cost minutes for a 70B teacher; a retrained or different model changes these bytes.
@@ -82,6 +82,10 @@ class HFTeacher:
         revision: str | None = None,
         trust_remote_code: bool = False,
         position_chunk: int = 512,
+        support: str = "topk",
+        num_samples: int = 64,
+        sample_temperature: float = 1.0,
+        seed: int = 0,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -94,6 +98,9 @@ class HFTeacher:
         self.revision = revision
         # log_softmax over V in fp32 for [batch, chunk] positions at a time bounds the extra memory.
         self.position_chunk = position_chunk
+        if support not in ("topk", "sampled"):
+            raise ValueError(f"support must be topk or sampled, got {support!r}")
+        self.support, self.num_samples, self.sample_temperature, self.seed = support, num_samples, sample_temperature, seed
         self.model = AutoModelForCausalLM.from_pretrained(
             model, revision=revision, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
@@ -110,8 +117,19 @@ class HFTeacher:
             "backend": {"name": "hf", "version": f"transformers {transformers.__version__}", "device": self.device.type},
         }
 
+    def _support(self, lp: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, t, V] log-probs → (ids, log-probs or log-weights) [b, t, k], sorted descending."""
+        if self.support == "topk":
+            values, indices = torch.topk(lp, self.k, dim=-1, sorted=True)
+            return indices, values
+        b, t, v = lp.shape
+        ids, logw = sample_support(lp.reshape(b * t, v), self.k, self.num_samples, self.sample_temperature, generator)
+        return ids.reshape(b, t, self.k), logw.reshape(b, t, self.k)
+
     @torch.inference_mode()
-    def score(self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None) -> TeacherScores:
+    def score(
+        self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
+    ) -> TeacherScores:
         b, length = input_ids.shape
         k = self.k
         topk_ids = np.empty((b, length - 1, k), np.int32)
@@ -120,13 +138,16 @@ class HFTeacher:
         for start in range(0, b, self.batch_size):
             stop = min(b, start + self.batch_size)
             ids = torch.from_numpy(np.ascontiguousarray(input_ids[start:stop])).to(self.device, torch.long)
+            generator = None
+            if self.support == "sampled":  # seeded by stream position: reruns and resumes draw the same
+                generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + first_seq_id + start)
             # The last token predicts nothing we store: feed L-1 tokens.
             logits = self.model(input_ids=ids[:, :-1], use_cache=False).logits
             targets = ids[:, 1:]
             for t0 in range(0, length - 1, self.position_chunk):
                 t1 = min(length - 1, t0 + self.position_chunk)
                 lp = torch.log_softmax(logits[:, t0:t1].float(), dim=-1)
-                values, indices = torch.topk(lp, k, dim=-1, sorted=True)
+                indices, values = self._support(lp, generator)
                 target = lp.gather(-1, targets[:, t0:t1, None]).squeeze(-1)
                 topk_ids[start:stop, t0:t1] = indices.to(torch.int32).cpu().numpy()
                 topk_lp[start:stop, t0:t1] = values.cpu().numpy()

@@ -19,7 +19,7 @@ class CacheError(Exception):
 
 
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
-IDENTITY_FIELDS = ("format_version", "teacher", "tokenizer", "k", "support", "seq_len", "packing", "data")
+IDENTITY_FIELDS = ("format_version", "teacher", "tokenizer", "k", "support", "sampling", "seq_len", "packing", "data")
 
 
 @dataclass
@@ -47,7 +47,8 @@ class Manifest:
     row_group_rows: int
     worker_index: int = 0
     num_workers: int = 1
-    support: str = "topk"
+    support: str = "topk"  # "topk": the teacher's k most likely tokens; "sampled": RS-KD importance samples
+    sampling: dict = field(default_factory=dict)  # for "sampled": num_samples, temperature, seed
     packing: str = "concat"
     data_path: str = ""
     logprob_dtype: str = "float16"

@@ -33,7 +33,35 @@ class TeacherBackend(Protocol):
         ...
 
     def score(
-        self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None
+        self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
     ) -> TeacherScores:
-        """Score ``input_ids`` [B, L] int32; call ``progress(n)`` after each n sequences are done."""
+        """Score ``input_ids`` [B, L] int32 (stream positions ``first_seq_id``...); call ``progress(n)``
+        after each n sequences are done. ``first_seq_id`` seeds sampled supports, so a resumed run draws
+        the same samples."""
         ...
+
+
+def sample_support(
+    logprobs: "torch.Tensor", k: int, num_samples: int, temperature: float, generator: "torch.Generator"
+) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Importance-sampled support (RS-KD, Anshumann et al. 2025, arXiv 2503.16870).
+
+    Draw ``num_samples`` tokens per position from the proposal ``r ∝ p^temperature``, weight each draw by
+    ``p/r`` and keep the unique ids with self-normalized weights. At temperature 1 every weight is 1
+    and the estimate is the draw frequency, an exactly unbiased estimate of p (so the sparse forward-KL
+    gradient is unbiased for the dense one); at other temperatures self-normalization makes it
+    consistent, with a bias of order 1/num_samples.
+
+    logprobs [M, V] fp32 (full-vocabulary log-softmax) → (ids [M, k] int64, log weights [M, k] fp32),
+    sorted by weight. Positions with fewer than k distinct draws are padded with distinct unsampled ids of
+    weight 0 (log weight -inf); with more, the k heaviest are kept and the rest becomes tail mass.
+    """
+    import torch
+
+    log_r = torch.log_softmax(logprobs * temperature, dim=-1) if temperature != 1.0 else logprobs
+    draws = torch.multinomial(log_r.exp(), num_samples, replacement=True, generator=generator)
+    weights = (logprobs.gather(-1, draws) - log_r.gather(-1, draws)).exp()
+    totals = torch.zeros_like(logprobs).scatter_add_(-1, draws, weights)
+    totals /= totals.sum(-1, keepdim=True)
+    values, ids = torch.topk(totals, k, dim=-1, sorted=True)
+    return ids, values.log()

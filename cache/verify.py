@@ -49,15 +49,21 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
     for name, ids in (("input_ids", rows.input_ids), ("topk_ids", rows.topk_ids)):
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             problems.append(f"{path}: {name} outside [0, {vocab})")
-    if not np.isfinite(lp).all():
+    sampled = m.support == "sampled"
+    # A sampled support pads positions with fewer distinct draws than k with weight 0 (log -inf).
+    if np.isnan(lp).any() or (np.isinf(lp).any() and not sampled) or (lp == np.inf).any():
         problems.append(f"{path}: non-finite topk_logprobs")
     if (lp > 0).any() or (rows.target_logprob.astype(np.float32) > 0).any():
         problems.append(f"{path}: positive log-probabilities")
-    if (np.diff(lp, axis=-1) > 0).any():
+    with np.errstate(invalid="ignore"):  # -inf - -inf between two pads
+        unsorted = (np.nan_to_num(np.diff(lp, axis=-1), nan=0.0) > 0).any()
+    if unsorted:
         problems.append(f"{path}: topk_logprobs not sorted descending")
     mass = np.exp(lp).sum(-1)
     if (mass > 1 + _MASS_TOLERANCE).any():
         problems.append(f"{path}: support mass up to {mass.max():.4f} > 1 (tail mass would be negative)")
+    if sampled:  # stored values are sample weights, not the teacher's log-probs: nothing to cross-check
+        return problems
     targets = rows.input_ids[:, 1:, None]
     hit = rows.topk_ids == targets
     in_topk = hit.any(-1)
@@ -114,7 +120,7 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
         f"cache: {info.root}  (format v{m.format_version}, {'complete' if info.complete else 'INCOMPLETE'})",
         f"teacher: {m.teacher.get('name_or_path')}  dtype={m.teacher.get('dtype')}  backend={m.backend}",
         f"tokenizer: vocab {m.tokenizer['vocab_size']}  sha256 {m.tokenizer['sha256'][:16]}…",
-        f"support: {m.support}  k={m.k}  seq_len={m.seq_len}  packing={m.packing}",
+        f"support: {m.support}{' ' + str(m.sampling) if m.sampling else ''}  k={m.k}  seq_len={m.seq_len}  packing={m.packing}",
         f"data: {m.data_path}  sha256 {str(m.data['source'].get('sha256'))[:16]}…",
         f"shards: {len(info.shards)} from {m.num_workers} worker(s); {info.num_sequences:,} sequences, "
         f"{info.num_tokens:,} tokens, {info.num_bytes / 2**20:.2f} MiB, "

@@ -349,7 +349,9 @@ class VLLMTeacher:
     def _sequences_per_call(self, length: int) -> int:
         return max(1, self.max_entries_per_call // max(1, (length - 1) * (self.k + 1)))
 
-    def score(self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None) -> TeacherScores:
+    def score(
+        self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
+    ) -> TeacherScores:
         """Score ``input_ids`` [B, L] (L <= seq_len); returns scores in input order."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:

@@ -121,3 +121,16 @@ def small_cache(tmp_path_factory, teacher_dir, corpus_jsonl) -> Path:
         )  # fmt: skip
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def student_config(tmp_path_factory) -> Path:
+    """A from-scratch student: one layer, half the teacher's width (only a config, no weights)."""
+    from transformers import LlamaConfig
+
+    d = tmp_path_factory.mktemp("student_config")
+    LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    ).save_pretrained(d)  # fmt: skip
+    return d

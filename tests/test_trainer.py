@@ -18,19 +18,6 @@ from pipeline import app
 from train.trainer import DistillConfig, distill, latest_checkpoint
 
 
-@pytest.fixture(scope="session")
-def student_config(tmp_path_factory) -> Path:
-    """A from-scratch student: one layer, a third of the teacher's width."""
-    from transformers import LlamaConfig
-
-    d = tmp_path_factory.mktemp("student_config")
-    LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    ).save_pretrained(d)  # fmt: skip
-    return d
-
-
 def run(student, cache, out, **kw) -> dict:
     base = dict(
         student=str(student), cache=Path(cache), out=Path(out), batch_size=8, lr=3e-3, warmup_steps=5,
