@@ -8,6 +8,7 @@ depend only on (teacher, data, options), not on how many workers wrote them or w
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sys
 import time
@@ -22,6 +23,7 @@ from cache.data import DataSpec, iter_sequences, source_fingerprint
 from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.format import SHARD_DIR, TOKENIZER_DIR, CacheRows, sha256_file, tokens_sha256, write_shard
 from cache.manifest import (
+    LINEAGE_FILE,
     CacheError,
     Manifest,
     ShardEntry,
@@ -158,6 +160,12 @@ def _clean_stray_temp_files(out: Path) -> None:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+def _teacher_lineage(teacher: str) -> dict:
+    """A teacher written by `pipeline distill` (its final/ dir) says which cache and run made it."""
+    path = Path(teacher) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _save_tokenizer(tokenizer, out: Path) -> None:
     """Keep the teacher's tokenizer with the cache: students are checked against it, inspect decodes with it."""
     final = out / TOKENIZER_DIR
@@ -263,6 +271,7 @@ def cache_teacher(config: CacheConfig) -> Manifest:
         row_group_rows=config.row_group_rows,
         worker_index=config.worker_index,
         num_workers=config.num_workers,
+        lineage=_teacher_lineage(config.teacher),
     )
     # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
     # make it depend on where a run was interrupted.

@@ -21,6 +21,10 @@ class CacheError(Exception):
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
 IDENTITY_FIELDS = ("format_version", "teacher", "tokenizer", "k", "support", "sampling", "seq_len", "packing", "data")
 
+# Written by `pipeline distill` into final/: which cache and run made that model. A cache whose teacher
+# directory has one copies it into its manifest's `lineage` (teacher-assistant chains).
+LINEAGE_FILE = "lineage.json"
+
 
 @dataclass
 class ShardEntry:
@@ -57,6 +61,8 @@ class Manifest:
     complete: bool = False
     # Set when complete: total sequences in the stream and the sha256 over all their tokens.
     stream: dict = field(default_factory=dict)
+    # Not identity: the teacher's LINEAGE_FILE when the teacher was itself distilled ({} otherwise).
+    lineage: dict = field(default_factory=dict)
 
     def identity(self) -> dict:
         return {name: getattr(self, name) for name in IDENTITY_FIELDS}
