@@ -197,5 +197,90 @@ def plot_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("generate")
+def generate_cmd(
+    prompts: str = typer.Option(
+        ..., help="Prompts: any source cache-teacher reads (.jsonl, .parquet, ...) with a prompt field or chat messages."
+    ),
+    out: Path = typer.Option(..., help="Output .jsonl (resumable: rerun to continue); OUT.meta.json records its settings."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a local HF directory or a hub id (switch and teacher modes)."),
+    student: Optional[str] = typer.Option(None, help="Student: a local HF directory or a hub id (switch and student modes)."),
+    mode: str = typer.Option(
+        "switch", help="switch: the student writes, the teacher steps in where JSD > tau_t | student | teacher."
+    ),
+    tau0: float = typer.Option(
+        0.5, help="SWITCH threshold at the first response token, in nats (JSD <= ln 2 = 0.693). Our default: "
+        "the paper's value was not found.",
+    ),
+    decay: float = typer.Option(
+        0.1, help="lambda in tau_t = tau0*exp(-lambda*t), t = 0 at the first response token (0.1: the paper's "
+        "decay factor 1/10 as reported by summaries of it).",
+    ),
+    max_new_tokens: int = typer.Option(256, help="Stop a response after this many tokens (or at EOS)."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling: keep the most likely tokens holding this mass."),
+    seed: int = typer.Option(0, help="Seed; each prompt gets its own generator from (seed, prompt index)."),
+    batch_size: int = typer.Option(8, help="Prompts per batch (one batch is the unit of resume)."),
+    prompt_field: str = typer.Option("prompt", help="Record field holding a plain-text prompt."),
+    messages_field: str = typer.Option(
+        "messages", help="Record field holding chat messages (rendered with the chat template; trailing assistant turns dropped)."
+    ),
+    chat: bool = typer.Option(False, help="Render plain prompts as a single user turn with the chat template."),
+    split: str = typer.Option("train", help="Split to read from a DatasetDict directory."),
+    max_prompts: Optional[int] = typer.Option(None, help="Use only the first N prompts."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="Device of both models: auto | cpu | cuda | cuda:N."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the hub."),
+    overwrite: bool = typer.Option(False, help="Delete an existing --out instead of resuming it."),
+    progress: bool = typer.Option(True, help="Show a progress bar (prompts, tokens/s, teacher share)."),
+):
+    """Write responses for cache-teacher: SWITCH (Koo et al. 2024), or student- or teacher-only. HF backend (no vLLM)."""
+    from cache.generate import GenerateConfig, GenerateError, generate
+
+    config = GenerateConfig(
+        prompts=prompts, out=out, teacher=teacher, student=student, mode=mode, tau0=tau0, decay=decay,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+        prompt_field=prompt_field, messages_field=messages_field, chat=chat, split=split, max_prompts=max_prompts,
+        dtype=dtype, device=device, trust_remote_code=trust_remote_code, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    try:
+        generate(config)
+    except (GenerateError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+
+
+@app.command("plan-teacher")
+def plan_teacher_cmd(
+    student: str = typer.Option(..., help="Student: a model dir / hub id / config.json, or a size such as 1B."),
+    candidate: Optional[list[str]] = typer.Option(
+        None, help="A possible teacher (repeat): model dir / hub id / config.json, NAME=SIZE, or a size such as 7B."
+    ),
+    ratio: float = typer.Option(2.5, help="Optimal teacher / student size (law of capacity gap, arXiv 2311.07052)."),
+    assistants: Optional[Path] = typer.Option(
+        None, help="CSV/JSON of trained assistants (name, params, metric or eval_loss) to rank with MiniDisc."
+    ),
+    teacher: Optional[str] = typer.Option(
+        None, help="The teacher the assistants come from (their sparsity is relative to it); default: the largest candidate."
+    ),
+    lam: float = typer.Option(0.2, help="MiniDisc lambda: score = metric + lambda * sparsity."),
+    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the hub (to count parameters)."),
+):
+    """Recommend a teacher by the law of capacity gap, a teacher-assistant chain for large gaps, rank assistants (MiniDisc)."""
+    import json
+
+    from train.capacity import PlanConfig, plan_teacher
+
+    config = PlanConfig(
+        student=student, candidates=list(candidate or []), ratio=ratio, assistants=assistants, teacher=teacher,
+        lam=lam, trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    try:
+        plan = plan_teacher(config)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(json.dumps(plan.to_dict(), indent=1) if json_output else plan.render())
+
+
 if __name__ == "__main__":
     app()
