@@ -160,6 +160,13 @@ def distill_cmd(
         False, help="Accept a student tokenizer that extends the teacher's with the same ids."
     ),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N."),
+    fused_loss: bool = typer.Option(
+        False,
+        help="Compute the KD loss from the student's final hidden states in vocabulary chunks, never forming the "
+        "[tokens, vocab] logits: far less memory for large vocabularies, the same loss and gradients up to rounding, "
+        "one extra hidden-by-vocabulary product per step. Heads that are not a plain linear layer (logit soft-capping "
+        "or scaling) fall back to the full-logits loss with a message.",
+    ),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a student on a teacher cache. Multi-GPU: `torchrun --nproc-per-node N -m pipeline distill ...`."""
@@ -174,7 +181,8 @@ def distill_cmd(
         grad_clip=grad_clip, precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
         shuffle_rows=shuffle_rows, save_every=save_every, keep_checkpoints=keep_checkpoints,
         eval_every=eval_every, eval_sequences=eval_sequences, eval_cache=eval_cache, eval_at_start=eval_at_start, log_every=log_every,
-        resume=resume, allow_vocab_superset=allow_vocab_superset, device=device, progress=progress,
+        resume=resume, allow_vocab_superset=allow_vocab_superset, device=device, fused_loss=fused_loss,
+        progress=progress,
     )  # fmt: skip
     try:
         distill(config)

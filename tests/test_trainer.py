@@ -70,7 +70,7 @@ def _distill_cmd(student, cache, out, steps, extra=()) -> list[str]:
 
 
 def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cache, student_config):
-    steps = 400
+    steps = 200
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     ref = subprocess.run(_distill_cmd(student_config, small_cache, ref_out, steps), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -163,9 +163,10 @@ def student_bins(
     ``support_ids`` [N, k]; ``target_ids`` [N] (optional) fills ``log_q_target``. With ``include_target=True``
     (ATKD) the bins are the support *plus the target as an extra column* (m = k + 1, see :func:`atkd_ids`):
     the rest bin then excludes the target as well, and the extra column is empty where the target is already
-    in the support (no double count).
+    in the support (no double count). A repeated id always counts once in the rest bin and in ``lse``.
 
-    Memory: two passes of log-sum-exp over [N, V] (all ids, and the complement with the support set to -inf).
+    Cost: one exponential pass over [N, V] forward and one backward (:class:`_DenseStudentBins`), about what
+    ``logsumexp`` alone costs under autograd; one [N, V] buffer is kept for the backward.
     """
     dtype = _compute_dtype(student_logits)
     z = student_logits.to(dtype)
@@ -175,17 +176,75 @@ def student_bins(
         if target_ids is None:
             raise ValueError("include_target=True needs target_ids")
         ids, valid = atkd_ids(ids, target_ids)
-    lse = torch.logsumexp(z, dim=-1)
-    log_q_support = z.gather(-1, ids) - lse.unsqueeze(-1)
+    target = None if target_ids is None else target_ids.long()
+    log_q_support, log_q_rest, lse, log_q_target = _DenseStudentBins.apply(z, ids, target)
     if valid is not None:
         log_q_support = log_q_support.masked_fill(~valid, NEG_INF)
-    # Scattering -inf twice at a repeated id is harmless: the complement is the same set.
-    complement = z.scatter(-1, ids, NEG_INF)
-    log_q_rest = _safe_logsumexp(complement, dim=-1) - lse
-    log_q_target = None
-    if target_ids is not None:
-        log_q_target = z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1) - lse
     return StudentBins(log_q_support, log_q_rest, lse, log_q_target)
+
+
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """[N, m] bool: the first column of each distinct id in its row (a repeated id's mass counts once)."""
+    ordered, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    return torch.empty_like(repeat).scatter_(-1, order, ~repeat)
+
+
+class _DenseStudentBins(torch.autograd.Function):
+    """``z`` [N, V], ``ids`` [N, m], ``target`` [N] or None -> ``(log_q_support, log_q_rest, lse, log_q_target)``.
+
+    Composed from ``logsumexp``/``gather``/``scatter`` under autograd, these cost about ten passes over [N, V] and
+    as many [N, V] temporaries: two log-sum-exps (all ids, and a masked copy for the complement), each with its own
+    exponential pass in the backward, and a zeros-then-scatter per ``gather`` in the backward. Here the forward
+    makes one masked copy ``y``, turns it into ``e^{z - m_rest}`` in place (0 on the support) and sums it; the
+    support's share of ``lse`` comes from the k gathered logits. The backward is one pass over ``y``.
+
+    Numerics are those of the masked log-sum-exp: the complement is shifted by its own maximum ``m_rest``, so a tail
+    e^-200 below the support stays exact and finite in fp32 (no ``1 - Σ q`` cancellation, no underflow to -inf).
+
+    Gradient (the derivation of train/fused.py's module docstring): with ``p = softmax(z)``, upstream gradients
+    ``G_lse, G_i, G_rest, G_g`` and ``a = G_lse - Σ_i G_i - G_rest - G_g``,
+    ``dL/dz_j = a·p_j + G_rest·[j ∉ S]·e^{z_j - lse_rest} + Σ_i G_i·[j = s_i] + G_g·[j = g]``. Outside S the first
+    two terms are ``y_j·(a·e^{m_rest - lse} + G_rest·e^{m_rest - lse_rest})``, both factors <= 1 (no overflow).
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor, target: Optional[Tensor]):
+        y = z.scatter(-1, ids, NEG_INF)  # the only [N, V] allocation; a repeated id is the same entry
+        # An empty complement (support = V) is all -inf: the lowest finite shift keeps exp(-inf) = 0 there.
+        m_rest = y.amax(-1, keepdim=True).clamp_(min=torch.finfo(y.dtype).min)
+        y.sub_(m_rest).exp_()
+        lse_rest = y.sum(-1).log_() + m_rest.squeeze(-1)  # log 0 = -inf: empty rest bin
+        z_support = z.gather(-1, ids)
+        lse_support = torch.logsumexp(z_support.masked_fill(~_first_occurrence(ids), NEG_INF), dim=-1)
+        lse = torch.logaddexp(lse_rest, lse_support)
+        log_q_support = z_support - lse.unsqueeze(-1)
+        log_q_target = None
+        if target is not None:
+            log_q_target = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(y, ids, target, m_rest, log_q_support, lse, lse_rest)
+        return log_q_support, lse_rest - lse, lse, log_q_target
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_support, g_rest, g_lse, g_target):
+        y, ids, target, m_rest, log_q_support, lse, lse_rest = ctx.saved_tensors
+        rest_empty = torch.isneginf(lse_rest)
+        g_rest = g_rest.masked_fill(rest_empty, 0.0)  # an empty rest bin is a constant -inf
+        a = g_lse - g_support.sum(-1) - g_rest
+        if target is not None:
+            a = a - g_target
+        m = m_rest.squeeze(-1)
+        rest_factor = torch.where(rest_empty, 0.0, (m - lse_rest).exp())
+        grad = y * (a * (m - lse).exp() + g_rest * rest_factor).unsqueeze(-1)  # 0 on the support (y is)
+        # The support: a·p_j written once per distinct id (a repeat writes the same value), then each column's
+        # own upstream gradient added (repeats add up, as gather's backward does).
+        grad.scatter_(-1, ids, a.unsqueeze(-1) * log_q_support.exp())
+        grad.scatter_add_(-1, ids, g_support)
+        if target is not None:
+            grad.scatter_add_(-1, target.unsqueeze(-1), g_target.unsqueeze(-1))
+        return grad, None, None
 
 
 def teacher_bin_logprobs(
@@ -391,6 +450,8 @@ def atkd_hard_mask(unc: Tensor, mask: Tensor) -> Tensor:
     no hard tokens.
     """
     mask = mask.to(torch.bool)
+    if mask.numel() == 0:  # no positions at all (a batch with no trained token): nothing to gather a median from
+        return mask
     unc = unc.detach()
     n = mask.sum()
     ordered = torch.sort(unc.masked_fill(~mask, float("inf"))).values
@@ -509,9 +570,14 @@ def kd_loss_parts(
         raise ValueError("ce_weight > 0 needs batch.target_ids")
     if (student_logits is None) == (student is None):
         raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
+    if name == "ce" and b.target_ids is None:
+        raise ValueError("the ce loss needs batch.target_ids")
     if student is None:
         logits = student_logits.reshape(-1, student_logits.shape[-1])
-        student = student_bins(logits, b.support_ids, b.target_ids, include_target=(name == "atkd"))
+        # CE needs only log q_g: over an empty support (rest bin = the whole vocabulary) the no-distillation
+        # baseline pays nothing for the support.
+        support = b.support_ids[:, :0] if name == "ce" else b.support_ids
+        student = student_bins(logits, support, b.target_ids, include_target=(name == "atkd"))
     elif name != "atkd" and student.log_q_support.shape[-1] != b.support_ids.shape[-1]:
         raise ValueError(
             f"precomputed StudentBins have {student.log_q_support.shape[-1]} support columns, the batch has "
@@ -519,8 +585,6 @@ def kd_loss_parts(
         )
 
     if name == "ce":
-        if b.target_ids is None:
-            raise ValueError("the ce loss needs batch.target_ids")
         ce = masked_mean(cross_entropy(student.log_q_target), b.mask)
         return KDLossOutput(ce, torch.zeros_like(ce), ce)
     if name == "atkd":

@@ -9,7 +9,8 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cache.format import TOKENIZER_DIR, fsync_dir
-from cache.manifest import CacheError, CacheInfo, load_cache
-from train import losses
+from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
+from train import fused, losses
 from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
 CHECKPOINT_DIR = "checkpoints"
@@ -66,6 +67,7 @@ class DistillConfig:
     allow_vocab_superset: bool = False
     device: str = "auto"
     progress: bool = True
+    fused_loss: bool = False  # the loss from hidden states in vocabulary chunks (train/fused.py): no [M, V] logits
 
     def validate(self) -> None:
         if self.loss not in losses.LOSS_NAMES:
@@ -158,46 +160,135 @@ def load_student_tokenizer(spec: str, info: CacheInfo):
 
 
 # ------------------------------------------------------------------------------------------- losses
-def _student_forward(model, batch: dict, device, autocast) -> tuple[torch.Tensor, losses.KDBatch]:
-    """Student logits [M, V] (fp32) at the M trained positions of the batch, and the teacher data there."""
+def _teacher_at(batch: dict, input_ids: torch.Tensor, mask: torch.Tensor, device) -> losses.KDBatch:
+    """The teacher data at the M trained positions (``mask``) of the batch."""
+    support_ids = batch["topk_ids"].to(device, non_blocking=True)[mask]
+    return losses.KDBatch(
+        support_ids=support_ids,
+        teacher_logprobs=batch["topk_logprobs"].to(device, non_blocking=True)[mask],
+        mask=torch.ones(support_ids.shape[0], dtype=torch.bool, device=device),
+        target_ids=input_ids[:, 1:][mask],
+        teacher_target_logprob=batch["target_logprob"].to(device, non_blocking=True)[mask],
+    )
+
+
+def _student_forward(
+    model, batch: dict, device, autocast, *, fused_bins: bool = False, include_target: bool = False,
+    verify_head: bool = False,
+) -> tuple[torch.Tensor | losses.StudentBins, losses.KDBatch]:  # fmt: skip
+    """The student at the M trained positions of the batch, and the teacher data there.
+
+    Default: the logits [M, V] (fp32). With ``fused_bins``: :class:`losses.StudentBins` on the teacher's support
+    (plus the true token as an extra column with ``include_target``, as ATKD needs) from the chunked head of
+    train/fused.py, so no [M, V] tensor exists. That raises fused.UnsplittableHead for a student whose head cannot
+    be split off; ``verify_head`` also checks the numbers (once per model is enough).
+    """
+    if fused_bins:
+        head, teacher = _student_head(model, batch, device, autocast, verify_head)
+        with autocast:  # the head's products then run in the autocast dtype, as the model's own head would
+            bins = fused.fused_student_bins(
+                head.hidden, head.weight, teacher.support_ids, teacher.target_ids, bias=head.bias,
+                include_target=include_target,
+            )  # fmt: skip
+        return bins, teacher
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["target_mask"].to(device, non_blocking=True)
     with autocast:
         logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
     # Only trained positions enter the loss: padding and prompt tokens cost no loss compute.
     logits = logits[mask].float()
-    teacher = losses.KDBatch(
-        support_ids=batch["topk_ids"].to(device, non_blocking=True)[mask],
-        teacher_logprobs=batch["topk_logprobs"].to(device, non_blocking=True)[mask],
-        mask=torch.ones(logits.shape[0], dtype=torch.bool, device=device),
-        target_ids=input_ids[:, 1:][mask],
-        teacher_target_logprob=batch["target_logprob"].to(device, non_blocking=True)[mask],
-    )
-    return logits, teacher
+    return logits, _teacher_at(batch, input_ids, mask, device)
+
+
+def _student_head(model, batch: dict, device, autocast, verify: bool) -> tuple[fused.HeadInputs, losses.KDBatch]:
+    """What the student's output layer sees at the M trained positions (hidden [M, d], W, b), and the teacher data."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["target_mask"].to(device, non_blocking=True)
+    with autocast:
+        head = fused.lm_head_inputs(model, verify=verify, input_ids=input_ids[:, :-1], use_cache=False)
+    return head._replace(hidden=head.hidden[mask]), _teacher_at(batch, input_ids, mask, device)
+
+
+# Per student: whether its head splits off for the fused loss (absent: not tried yet). Decided on the first fused
+# forward, which also checks the numbers; a refusal is printed once and the logits path serves from then on.
+_FUSED_HEAD_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _on_fused_path(model, run):
+    """``run(verify_head)`` if the student's head splits off, else None (the caller takes the logits path)."""
+    key = unwrap(model)
+    ok = _FUSED_HEAD_OK.get(key)
+    if ok is False:
+        return None
+    try:
+        result = run(ok is None)
+    except fused.UnsplittableHead as error:
+        _FUSED_HEAD_OK[key] = False
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--fused-loss: {error}; falling back to the full-logits loss", file=sys.stderr, flush=True)
+        return None
+    _FUSED_HEAD_OK[key] = True
+    return result
 
 
 def batch_losses(model, batch: dict, cfg: DistillConfig, taid_t: float | None, device, autocast) -> losses.KDLossOutput:
     """Forward the student on one batch; return the training loss (kd + ce_weight·ce) and its parts."""
+    options = dict(
+        t=taid_t, js_beta=cfg.js_beta, skew_alpha=cfg.skew_alpha, atkd_alpha=cfg.atkd_alpha, ce_weight=cfg.ce_weight
+    )
+    if cfg.fused_loss:
+        found = _on_fused_path(
+            model,
+            lambda verify: _student_forward(
+                model, batch, device, autocast, fused_bins=True, include_target=cfg.loss == "atkd", verify_head=verify
+            ),
+        )
+        if found is not None:
+            bins, teacher = found
+            return losses.kd_loss_parts(cfg.loss, teacher, student=bins, **options)
     logits, teacher = _student_forward(model, batch, device, autocast)
-    return losses.kd_loss_parts(
-        cfg.loss, teacher, logits, t=taid_t, js_beta=cfg.js_beta, skew_alpha=cfg.skew_alpha,
-        atkd_alpha=cfg.atkd_alpha, ce_weight=cfg.ce_weight,
-    )  # fmt: skip
+    return losses.kd_loss_parts(cfg.loss, teacher, logits, **options)
+
+
+# Eval on the fused path forms logits for blocks of positions of at most this many floats (256 MB in fp32).
+EVAL_BLOCK_ELEMENTS = 1 << 26
+
+
+def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
+    """``(logits, teacher)`` pieces of one eval batch: the whole batch, or with ``fused_loss`` blocks of positions
+    whose logits are formed from the head's inputs one block at a time (eval then never holds [M, V] either)."""
+    found = None
+    if fused_loss:
+        found = _on_fused_path(model, lambda verify: _student_head(model, batch, device, autocast, verify))
+    if found is None:
+        yield _student_forward(model, batch, device, autocast)
+        return
+    head, teacher = found
+    columns = {f.name: getattr(teacher, f.name) for f in fields(teacher)}
+    rows = max(1, EVAL_BLOCK_ELEMENTS // head.weight.shape[0])
+    for start in range(0, head.hidden.shape[0], rows):
+        block = slice(start, start + rows)
+        with autocast:  # the very product the model's head computes, for these positions only
+            logits = torch.nn.functional.linear(head.hidden[block], head.weight, head.bias)
+        yield logits.float(), replace(teacher, **{k: v[block] for k, v in columns.items() if v is not None})
 
 
 @torch.no_grad()
-def evaluate(model, reader: CacheReader, device, autocast, d: Dist) -> dict:
-    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins, top-1 agreement; token-weighted."""
+def evaluate(model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False) -> dict:
+    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins, top-1 agreement; token-weighted.
+
+    ``fused_loss``: bound the memory as the fused training loss does (the same numbers, up to rounding).
+    """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # ce, kl, agree, tokens
     for batch in reader.iter_epoch(0):
-        logits, teacher = _student_forward(model, batch, device, autocast)
-        n = logits.shape[0]
-        if n == 0:
-            continue
-        fkl = losses.kd_loss_parts("fkl", teacher, logits)
-        agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
-        totals += torch.stack([fkl.ce.double() * n, fkl.kd.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+        for logits, teacher in _eval_blocks(model, batch, device, autocast, fused_loss):
+            n = logits.shape[0]
+            if n == 0:
+                continue
+            fkl = losses.kd_loss_parts("fkl", teacher, logits)
+            agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
+            totals += torch.stack([fkl.ce.double() * n, fkl.kd.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
     d.all_reduce_sum(totals)
     model.train()
     n = max(totals[3].item(), 1.0)
@@ -360,7 +451,7 @@ def distill(cfg: DistillConfig) -> dict:
     window_start, window_tokens = time.perf_counter(), 0
     last: dict = {}
     if eval_reader is not None and cfg.eval_at_start and step == 0:
-        _write_metrics(metrics_file, {"step": 0, **evaluate(unwrap(model), eval_reader, device, autocast, d)})
+        _write_metrics(metrics_file, {"step": 0, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)})
     try:
         while step < total_steps:
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
@@ -397,7 +488,7 @@ def distill(cfg: DistillConfig) -> dict:
                 bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in ("loss", "taid_t", "tokens_per_s")})
                 _write_metrics(metrics_file, last)
             if eval_reader is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                ev = {"step": step, **evaluate(unwrap(model), eval_reader, device, autocast, d)}
+                ev = {"step": step, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)}
                 last.update(ev)
                 _write_metrics(metrics_file, ev)
                 if d.main:
@@ -417,6 +508,12 @@ def distill(cfg: DistillConfig) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrap(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
+            "student": cfg.student, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": info.fingerprint(),
+            "cache_teacher": info.manifest.teacher, "cache_lineage": info.manifest.lineage, "loss": cfg.loss,
+            "steps": step, "run_dir": str(Path(out).resolve()),
+        }  # fmt: skip
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _log(d, f"saved the student to {final}")

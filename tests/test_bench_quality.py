@@ -1,0 +1,89 @@
+"""bench.quality --quick end to end on the tiny local models (no network), and its derived top-k caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bench import quality
+from cache.build import CacheConfig, cache_teacher
+from cache.format import from_record_batch
+from cache.manifest import load_cache
+from tests.conftest import make_corpus
+
+
+@pytest.fixture(scope="module")
+def heldout_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("heldout") / "heldout.jsonl"
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in make_corpus(20, seed=7)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, teacher_dir, student_config, corpus_jsonl, heldout_jsonl) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("quality")
+    argv = ["--quick", "--teacher", str(teacher_dir), "--student", str(student_config), "--data", str(corpus_jsonl),
+            "--eval-data", str(heldout_jsonl), "--out", str(out), "--device", "cpu"]  # fmt: skip
+    # Models this small gain nothing from intra-op threads, and on a busy machine their synchronization
+    # costs more than the math: under load, 2 threads made these runs several times slower than 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return quality.main(argv), out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_quick_mode_passes_and_reports_every_run(quick):
+    code, out = quick
+    report = json.loads((out / "results.json").read_text())
+    assert code == 0, quality.quick_failures(report)
+    expected = [r.name for r in quality.runs_for(quality.QUICK)]
+    assert list(report["runs"]) == expected
+    assert {"ce-top64", "fkl-top64", "taid-top64", "atkd-top64", "fkl-top8", "fkl-sampled16", "dense-online"} <= set(expected)
+    table = (out / "report.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in table
+    runs = report["runs"]
+    assert runs["fkl-top64"]["kl"] < runs["ce-top64"]["kl"]  # what --quick asserts
+    for run in runs.values():
+        assert run["tokens"] == report["reference"]["teacher"]["tokens"] > 0
+        assert 0 <= run["ece"] <= 1 and 0 <= run["top1"] <= 1 and run["step_seconds"] > 0
+    assert report["reference"]["teacher"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert (out / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Storage shrinks with k; every cache holds the same tokens.
+    caches = report["caches"]
+    assert caches["top8"]["bytes_per_token"] < caches["top16"]["bytes_per_token"] < caches["top64"]["bytes_per_token"]
+    assert len({caches[name]["tokens"] for name in ("top64", "top16", "top8", "sampled16")}) == 1
+    speed = report["speed"]
+    assert speed["online_step_seconds"] > 0 and speed["cache_build_seconds"] > 0
+    assert speed["break_even_runs"] is None or speed["break_even_runs"] > 0  # None: online was not slower
+
+
+def test_quick_mode_exits_nonzero_when_kd_does_not_beat_ce(quick):
+    _, out = quick
+    report = json.loads((out / "results.json").read_text())
+    report["runs"]["fkl-top64"]["kl"] = report["runs"]["ce-top64"]["kl"] + 1.0
+    assert quality.quick_failures(report)
+
+
+def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_jsonl):
+    """Slicing the sorted top-64 gives exactly what the teacher's own top-8 run stores (ids and values)."""
+    common = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), seq_len=32, max_sequences=12, progress=False,
+                  shard_tokens=32 * 5)  # fmt: skip
+    cache_teacher(CacheConfig(out=tmp_path / "top64", top_k=64, **common))
+    cache_teacher(CacheConfig(out=tmp_path / "top8", top_k=8, **common))
+    derived = quality.derive_topk_cache(tmp_path / "top64", tmp_path / "derived8", 8)
+    direct = load_cache(tmp_path / "top8")
+    assert derived.manifest.identity() == direct.manifest.identity()
+    assert [s.rows for s in derived.shards] == [s.rows for s in direct.shards]
+    for a, b in zip(derived.shards, direct.shards):
+        ra, rb = (from_record_batch(pq.read_table(c.root / s.name), 32, 8) for c, s in ((derived, a), (direct, b)))
+        for field in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob"):
+            np.testing.assert_array_equal(getattr(ra, field), getattr(rb, field))
+    assert [s.sha256 for s in derived.shards] == [s.sha256 for s in direct.shards]  # even the bytes
