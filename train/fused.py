@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from train.losses import NEG_INF, StudentBins, atkd_ids
+from train.losses import NEG_INF, StudentBins, atkd_ids, first_occurrence
 
 # Vocabulary rows per chunk. The buffer is N x chunk: 256 MB in fp32 for 16k positions. Smaller chunks save memory
 # but cost more, smaller matmuls (and on GPUs more kernel launches): 4096 keeps a 128k vocabulary at 32 chunks.
@@ -135,14 +135,6 @@ def fused_student_bins(
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
     """fp32, or fp64 if an input is fp64: the log-sum-exps need more range than fp16/bf16 have."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _first_occurrence(ids: Tensor) -> Tensor:
-    """[N, m] bool: the first column of each distinct id in its row (so a repeated id's mass counts once)."""
-    ordered, order = ids.sort(dim=1, stable=True)
-    repeat = torch.zeros_like(ids, dtype=torch.bool)
-    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    return torch.empty_like(repeat).scatter_(1, order, ~repeat)
 
 
 class _ChunkedLinear:
@@ -236,7 +228,7 @@ class _ChunkedHeadBins(torch.autograd.Function):
                 torch.sum(z.sub_(peak.unsqueeze(1)).exp_(), dim=1, out=sums[index])
         top = peaks.amax(0)
         lse_rest = (sums * (peaks - top).exp()).sum(0).log() + top  # log 0 = -inf: an empty complement
-        first = _first_occurrence(ids)
+        first = first_occurrence(ids)
         lse = torch.logaddexp(lse_rest, torch.logsumexp(z_cols[:, :m].masked_fill(~first, NEG_INF), dim=1))
         log_q_cols = z_cols - lse.unsqueeze(1)
         # Outputs are fresh tensors, not views of log_q_cols (saved below): autograd forbids in-place use of views

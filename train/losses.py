@@ -183,7 +183,7 @@ def student_bins(
     return StudentBins(log_q_support, log_q_rest, lse, log_q_target)
 
 
-def _first_occurrence(ids: Tensor) -> Tensor:
+def first_occurrence(ids: Tensor) -> Tensor:
     """[N, m] bool: the first column of each distinct id in its row (a repeated id's mass counts once)."""
     ordered, order = ids.sort(dim=-1, stable=True)
     repeat = torch.zeros_like(ids, dtype=torch.bool)
@@ -217,7 +217,7 @@ class _DenseStudentBins(torch.autograd.Function):
         y.sub_(m_rest).exp_()
         lse_rest = y.sum(-1).log_() + m_rest.squeeze(-1)  # log 0 = -inf: empty rest bin
         z_support = z.gather(-1, ids)
-        lse_support = torch.logsumexp(z_support.masked_fill(~_first_occurrence(ids), NEG_INF), dim=-1)
+        lse_support = torch.logsumexp(z_support.masked_fill(~first_occurrence(ids), NEG_INF), dim=-1)
         lse = torch.logaddexp(lse_rest, lse_support)
         log_q_support = z_support - lse.unsqueeze(-1)
         log_q_target = None
