@@ -34,7 +34,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from train import fused, losses
+from bench.common import cpu_model
 
 CE_WEIGHT = 0.1
 # The logits path holds about this many [N, V] fp32 buffers at its peak (the logits, the complement copy and the
@@ -176,11 +176,7 @@ def plan_positions(n: int, vocab: int, d: int, max_seconds: float, flops: float,
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        names = re.findall(r"model name\s*:\s*(.*)", info.read_text())
-        cpu = names[0] if names else cpu
+    cpu = cpu_model()
     # Other work on the machine inflates CPU timings (the memory figures are exact): say how busy it was.
     load = os.getloadavg()[0]
     return f"{cpu}, {torch.get_num_threads()} threads, load average {load:.1f}, torch {torch.__version__} (CPU)"

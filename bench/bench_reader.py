@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shutil
 import tempfile
@@ -45,6 +44,7 @@ import numpy as np
 
 from cache.format import CacheRows, sha256_file, tokens_sha256, write_shard
 from cache.manifest import Manifest, ShardEntry, load_cache, shard_name
+from bench.common import cpu_model
 
 GOAL_TOKENS_PER_S = 1_000_000
 VOCAB = 49152  # SmolLM2's
@@ -212,12 +212,7 @@ def in_child(fn, *args, **kwargs):
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     import pyarrow
 
     load = " ".join(open("/proc/loadavg").read().split()[:3])

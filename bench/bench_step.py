@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch
 
 from train import losses
 from train.trainer import DistillConfig, batch_losses
+from bench.common import cpu_model
 
 KD_LOSSES = ("fkl", "taid", "atkd")
 BASELINE = "ce"
@@ -190,12 +190,7 @@ def profile_losses(batch: dict, vocab: int) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

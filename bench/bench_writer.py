@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cache.format import PARQUET_WRITE_OPTIONS, CacheRows, to_table, write_shard
+from bench.common import cpu_model
 
 K_MAX = 128
 SIZE_KS = (16, 50, 64, 128)
@@ -264,14 +265,7 @@ def fmt_rate(tokens_per_s: float) -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     import zstandard
 
     return (
