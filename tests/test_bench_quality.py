@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -87,3 +88,25 @@ def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_j
         for field in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob"):
             np.testing.assert_array_equal(getattr(ra, field), getattr(rb, field))
     assert [s.sha256 for s in derived.shards] == [s.sha256 for s in direct.shards]  # even the bytes
+
+
+def test_resume_keeps_the_caches_and_finished_runs(quick, teacher_dir, student_config, corpus_jsonl, heldout_jsonl):
+    _, out = quick
+    first = json.loads((out / "results.json").read_text())
+    interrupted = quality.runs_for(quality.QUICK)[-1]
+    (out / "runs" / interrupted.name / quality.SCORES_FILE).unlink()  # as if killed during the last run
+    material = quality.Material(str(teacher_dir), str(student_config), str(corpus_jsonl), str(heldout_jsonl))
+    settings = dataclasses.replace(quality.QUICK, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = quality.run_benchmark(material, settings, out, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["resumed"]["caches"] and interrupted.name not in report["resumed"]["runs"]
+    assert len(report["resumed"]["runs"]) == len(first["runs"]) - 1
+    assert report["caches"]["top64"]["build_seconds"] == first["caches"]["top64"]["build_seconds"]
+    for name, run in first["runs"].items():  # same seed, same batches: the rerun run scores the same
+        assert report["runs"][name]["kl"] == pytest.approx(run["kl"], rel=1e-4)
+    with pytest.raises(RuntimeError, match="without --resume"):
+        quality.run_benchmark(material, dataclasses.replace(settings, lr=2e-3), out, resume=True)
