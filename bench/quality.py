@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -126,13 +127,19 @@ class Run:
     loss: str  # a trainer loss, or DENSE
 
 
-def runs_for(settings: Settings) -> list[Run]:
+def runs_for(settings: Settings, only: Sequence[str] | None = None) -> list[Run]:
+    """Every run of the benchmark, or those named in ``only`` (in the benchmark's order)."""
     top = f"top{settings.top_k}"
     runs = [Run(f"{loss}-{top}", top, loss) for loss in ("ce", "fkl", "rkl", "sfkl", "taid", "atkd")]
     runs += [Run(f"fkl-top{k}", f"top{k}", "fkl") for k in settings.small_ks]
     runs += [Run(f"fkl-sampled{settings.sampled_k}", f"sampled{settings.sampled_k}", "fkl")]
     runs += [Run("dense-online", top, DENSE)]  # reads only input_ids from the cache: the same batches
-    return runs
+    if only is None:
+        return runs
+    unknown = sorted(set(only) - {run.name for run in runs})
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; choose from {[run.name for run in runs]}")
+    return [run for run in runs if run.name in only]
 
 
 def _log(message: str) -> None:
@@ -189,7 +196,9 @@ class Caches:
 def build_caches(material: Material, s: Settings, root: Path, resume: bool = False) -> Caches:
     top, sampled = f"top{s.top_k}", f"sampled{s.sampled_k}"
     names = [top, *(f"top{k}" for k in s.small_ks), sampled]
-    identity = json.loads(json.dumps({"material": dataclasses.asdict(material), "settings": dataclasses.asdict(s)}))
+    # The student plays no part in the caches: other students can reuse them (see --runs in the README).
+    data = {key: value for key, value in dataclasses.asdict(material).items() if key != "student"}
+    identity = json.loads(json.dumps({"material": data, "settings": dataclasses.asdict(s)}))
     record = root / BUILD_RECORD
     if resume and record.exists():
         saved = json.loads(record.read_text())
@@ -395,12 +404,21 @@ def train_run(run: Run, material: Material, caches: Caches, s: Settings, root: P
 # The benchmark
 
 
-def run_benchmark(material: Material, s: Settings, out: Path, keep_students: bool = False, resume: bool = False) -> dict:
+def run_benchmark(
+    material: Material,
+    s: Settings,
+    out: Path,
+    keep_students: bool = False,
+    resume: bool = False,
+    only: Sequence[str] | None = None,
+) -> dict:
     """Build the caches, train and score every run, plot; returns (and writes) results.json's content.
 
     ``resume``: keep the caches and the finished runs of an interrupted benchmark with the same material and
-    settings (their timings then come from another session: the report lists the runs kept).
+    settings (their timings then come from another session: the report lists the runs kept); the caches
+    are kept for another student too. ``only``: the names of the runs to train (default: all).
     """
+    runs = runs_for(s, only)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(s.device)
     started = time.perf_counter()
@@ -419,7 +437,7 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
     del student
 
     results, kept = {}, []
-    for run in runs_for(s):
+    for run in runs:
         done = out / "runs" / run.name / SCORES_FILE
         if resume and done.exists():
             results[run.name] = json.loads(done.read_text())
@@ -435,7 +453,7 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
         done.write_text(json.dumps(results[run.name], indent=1) + "\n")
         _log(f"  {json.dumps(results[run.name])}")
 
-    plot = plot_runs([out / "runs" / r.name for r in runs_for(s)], out / "eval_curves.png", ("eval_ce", "eval_kl", "eval_top1"))
+    plot = plot_runs([out / "runs" / r.name for r in runs], out / "eval_curves.png", ("eval_ce", "eval_kl", "eval_top1"))
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(device),
@@ -452,7 +470,8 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
         "sampled_support": sampled_support_stats(caches.train[f"sampled{s.sampled_k}"]),
         "reference": reference,
         "runs": results,
-        "speed": {**speed(results, caches, s), "params": params},
+        "speed": speed(results, caches, s),
+        "params": params,
         "plot": str(plot),
         "total_seconds": time.perf_counter() - started,
         "load_average": {**load, "end": os.getloadavg()[0]},
@@ -462,7 +481,10 @@ def run_benchmark(material: Material, s: Settings, out: Path, keep_students: boo
     return report
 
 
-def speed(results: dict, caches: Caches, s: Settings) -> dict:
+def speed(results: dict, caches: Caches, s: Settings) -> dict | None:
+    """Cached vs online step time and the cache's break-even; None unless both FKL runs were trained."""
+    if f"fkl-top{s.top_k}" not in results or "dense-online" not in results:
+        return None
     cached = results[f"fkl-top{s.top_k}"]["step_seconds"]
     online = results["dense-online"]["step_seconds"]
     cache_seconds = caches.build_seconds[f"top{s.top_k}"]
@@ -515,8 +537,7 @@ def resumed_note(resumed: dict) -> str:
 
 
 def format_report(r: dict) -> str:
-    s, sp = r["settings"], r["speed"]
-    params = sp["params"]
+    s, sp, params = r["settings"], r["speed"], r["params"]
     lines = [
         f"Date: {r['date']}. Machine: {r['machine']}; 1-minute load average {r['load_average']['start']:.1f} at the "
         f"start, {r['load_average']['end']:.1f} at the end. Total wall time {r['total_seconds'] / 60:.1f} min"
@@ -545,18 +566,10 @@ def format_report(r: dict) -> str:
         f"forward pass; ECE: {ECE_BINS} equal-width bins of the top-1 probability vs the true next token. "
         f"The trainer's KL is on the held-out cache's top-{s['top_k']} + rest bins (a lower bound of the full KL). "
         "s/step: median optimizer-step wall time; run s: the whole run with its evaluations and saves.",
-        "",
-        f"Speed: cached FKL step {sp['cached_step_seconds']:.2f} s, online dense-KD step "
-        f"{sp['online_step_seconds']:.2f} s: online/cached = {sp['online_over_cached']:.2f}x, with a teacher of "
-        f"{params['teacher'] / 1e6:.1f}M parameters and a student of {params['student'] / 1e6:.1f}M "
-        f"({params['teacher'] / params['student']:.1f}x). The top-{s['top_k']} cache cost "
-        f"{sp['cache_build_seconds']:.0f} s once ({sp['cache_teacher_tokens_per_s']:,.0f} teacher tokens/s, model "
-        "load included); "
-        + (
-            f"it pays for itself after {sp['break_even_runs']:.2f} student runs of {s['steps']} steps."
-            if sp["break_even_runs"] is not None
-            else "the online run was not slower here, so it never pays for itself in time."
-        ),
+    ]
+    if sp is not None:
+        lines += ["", speed_paragraph(sp, params, s)]
+    lines += [
         "",
         "| cache | support | k | tokens | bytes | B/token | build s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -579,6 +592,25 @@ def format_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_paragraph(sp: dict, params: dict, s: dict) -> str:
+    ratio = params["teacher"] / params["student"]
+    return (
+        f"Speed: cached FKL step {sp['cached_step_seconds']:.2f} s, online dense-KD step "
+        f"{sp['online_step_seconds']:.2f} s: online/cached = {sp['online_over_cached']:.2f}x, with a teacher of "
+        f"{params['teacher'] / 1e6:.1f}M parameters and a student of {params['student'] / 1e6:.1f}M "
+        f"({ratio:.1f}x). On compute alone the ratio is about 1 + {ratio:.1f}/3 = {1 + ratio / 3:.2f}x (a training "
+        "step costs ~3 student forwards, the online one adds a teacher forward; for these decoders the "
+        "parameter count is the per-token work). "
+        f"The top-{s['top_k']} cache cost {sp['cache_build_seconds']:.0f} s once "
+        f"({sp['cache_teacher_tokens_per_s']:,.0f} teacher tokens/s, model load included); "
+        + (
+            f"it pays for itself after {sp['break_even_runs']:.2f} student runs of {s['steps']} steps."
+            if sp["break_even_runs"] is not None
+            else "the online run was not slower here, so it never pays for itself in time."
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run; exit 1 unless KD beats CE-only")
@@ -592,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})")
     parser.add_argument("--keep-students", action="store_true", help="keep each run's final/ student")
     parser.add_argument("--resume", action="store_true", help="keep the caches and finished runs of an interrupted run")
+    parser.add_argument(
+        "--runs",
+        help="comma-separated run names to train (default: all): e.g. fkl-top64,dense-online for the speed "
+        "comparison alone; with --resume and a copy of caches/ in --out, another student reuses the caches",
+    )
     args = parser.parse_args(argv)
 
     given = [args.teacher, args.student, args.data, args.eval_data]
@@ -602,8 +639,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
     settings = dataclasses.replace(base, **overrides)
     out = args.out or Path("runs") / ("quality-quick" if args.quick else "quality")
+    only = args.runs.split(",") if args.runs else None
+    try:
+        runs_for(settings, only)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.quick and only is not None and not {f"ce-top{settings.top_k}", f"fkl-top{settings.top_k}"} <= set(only):
+        parser.error(f"--quick compares ce-top{settings.top_k} with fkl-top{settings.top_k}: keep both in --runs")
 
-    report = run_benchmark(material, settings, out, keep_students=args.keep_students, resume=args.resume)
+    report = run_benchmark(material, settings, out, keep_students=args.keep_students, resume=args.resume, only=only)
     text = format_report(report)
     (out / "report.md").write_text(text)
     print(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ def test_quick_mode_passes_and_reports_every_run(quick):
         assert run["tokens"] == report["reference"]["teacher"]["tokens"] > 0
         assert 0 <= run["ece"] <= 1 and 0 <= run["top1"] <= 1 and run["step_seconds"] > 0
     assert report["reference"]["teacher"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert "Speed: cached FKL step" in table and "On compute alone" in table
     assert (out / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Storage shrinks with k; every cache holds the same tokens.
     caches = report["caches"]
@@ -110,3 +112,27 @@ def test_resume_keeps_the_caches_and_finished_runs(quick, teacher_dir, student_c
         assert report["runs"][name]["kl"] == pytest.approx(run["kl"], rel=1e-4)
     with pytest.raises(RuntimeError, match="without --resume"):
         quality.run_benchmark(material, dataclasses.replace(settings, lr=2e-3), out, resume=True)
+
+
+def test_selected_runs_reuse_the_caches_for_another_student(quick, tmp_path, teacher_dir, corpus_jsonl, heldout_jsonl):
+    """--runs with --resume: another student trains on a copy of the caches, no teacher pass, no speed line."""
+    _, out = quick
+    first = json.loads((out / "results.json").read_text())
+    shutil.copytree(out / "caches", tmp_path / "caches")
+    # The teacher itself stands in for a second student: same tokenizer, another architecture size.
+    material = quality.Material(str(teacher_dir), str(teacher_dir), str(corpus_jsonl), str(heldout_jsonl))
+    settings = dataclasses.replace(quality.QUICK, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = quality.run_benchmark(material, settings, tmp_path, resume=True, only=["ce-top64"])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["resumed"]["caches"] and list(report["runs"]) == ["ce-top64"]
+    assert report["caches"]["top64"]["build_seconds"] == first["caches"]["top64"]["build_seconds"]
+    assert report["params"]["student"] == report["params"]["teacher"] != first["params"]["student"]
+    assert report["speed"] is None  # the speed comparison needs fkl-top64 and dense-online
+    text = quality.format_report(report)
+    assert "| ce-top64 |" in text and "| fkl-top64 |" not in text and "Speed:" not in text
+    with pytest.raises(ValueError, match="unknown runs"):
+        quality.runs_for(settings, ["fkl-top32"])
