@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this version writes
+READABLE_VERSIONS = (1, 2)  # what it reads: v2 only declared the list elements non-nullable
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the cache
@@ -34,17 +35,27 @@ TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the
 # and finer above; the loss computes in fp32 after decode.
 LOGPROB_DTYPE = np.float16
 
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("seq_id", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("loss_mask", pa.list_(pa.bool_()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
-        pa.field("target_logprob", pa.list_(pa.float16()), nullable=False),
-    ],
-    metadata={"kd_cache_format": str(FORMAT_VERSION)},
-)
+
+
+def _list_type(value_type: pa.DataType, version: int) -> pa.DataType:
+    # v2: non-nullable elements, so Parquet stores and decodes no definition level per value (one per row
+    # remains): the same bytes within 0.01%, ~1.45x faster decoding (bench/RESULTS.md, "Reader").
+    return pa.list_(pa.field("element", value_type, nullable=False)) if version >= 2 else pa.list_(value_type)
+
+
+def shard_schema(version: int = FORMAT_VERSION) -> pa.Schema:
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"unknown cache format version {version}")
+    columns = [("input_ids", pa.int32()), ("loss_mask", pa.bool_()), ("topk_ids", pa.int32()),
+               ("topk_logprobs", pa.float16()), ("target_logprob", pa.float16())]  # fmt: skip
+    return pa.schema(
+        [pa.field("seq_id", pa.int64(), nullable=False)]
+        + [pa.field(name, _list_type(value_type, version), nullable=False) for name, value_type in columns],
+        metadata={"kd_cache_format": str(version)},
+    )
+
+
+SHARD_SCHEMA = shard_schema()
 
 # Parquet settings, chosen by bench/bench_writer.py. Per-column options on list columns must name the
 # leaf path ("col.list.element"): the top-level name is silently ignored by pyarrow.
@@ -115,26 +126,27 @@ class CacheRows:
         return CacheRows(**{f: getattr(self, f)[start:stop] for f in CacheRows.__dataclass_fields__})
 
 
-def _list_array(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    """[B, ...] numpy → list<arrow_type> with one row per leading index, without per-element Python."""
+def _list_array(values: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
+    """[B, ...] numpy → a list array with one row per leading index, without per-element Python."""
     rows = values.shape[0]
     width = int(np.prod(values.shape[1:], dtype=np.int64))
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, type=pa.int32())
-    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=arrow_type)
-    return pa.ListArray.from_arrays(offsets, flat)
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=list_type.value_type)
+    return pa.ListArray.from_arrays(offsets, flat, type=list_type)
 
 
 def to_table(rows: CacheRows) -> pa.Table:
     """Encode rows for a shard. Log-probabilities are rounded to :data:`LOGPROB_DTYPE` here, once."""
     rows.validate()
-    columns = [
-        pa.array(rows.seq_ids.astype(np.int64, copy=False)),
-        _list_array(rows.input_ids.astype(np.int32, copy=False), pa.int32()),
-        _list_array(rows.loss_mask.astype(np.bool_, copy=False), pa.bool_()),
-        _list_array(rows.topk_ids.astype(np.int32, copy=False), pa.int32()),
-        _list_array(rows.topk_logprobs.astype(LOGPROB_DTYPE), pa.float16()),
-        _list_array(rows.target_logprob.astype(LOGPROB_DTYPE), pa.float16()),
-    ]
+    lists = {
+        "input_ids": rows.input_ids.astype(np.int32, copy=False),
+        "loss_mask": rows.loss_mask.astype(np.bool_, copy=False),
+        "topk_ids": rows.topk_ids.astype(np.int32, copy=False),
+        "topk_logprobs": rows.topk_logprobs.astype(LOGPROB_DTYPE),
+        "target_logprob": rows.target_logprob.astype(LOGPROB_DTYPE),
+    }
+    columns = [pa.array(rows.seq_ids.astype(np.int64, copy=False))]
+    columns += [_list_array(values, SHARD_SCHEMA.field(name).type) for name, values in lists.items()]
     return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
 
 

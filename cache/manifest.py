@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cache.format import FORMAT_VERSION, MANIFEST_NAME, SHARD_DIR, atomic_write_bytes
+from cache.format import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, SHARD_DIR, atomic_write_bytes
 
 
 class CacheError(Exception):
@@ -74,10 +74,10 @@ class Manifest:
     def from_json(text: str) -> "Manifest":
         raw = json.loads(text)
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheError(
                 f"cache format version {version} is not supported by this version of the tool "
-                f"(it reads version {FORMAT_VERSION})"
+                f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
         return Manifest(**raw)

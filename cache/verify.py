@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache.format import SHARD_DIR, SHARD_SCHEMA, from_record_batch, sha256_file, tail_mass
+from cache.format import SHARD_DIR, from_record_batch, sha256_file, shard_schema, tail_mass
 from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache
 
 # fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
@@ -37,7 +37,7 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
     vocab = m.tokenizer["vocab_size"]
     problems = []
     table = pq.read_table(path)
-    if table.schema.remove_metadata() != SHARD_SCHEMA.remove_metadata():
+    if table.schema.remove_metadata() != shard_schema(m.format_version).remove_metadata():
         return [f"{path}: schema differs from format v{m.format_version}: {table.schema}"]
     if table.num_rows != shard.rows:
         problems.append(f"{path}: {table.num_rows} rows, manifest says {shard.rows}")

@@ -275,3 +275,38 @@ def test_cli_cache_teacher_inspect_and_errors(tmp_path, teacher_dir, corpus_json
     assert missing.exit_code == 2 and "nope.jsonl" in missing.output
     bad_k = runner.invoke(app, args[:-1] + ["--top-k", "0"])
     assert bad_k.exit_code == 2 and "--top-k" in bad_k.output
+
+
+def test_format_v1_caches_still_read_verify_and_train(tmp_path, reference_cache, teacher_dir, corpus_jsonl):
+    """v2 only made the list elements non-nullable: a v1 cache (nullable elements, version 1 in its
+    manifest) decodes to the same arrays, verifies, and feeds the reader; resuming it is refused."""
+    from cache.format import PARQUET_WRITE_OPTIONS, SHARD_SCHEMA, sha256_file, shard_schema
+    from train.reader import CacheReader
+
+    assert all(not SHARD_SCHEMA.field(c).type.value_field.nullable for c in ("topk_ids", "topk_logprobs"))
+    info, rows = read_all(reference_cache)
+    old = tmp_path / "v1"
+    (old / SHARD_DIR).mkdir(parents=True)
+    manifest = json.loads((reference_cache / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    for entry in manifest["shards"]:
+        table = pq.read_table(reference_cache / entry["name"]).cast(shard_schema(1))
+        pq.write_table(table, old / entry["name"], row_group_size=info.manifest.row_group_rows, **PARQUET_WRITE_OPTIONS)
+        entry.update(sha256=sha256_file(old / entry["name"]), bytes=(old / entry["name"]).stat().st_size)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert pq.read_schema(old / manifest["shards"][0]["name"]).field("topk_ids").type.value_field.nullable
+
+    v1, v1_rows = read_all(old)
+    assert v1.manifest.format_version == 1
+    for name in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob"):
+        np.testing.assert_array_equal(getattr(v1_rows, name), getattr(rows, name))
+    assert verify_cache(old).ok
+    batch = next(iter(CacheReader(old, batch_size=4, shuffle=False)))
+    np.testing.assert_array_equal(batch["topk_ids"].numpy(), rows.topk_ids[:4])
+    with pytest.raises(CacheError, match="format_version"):
+        cache_teacher(config(teacher_dir, corpus_jsonl, old))
+
+    manifest["format_version"] = 3
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="reads versions 1, 2"):
+        load_cache(old)
