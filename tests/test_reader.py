@@ -25,9 +25,10 @@ def take(reader, n):
     return [next(it) for _ in range(n)]
 
 
-def test_one_epoch_sees_every_sequence_once_with_its_own_data(small_cache):
+@pytest.mark.parametrize("shuffle_rows", [1, 10])  # windows of one row group (views) and of several (a copy)
+def test_one_epoch_sees_every_sequence_once_with_its_own_data(small_cache, shuffle_rows):
     rows = all_rows(small_cache)
-    reader = CacheReader(small_cache, batch_size=7, seed=3, shuffle_rows=10)
+    reader = CacheReader(small_cache, batch_size=7, seed=3, shuffle_rows=shuffle_rows)
     batches = list(reader.iter_epoch(0))
     seen = torch.cat([b["seq_ids"] for b in batches]).numpy()
     assert sorted(seen.tolist()) == list(range(90))
@@ -40,7 +41,7 @@ def test_one_epoch_sees_every_sequence_once_with_its_own_data(small_cache):
         np.testing.assert_array_equal(b["topk_logprobs"].numpy(), rows.topk_logprobs[idx])
         np.testing.assert_array_equal(b["target_logprob"].numpy(), rows.target_logprob[idx])
         np.testing.assert_array_equal(b["target_mask"].numpy(), rows.loss_mask[idx, 1:])
-        assert b["input_ids"].dtype == torch.int64 and b["topk_ids"].dtype == torch.int64
+        assert b["input_ids"].dtype == torch.int64 and b["topk_ids"].dtype == torch.int32
         assert b["topk_logprobs"].dtype == torch.float16 and b["target_mask"].dtype == torch.bool
 
 

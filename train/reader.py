@@ -103,8 +103,9 @@ class CacheReader:
 
     Batches are dicts of CPU tensors (pinned if ``pin_memory``):
     input_ids [B, L] int64, target_mask [B, L-1] bool (which next-token targets count),
-    topk_ids [B, L-1, k] int64, topk_logprobs [B, L-1, k] float16, target_logprob [B, L-1] float16,
-    seq_ids [B] int64.
+    topk_ids [B, L-1, k] int32, topk_logprobs [B, L-1, k] float16, target_logprob [B, L-1] float16,
+    seq_ids [B] int64. ``topk_ids`` keeps the cache's int32, the largest array of a batch: indexing needs
+    int64, which the consumer makes on its device at half the host copy and transfer cost.
     """
 
     def __init__(
@@ -187,26 +188,15 @@ class CacheReader:
             raise CacheError(f"{path}: row group {chunk.row_group} has {table.num_rows} rows, expected {chunk.rows}")
         return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
 
-    def _to_batch(self, rows: CacheRows) -> dict[str, torch.Tensor]:
-        batch = {
-            "input_ids": torch.from_numpy(rows.input_ids.astype(np.int64)),
-            "target_mask": torch.from_numpy(np.ascontiguousarray(rows.loss_mask[:, 1:])),
-            "topk_ids": torch.from_numpy(rows.topk_ids.astype(np.int64)),
-            "topk_logprobs": torch.from_numpy(np.ascontiguousarray(rows.topk_logprobs)),
-            "target_logprob": torch.from_numpy(np.ascontiguousarray(rows.target_logprob)),
-            "seq_ids": torch.from_numpy(rows.seq_ids.astype(np.int64)),
-        }
-        if self.pin_memory:
-            batch = {key: value.pin_memory() for key, value in batch.items()}
-        return batch
+    def _read_window(self, window: Window) -> "_DecodedWindow":
+        return _DecodedWindow([self._read_chunk(self.chunks[i]) for i in window.chunks])
 
     def _produce(self, epoch: int, skip: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
         """Yield (batch, samples consumed after it) for this rank's slice of ``epoch``, from ``skip``."""
         start = self.rank * self.samples_per_rank + skip
         stop = (self.rank + 1) * self.samples_per_rank
         consumed = skip
-        pending: list[CacheRows] = []
-        pending_rows = 0
+        batch: _BatchBuilder | None = None
         offset = 0  # global position of the current window's first sample
         for window in self._windows(epoch):
             n = len(window.order)
@@ -216,22 +206,23 @@ class CacheReader:
                 if offset >= stop:
                     break
                 continue
-            data = CacheRows.concat([self._read_chunk(self.chunks[i]) for i in window.chunks])
+            data = None  # drop the previous window before decoding this one: one window in memory, not two
+            data = self._read_window(window)
             picks = window.order[lo - (offset - n) : hi - (offset - n)]
             taken = 0
             while taken < len(picks):
-                need = self.batch_size - pending_rows
-                part = picks[taken : taken + need]
-                pending.append(CacheRows(**{f: getattr(data, f)[part] for f in CacheRows.__dataclass_fields__}))
-                pending_rows += len(part)
+                if batch is None:
+                    batch = _BatchBuilder(self.batch_size, self.manifest.seq_len, self.manifest.k, self.pin_memory)
+                part = picks[taken : taken + batch.free]
+                batch.add(data, part)
                 taken += len(part)
-                if pending_rows == self.batch_size:
-                    consumed += pending_rows
-                    yield self._to_batch(CacheRows.concat(pending)), consumed
-                    pending, pending_rows = [], 0
-        if pending_rows:
-            consumed += pending_rows
-            yield self._to_batch(CacheRows.concat(pending)), consumed
+                if batch.free == 0:
+                    consumed += batch.rows
+                    yield batch.tensors(), consumed
+                    batch = None
+        if batch is not None:
+            consumed += batch.rows
+            yield batch.tensors(), consumed
 
     def iter_epoch(self, epoch: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over this rank's slice of ``epoch`` (no state change), prefetched in a thread."""
@@ -269,6 +260,64 @@ class CacheReader:
         if state["cache_fingerprint"] != self.info.fingerprint():
             raise CacheError("cannot resume the reader: the cache changed since the checkpoint")
         self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+class _DecodedWindow:
+    """A window's chunks as decoded (views of the arrow buffers where possible), never concatenated:
+    a window is up to a shard's worth of rows, and copying it cost more than everything else the reader
+    does (bench/RESULTS.md, "Reader")."""
+
+    def __init__(self, chunks: list[CacheRows]):
+        self.chunks = chunks
+        self.starts = np.cumsum([0] + [len(c.seq_ids) for c in chunks])  # window position of each chunk's row 0
+
+    def locate(self, positions: np.ndarray) -> Iterator[tuple[CacheRows, np.ndarray, np.ndarray]]:
+        """(chunk, its rows, indices into ``positions``) for each chunk that ``positions`` touch."""
+        chunk_of = np.searchsorted(self.starts, positions, side="right") - 1
+        for c in np.unique(chunk_of):
+            which = np.flatnonzero(chunk_of == c)
+            yield self.chunks[c], positions[which] - self.starts[c], which
+
+
+class _BatchBuilder:
+    """One batch's tensors, allocated once (pinned if asked) and filled by gathering rows straight from
+    the decoded chunks: one copy per value instead of gather, concatenate, convert and pin."""
+
+    def __init__(self, batch_size: int, seq_len: int, k: int, pin_memory: bool):
+        def empty(shape, dtype):
+            return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+
+        self.size, self.rows = batch_size, 0
+        self.input_ids = empty((batch_size, seq_len), torch.int64)
+        self.target_mask = empty((batch_size, seq_len - 1), torch.bool)
+        self.topk_ids = empty((batch_size, seq_len - 1, k), torch.int32)
+        self.topk_logprobs = empty((batch_size, seq_len - 1, k), torch.float16)
+        self.target_logprob = empty((batch_size, seq_len - 1), torch.float16)
+        self.seq_ids = empty((batch_size,), torch.int64)
+
+    @property
+    def free(self) -> int:
+        return self.size - self.rows
+
+    def add(self, window: _DecodedWindow, picks: np.ndarray) -> None:
+        """Append the rows at window positions ``picks``, in that order."""
+        for chunk, rows, which in window.locate(picks):
+            out = self.rows + which
+            for name in ("topk_ids", "topk_logprobs", "target_logprob", "input_ids", "seq_ids"):
+                getattr(self, name).numpy()[out] = getattr(chunk, name)[rows]  # ids widen to int64 here
+            self.target_mask.numpy()[out] = chunk.loss_mask[rows, 1:]
+        self.rows += len(picks)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        n = self.rows  # < size only for the last batch of a pass without drop_remainder
+        return {
+            "input_ids": self.input_ids[:n],
+            "target_mask": self.target_mask[:n],
+            "topk_ids": self.topk_ids[:n],
+            "topk_logprobs": self.topk_logprobs[:n],
+            "target_logprob": self.target_logprob[:n],
+            "seq_ids": self.seq_ids[:n],
+        }
 
 
 _DONE = object()

@@ -162,7 +162,7 @@ def load_student_tokenizer(spec: str, info: CacheInfo):
 # ------------------------------------------------------------------------------------------- losses
 def _teacher_at(batch: dict, input_ids: torch.Tensor, mask: torch.Tensor, device) -> losses.KDBatch:
     """The teacher data at the M trained positions (``mask``) of the batch."""
-    support_ids = batch["topk_ids"].to(device, non_blocking=True)[mask]
+    support_ids = batch["topk_ids"].to(device, non_blocking=True)[mask].long()  # the reader keeps int32
     return losses.KDBatch(
         support_ids=support_ids,
         teacher_logprobs=batch["topk_logprobs"].to(device, non_blocking=True)[mask],
