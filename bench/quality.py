@@ -4,7 +4,7 @@ One command caches a teacher, trains the same student with every loss and suppor
 each student against the live teacher on held-out text over the FULL vocabulary, and compares the cached
 runs with an online dense-KD run (teacher in the loop)::
 
-    python -m bench.quality                 # SmolLM2-135M -> its 6-layer cut on Moby Dick (~40 min, 2 CPU cores)
+    python -m bench.quality                 # SmolLM2-135M -> its 6-layer cut on Moby Dick (29 min on 2 idle CPU cores)
     python -m bench.quality --quick         # CI-sized smoke run; exits 1 unless KD beats CE-only on KL
     python -m bench.quality --teacher ID_OR_DIR --student ID_OR_DIR --data TRAIN --eval-data HELDOUT
 
@@ -94,8 +94,8 @@ class Settings:
 # ~20% of their mass at k=16, while 16 draws give 9.5 distinct ids and never overflow. So the sampled cache
 # stores k=16 from 16 draws: the top-16 cache's width, exactly unbiased.
 
-# Sized for ~40 minutes on 2 idle CPU cores: 10 runs x 48 steps of ~4 s (4 x 128 tokens, the dense run ~5.5 s)
-# plus two teacher passes over 24.6k tokens at ~380 tokens/s.
+# Measured 28.6 minutes on 2 idle CPU cores: 10 runs x 48 steps of ~2.2 s (4 x 128 tokens, the dense run ~5.3 s)
+# plus two teacher passes over 24.6k tokens at ~270 tokens/s (88 and 96 s).
 FULL = Settings()
 # CI-sized: seconds per run on the tiny test models, a few minutes on the real material.
 QUICK = Settings(seq_len=64, batch_size=4, steps=16, eval_sequences=4, eval_every=8, warmup_steps=2)
