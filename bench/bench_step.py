@@ -91,7 +91,7 @@ def synthetic_batch(batch: int, seq_len: int, k: int, vocab: int, seed: int = 0)
     reader_batch = {
         "input_ids": torch.cat([first, next_tokens.view(batch, seq_len)], dim=1),
         "target_mask": torch.ones(batch, seq_len, dtype=torch.bool),
-        "topk_ids": topk.indices.view(batch, seq_len, k),
+        "topk_ids": topk.indices.view(batch, seq_len, k).to(torch.int32),  # as the reader hands them over
         "topk_logprobs": topk.values.half().view(batch, seq_len, k),
         "target_logprob": teacher.gather(-1, next_tokens[:, None]).half().view(batch, seq_len),
         "seq_ids": torch.arange(batch),
@@ -136,9 +136,9 @@ def step_fns(model, batch: dict, names: tuple[str, ...]) -> dict[str, Callable[[
 
 
 def kd_batch(batch: dict) -> losses.KDBatch:
-    """The teacher side as trainer._student_forward builds it (every position trained here)."""
+    """The teacher side as trainer._teacher_at builds it (every position trained here)."""
     return losses.KDBatch(
-        support_ids=batch["topk_ids"],
+        support_ids=batch["topk_ids"].long(),  # as trainer._teacher_at widens them
         teacher_logprobs=batch["topk_logprobs"],
         mask=batch["target_mask"],
         target_ids=batch["input_ids"][:, 1:],
