@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -134,3 +136,16 @@ def student_config(tmp_path_factory) -> Path:
         num_key_value_heads=2, max_position_embeddings=256,
     ).save_pretrained(d)  # fmt: skip
     return d
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run tiny-model benchmarks on one intra-op thread. Models this small gain nothing from more, and on a busy
+    machine their synchronization costs more than the math: under load, 2 threads made such runs several times
+    slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

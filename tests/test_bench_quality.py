@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from bench import quality
 from cache.build import CacheConfig, cache_teacher
 from cache.format import from_record_batch
 from cache.manifest import load_cache
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, one_torch_thread
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +30,8 @@ def quick(tmp_path_factory, teacher_dir, student_config, corpus_jsonl, heldout_j
     out = tmp_path_factory.mktemp("quality")
     argv = ["--quick", "--teacher", str(teacher_dir), "--student", str(student_config), "--data", str(corpus_jsonl),
             "--eval-data", str(heldout_jsonl), "--out", str(out), "--device", "cpu"]  # fmt: skip
-    # Models this small gain nothing from intra-op threads, and on a busy machine their synchronization
-    # costs more than the math: under load, 2 threads made these runs several times slower than 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return quality.main(argv), out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_quick_mode_passes_and_reports_every_run(quick):
@@ -99,12 +92,8 @@ def test_resume_keeps_the_caches_and_finished_runs(quick, teacher_dir, student_c
     (out / "runs" / interrupted.name / quality.SCORES_FILE).unlink()  # as if killed during the last run
     material = quality.Material(str(teacher_dir), str(student_config), str(corpus_jsonl), str(heldout_jsonl))
     settings = dataclasses.replace(quality.QUICK, device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         report = quality.run_benchmark(material, settings, out, resume=True)
-    finally:
-        torch.set_num_threads(threads)
     assert report["resumed"]["caches"] and interrupted.name not in report["resumed"]["runs"]
     assert len(report["resumed"]["runs"]) == len(first["runs"]) - 1
     assert report["caches"]["top64"]["build_seconds"] == first["caches"]["top64"]["build_seconds"]
@@ -122,12 +111,8 @@ def test_selected_runs_reuse_the_caches_for_another_student(quick, tmp_path, tea
     # The teacher itself stands in for a second student: same tokenizer, another architecture size.
     material = quality.Material(str(teacher_dir), str(teacher_dir), str(corpus_jsonl), str(heldout_jsonl))
     settings = dataclasses.replace(quality.QUICK, device="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         report = quality.run_benchmark(material, settings, tmp_path, resume=True, only=["ce-top64"])
-    finally:
-        torch.set_num_threads(threads)
     assert report["resumed"]["caches"] and list(report["runs"]) == ["ce-top64"]
     assert report["caches"]["top64"]["build_seconds"] == first["caches"]["top64"]["build_seconds"]
     assert report["params"]["student"] == report["params"]["teacher"] != first["params"]["student"]

@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import bench_switch
 from cache.generate import MODES
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, one_torch_thread
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +20,8 @@ def quick(tmp_path_factory, teacher_dir, student_config, corpus_jsonl) -> tuple[
     out = tmp_path_factory.mktemp("switch")
     argv = ["--quick", "--teacher", str(teacher_dir), "--student", str(student_config), "--data", str(corpus_jsonl),
             "--eval-data", str(heldout), "--out", str(out), "--device", "cpu"]  # fmt: skip
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: intra-op threads only add synchronization
-    try:
+    with one_torch_thread():
         return bench_switch.main(argv), out
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_quick_run_reports_every_mode(quick):
