@@ -36,10 +36,9 @@ TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the
 LOGPROB_DTYPE = np.float16
 
 
-
 def _list_type(value_type: pa.DataType, version: int) -> pa.DataType:
     # v2: non-nullable elements, so Parquet stores and decodes no definition level per value (one per row
-    # remains): the same bytes within 0.01%, ~1.45x faster decoding (bench/RESULTS.md, "Reader").
+    # remains): the same bytes within 0.01%, 1.25-1.5x faster decoding across runs (bench/RESULTS.md, "Reader").
     return pa.list_(pa.field("element", value_type, nullable=False)) if version >= 2 else pa.list_(value_type)
 
 
