@@ -33,37 +33,44 @@ from cache.manifest import (
     shard_name,
     tokenizer_fingerprint,
 )
+from cache.options import option
 
 
 @dataclass
 class CacheConfig:
-    teacher: str
-    data: str
-    out: Path
-    top_k: int = 64
-    seq_len: int = 1024
-    text_field: str = "text"
-    messages_field: str = "messages"
-    split: str = "train"
-    backend: str = "auto"  # auto | hf | vllm
-    batch_size: int = 8
-    dtype: str = "auto"
-    device: str = "auto"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    tensor_parallel_size: int = 1
-    shard_tokens: int = 1 << 20
-    row_group_tokens: int = 1 << 16
-    max_tokens: int | None = None
-    max_sequences: int | None = None
-    worker_index: int = 0
-    num_workers: int = 1
-    overwrite: bool = False
-    progress: bool = True
-    support: str = "topk"  # topk | sampled (RS-KD importance sampling; HF backend)
-    num_samples: int = 64
-    sample_temperature: float = 1.0
-    sample_seed: int = 0
+    """Stage one's settings; each field with `option(...)` is also a `pipeline cache-teacher` option."""
+
+    teacher: str = option(help="Teacher model: a local HF directory or a hub id.")
+    data: str = option(
+        help="Dataset: .jsonl, .jsonl.zst, .parquet, .txt, a datasets.save_to_disk directory, or a folder/glob of files."
+    )
+    out: Path = option(help="Cache directory to create (or resume).")
+    top_k: int = option(64, "Teacher log-probabilities kept per position (the support).")
+    seq_len: int = option(1024, "Tokens per packed sequence (documents joined with EOS).")
+    text_field: str = option("text", "Record field holding plain text.")
+    messages_field: str = option("messages", "Record field holding chat messages; only assistant tokens are trained.")
+    split: str = option("train", "Split to read from a DatasetDict directory.")
+    backend: str = option("auto", "hf | vllm | auto (vLLM when CUDA and vllm are present, else HF).")
+    batch_size: int = option(8, "Sequences per teacher forward (HF backend).")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
+    device: str = option("auto", "HF backend device: auto | cpu | cuda | cuda:N.")
+    revision: str | None = option(None, "Hub revision of the teacher.")
+    trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per teacher).")
+    shard_tokens: int = option(1 << 20, "Tokens per shard file: the unit of crash-safety and resume.")
+    row_group_tokens: int = option(1 << 16, "Tokens per Parquet row group: bounds reader memory.")
+    max_tokens: int | None = option(None, "Stop after this many tokens of the stream.")
+    max_sequences: int | None = option(None, "Stop after this many sequences.")
+    worker_index: int = option(0, "This writer's index when several write one cache (one per GPU/node).")
+    num_workers: int = option(1, "Number of writers sharing the cache; each takes every n-th shard.")
+    overwrite: bool = option(False, "Delete an existing cache at --out instead of resuming it.")
+    progress: bool = option(True, "Show a progress bar.")
+    support: str = option(
+        "topk", "topk: the teacher's k most likely tokens. sampled: RS-KD importance samples (unbiased; HF backend)."
+    )
+    num_samples: int = option(64, "--support sampled: draws per position (distinct ids kept, at most --top-k).")
+    sample_temperature: float = option(1.0, "--support sampled: proposal r ∝ p^temperature (1: sample from p).")
+    sample_seed: int = option(0, "--support sampled: seed (draws depend only on it and the position).")
 
     def validate(self) -> None:
         if self.top_k < 1:

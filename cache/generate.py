@@ -67,6 +67,7 @@ from cache.data import iter_documents, source_fingerprint
 from cache.format import atomic_write_bytes
 from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.manifest import identity_diff, tokenizer_fingerprint
+from cache.options import option
 
 MODES = ("switch", "student", "teacher")
 DEFAULT_TAU0 = 0.5  # nats; our choice (the paper's value was not found), see the module docstring
@@ -80,28 +81,42 @@ class GenerateError(Exception):
 
 @dataclass
 class GenerateConfig:
-    prompts: str
-    out: Path
-    teacher: str | None = None
-    student: str | None = None
-    mode: str = "switch"  # switch | student | teacher
-    tau0: float = DEFAULT_TAU0
-    decay: float = DEFAULT_DECAY
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-    prompt_field: str = "prompt"
-    messages_field: str = "messages"
-    chat: bool = False  # render plain prompts as a single user turn with the chat template
-    split: str = "train"
-    max_prompts: int | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    """`pipeline generate`'s settings; each field with `option(...)` is also one of its options."""
+
+    prompts: str = option(
+        help="Prompts: any source cache-teacher reads (.jsonl, .parquet, ...) with a prompt field or chat messages."
+    )
+    out: Path = option(help="Output .jsonl (resumable: rerun to continue); OUT.meta.json records its settings.")
+    teacher: str | None = option(None, "Teacher: a local HF directory or a hub id (switch and teacher modes).")
+    student: str | None = option(None, "Student: a local HF directory or a hub id (switch and student modes).")
+    mode: str = option("switch", "switch: the student writes, the teacher steps in where JSD > tau_t | student | teacher.")
+    tau0: float = option(
+        DEFAULT_TAU0,
+        "SWITCH threshold at the first response token, in nats (JSD <= ln 2 = 0.693). Our default: the paper's "
+        "value was not found.",
+    )
+    decay: float = option(
+        DEFAULT_DECAY,
+        "lambda in tau_t = tau0*exp(-lambda*t), t = 0 at the first response token (0.1: the paper's decay factor "
+        "1/10 as reported by summaries of it).",
+    )
+    max_new_tokens: int = option(256, "Stop a response after this many tokens (or at EOS).")
+    temperature: float = option(0.0, "Sampling temperature; 0 is greedy.")
+    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens holding this mass.")
+    seed: int = option(0, "Seed; each prompt gets its own generator from (seed, prompt index).")
+    batch_size: int = option(8, "Prompts per batch (one batch is the unit of resume).")
+    prompt_field: str = option("prompt", "Record field holding a plain-text prompt.")
+    messages_field: str = option(
+        "messages", "Record field holding chat messages (rendered with the chat template; trailing assistant turns dropped)."
+    )
+    chat: bool = option(False, "Render plain prompts as a single user turn with the chat template.")
+    split: str = option("train", "Split to read from a DatasetDict directory.")
+    max_prompts: int | None = option(None, "Use only the first N prompts.")
+    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
+    device: str = option("auto", "Device of both models: auto | cpu | cuda | cuda:N.")
+    trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
+    overwrite: bool = option(False, "Delete an existing --out instead of resuming it.")
+    progress: bool = option(True, "Show a progress bar (prompts, tokens/s, teacher share).")
 
     @property
     def writers(self) -> tuple[str, ...]:

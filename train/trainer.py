@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from cache.format import TOKENIZER_DIR, fsync_dir
 from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
+from cache.options import option
 from train import fused, losses
 from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
@@ -31,43 +32,54 @@ FINAL_DIR = "final"
 
 @dataclass
 class DistillConfig:
-    student: str  # HF model dir/id (weights), or a config.json / dir with only a config (from scratch)
-    cache: Path
-    out: Path
-    loss: str = "fkl"
-    ce_weight: float = 0.0
-    skew_alpha: float = 0.1
-    js_beta: float = 0.5
-    atkd_alpha: float = 0.2
-    taid_t_start: float = 0.4
-    taid_t_end: float = 1.0
-    taid_alpha: float = 5e-4
-    taid_beta: float = 0.99
-    batch_size: int = 8  # sequences per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.01
+    """Stage two's settings; each field with `option(...)` is also a `pipeline distill` option."""
+
+    student: str = option(
+        help="Student: a HF model dir/id with weights, or a config (config.json, or a dir with only a config) to "
+        "train from scratch."
+    )
+    cache: Path = option(help="Teacher cache written by `pipeline cache-teacher`.")
+    out: Path = option(help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).")
+    loss: str = option("fkl", f"KD loss over the teacher's top-k + tail: {' | '.join(losses.LOSS_NAMES)}.")
+    ce_weight: float = option(0.0, "Weight of cross-entropy on the true next token added to the KD loss.")
+    skew_alpha: float = option(0.1, "Skew KL mixing α (DistiLLM) for sfkl/srkl.")
+    js_beta: float = option(0.5, "Mixture weight of the JS divergence.")
+    atkd_alpha: float = option(0.2, "ATKD weight of the easy tokens' diversity term.")
+    taid_t_start: float = option(0.4, "TAID initial interpolation t.")
+    taid_t_end: float = option(1.0, "TAID final t.")
+    taid_alpha: float = option(5e-4, "TAID adaptive step size α.")
+    taid_beta: float = option(0.99, "TAID momentum β of the relative loss change.")
+    batch_size: int = option(8, "Sequences per micro-batch per process.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    lr: float = option(1e-4, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.01, "AdamW weight decay (matrices only).")
     adam_betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0
-    max_steps: int | None = None
-    epochs: float = 1.0
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    shuffle_rows: int = 1024
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    eval_every: int = 200
-    eval_sequences: int = 64
-    eval_cache: Path | None = None
-    eval_at_start: bool = False
-    log_every: int = 10
-    resume: bool = False
-    allow_vocab_superset: bool = False
-    device: str = "auto"
-    progress: bool = True
-    fused_loss: bool = False  # the loss from hidden states in vocabulary chunks (train/fused.py): no [M, V] logits
+    warmup_steps: int = option(0, "Linear warmup steps before the cosine decay.")
+    max_steps: int | None = option(None, "Optimizer steps to train (overrides --epochs).")
+    epochs: float = option(1.0, "Passes over the cache when --max-steps is not given.")
+    grad_clip: float = option(1.0, "Clip the global gradient norm (0 disables).")
+    precision: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    seed: int = option(0, "Seed of the data order and of a from-scratch student's init.")
+    shuffle_rows: int = option(1024, "Shuffle window in sequences (rows of consecutive row groups).")
+    save_every: int = option(500, "Checkpoint every N optimizer steps (and at the end).")
+    keep_checkpoints: int = option(2, "Complete checkpoints to keep.")
+    eval_every: int = option(200, "Evaluate every N optimizer steps (and at the end).")
+    eval_sequences: int = option(64, "Sequences held out from the end of the cache for eval (0: none).")
+    eval_cache: Path | None = option(None, "Evaluate on this cache instead of a held-out part.")
+    eval_at_start: bool = option(False, "Also evaluate the untrained student (step 0).")
+    log_every: int = option(10, "Write metrics every N steps.")
+    resume: bool = option(False, "Continue from the latest complete checkpoint in --out.")
+    allow_vocab_superset: bool = option(False, "Accept a student tokenizer that extends the teacher's with the same ids.")
+    device: str = option("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N.")
+    progress: bool = option(True, "Show a progress bar.")
+    fused_loss: bool = option(
+        False,
+        "Compute the KD loss from the student's final hidden states in vocabulary chunks, never forming the "
+        "[tokens, vocab] logits: far less memory for large vocabularies, the same loss and gradients up to rounding, "
+        "one extra hidden-by-vocabulary product per step. Heads that are not a plain linear layer (logit soft-capping "
+        "or scaling) fall back to the full-logits loss with a message.",
+    )
 
     def validate(self) -> None:
         if self.loss not in losses.LOSS_NAMES:
