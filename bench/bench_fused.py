@@ -7,8 +7,8 @@ For each vocabulary size V and number of positions N, one forward + backward of 
 bins plus the CE term, as `pipeline distill --loss fkl --ce-weight 0.1` computes it) from hidden states h [N, d]
 and an output layer W [V, d], by both paths:
 
-- logits: ``z = h @ W.T`` ([N, V] fp32), then ``losses.kd_loss_parts(..., z)``: the trainer's default;
-- fused: ``fused.fused_student_bins(h, W, ...)`` in vocabulary chunks, then ``kd_loss_parts(..., student=bins)``.
+- logits: ``z = h @ W.T`` ([N, V] fp32), then the fkl loss on ``z``: the trainer's default;
+- fused: ``fused.fused_student_bins(h, W, ...)`` in vocabulary chunks, then the fkl loss on ``student=bins``.
 
 Peak extra memory is what the step allocates above its inputs (h, W and the teacher data), the gradients of h and
 W included (any path needs those: W's is V·d·4 bytes). On CUDA it is ``torch.cuda.max_memory_allocated``; on CPU
@@ -78,10 +78,10 @@ def make_inputs(n: int, vocab: int, d: int, k: int, device: torch.device, seed: 
 def loss_step(method: str, h, w, batch, chunk: int) -> float:
     """Forward + backward of the loss; returns the loss value."""
     if method == "logits":
-        out = losses.kd_loss_parts("fkl", batch, h @ w.T, ce_weight=CE_WEIGHT)
+        out = losses.build_loss("fkl", ce_weight=CE_WEIGHT)(batch, h @ w.T)
     else:
         bins = fused.fused_student_bins(h, w, batch.support_ids, batch.target_ids, chunk_size=chunk)
-        out = losses.kd_loss_parts("fkl", batch, student=bins, ce_weight=CE_WEIGHT)
+        out = losses.build_loss("fkl", ce_weight=CE_WEIGHT)(batch, student=bins)
     out.total.backward()
     return out.total.item()
 

@@ -4,7 +4,7 @@
                                [--threads N] [--loss-only] [--profile]
 
 Everything goes through the project's own code path, ``train.trainer.batch_losses`` with a
-``DistillConfig`` (student forward, ``losses.kd_loss_parts``), followed by what ``trainer.distill`` does
+``DistillConfig`` (student forward, the loss from ``losses.build_loss``), followed by what ``trainer.distill`` does
 per optimizer step: backward, gradient clipping, AdamW step, zero_grad. Only the loss name changes
 between the rows, so the ratio KD/CE is the whole price of distilling instead of pre-training.
 
@@ -25,7 +25,7 @@ Sections printed (Markdown tables for bench/RESULTS.md):
 1. Step time per loss: median (and min) over ``--repeats`` steps, the loss rows interleaved
    round-robin so that load from other processes hits every row alike; KD/CE is the median over rounds
    of the ratio to the ``ce`` step of the same round.
-2. The loss alone: forward + backward of ``losses.kd_loss_parts`` on fixed [N, V] logits, and of its
+2. The loss alone: forward + backward of the loss (``losses.build_loss(name)``) on fixed [N, V] logits, and of its
    student side (``losses.student_bins``, the only part that touches all V columns), which is
    where any KD overhead over CE must come from.
 
@@ -118,13 +118,13 @@ def step_fns(model, batch: dict, names: tuple[str, ...]) -> dict[str, Callable[[
     device = torch.device("cpu")
     autocast = torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=False)  # fp32, as on CPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.01)
-    taid_t = losses.TAIDSchedule().t
 
     def make(name: str) -> Callable[[], None]:
         cfg = DistillConfig(student="-", cache=Path("-"), out=Path("-"), loss=name)  # paths unused here
+        loss = losses.build_loss(name, cfg)
 
         def step() -> None:
-            parts = batch_losses(model, batch, cfg, taid_t if name == "taid" else None, device, autocast)
+            parts = batch_losses(model, batch, cfg, loss, device, autocast)
             parts.total.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -151,7 +151,6 @@ def loss_fns(batch: dict, vocab: int, names: tuple[str, ...]) -> dict[str, Calla
     teacher = kd_batch(batch)
     gen = torch.Generator().manual_seed(1)
     logits = (torch.randn(teacher.mask.numel(), vocab, generator=gen) * TEACHER_LOGIT_STD).requires_grad_(True)
-    taid_t = losses.TAIDSchedule().t
 
     def make(run: Callable[[], torch.Tensor]) -> Callable[[], None]:
         def fn() -> None:
@@ -161,7 +160,7 @@ def loss_fns(batch: dict, vocab: int, names: tuple[str, ...]) -> dict[str, Calla
         return fn
 
     fns = {
-        name: make(lambda name=name: losses.kd_loss_parts(name, teacher, logits, t=taid_t).total) for name in names
+        name: make(lambda loss=losses.build_loss(name): loss(teacher, logits).total) for name in names
     }
 
     def bins_only() -> torch.Tensor:

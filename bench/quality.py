@@ -345,7 +345,7 @@ def online_dense_kd(teacher):
     (``_student_forward``); only the source of the teacher distribution differs.
     """
 
-    def dense_batch_losses(model, batch, cfg, taid_t, device, autocast) -> losses.KDLossOutput:
+    def dense_batch_losses(model, batch, cfg, loss, device, autocast) -> losses.KDLossOutput:
         logits, cached = trainer._student_forward(model, batch, device, autocast)
         input_ids = batch["input_ids"].to(device)
         with torch.no_grad(), autocast:
@@ -354,7 +354,8 @@ def online_dense_kd(teacher):
         log_q = torch.log_softmax(logits, dim=-1)
         kd = losses.forward_kl(log_p, log_q).mean()  # positions are already the trained ones
         ce = losses.cross_entropy(log_q.gather(-1, cached.target_ids[:, None]).squeeze(-1)).mean()
-        return losses.KDLossOutput(kd + cfg.ce_weight * ce if cfg.ce_weight else kd, kd, ce)
+        soft_ce = losses.soft_cross_entropy(log_p, log_q.detach()).mean()
+        return losses.KDLossOutput(loss.combine(kd, ce), kd, ce, kd.detach(), soft_ce)
 
     original = trainer.batch_losses
     trainer.batch_losses = dense_batch_losses

@@ -13,11 +13,19 @@ from cache.format import TOKENIZER_DIR
 from cache.manifest import load_cache
 from train import fused, losses, trainer
 from train.fused import UnsplittableHead, fused_student_bins, lm_head_inputs
-from train.losses import LOSS_NAMES, KDBatch, kd_loss_parts, student_bins
+from train.losses import LOSS_NAMES, KDBatch, build_loss, student_bins
 from train.reader import CacheReader, plan_chunks
 
 F64 = torch.float64
-OPTIONS = dict(t=0.63, js_beta=0.5, skew_alpha=0.1, atkd_alpha=0.2, ce_weight=0.3)
+OPTIONS = dict(js_beta=0.5, skew_alpha=0.1, atkd_alpha=0.2, ce_weight=0.3)
+
+
+def make_loss(name, **options):
+    """The registered loss ``name`` with OPTIONS (and ``options``); TAID's t set to 0.63."""
+    loss = build_loss(name, **{**OPTIONS, **options})
+    if name == "taid":
+        loss.load_state_dict({"t": 0.63, "m": 0.0, "prev_loss": None})
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,21 +66,22 @@ def make_case(n=9, v=20, d=6, k=5, seed=0, dtype=F64, *, cover=False, repeat=Fal
     return h, w, b, batch
 
 
-def logits_path(name, h, w, b, batch):
-    return kd_loss_parts(name, batch, F.linear(h, w, b), **OPTIONS).total
+def logits_path(loss, h, w, b, batch):
+    return loss(batch, F.linear(h, w, b)).total
 
 
-def fused_path(name, h, w, b, batch, chunk):
+def fused_path(loss, h, w, b, batch, chunk):
     bins = fused_student_bins(
-        h, w, batch.support_ids, batch.target_ids, bias=b, include_target=name == "atkd", chunk_size=chunk
+        h, w, batch.support_ids, batch.target_ids, bias=b, include_target=loss.needs_target_column, chunk_size=chunk
     )
-    return kd_loss_parts(name, batch, student=bins, **OPTIONS).total
+    return loss(batch, student=bins).total
 
 
-def assert_same(name, case, chunk, tol):
+def assert_same(name, case, chunk, tol, **options):
     h, w, b, batch = case
-    want = logits_path(name, h, w, b, batch)
-    got = fused_path(name, h, w, b, batch, chunk)
+    loss = make_loss(name, **options)
+    want = logits_path(loss, h, w, b, batch)
+    got = fused_path(loss, h, w, b, batch, chunk)
     assert torch.isfinite(want)
     assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item())), (got.item(), want.item())
     for g_got, g_want in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(want, (h, w, b))):
@@ -88,6 +97,25 @@ def assert_same(name, case, chunk, tol):
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_every_loss_matches_the_logits_path(name, chunk):
     assert_same(name, make_case(seed=1), chunk, tol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_loss_at_a_temperature_matches_the_logits_path(name, temperature):
+    assert_same(name, make_case(seed=11), chunk=7, tol=1e-10, temperature=temperature)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_reported_kl_and_soft_ce_match_the_logits_path(name):
+    h, w, b, batch = make_case(seed=12)
+    loss = make_loss(name, temperature=1.5)
+    want = loss(batch, F.linear(h, w, b))
+    bins = fused_student_bins(
+        h, w, batch.support_ids, batch.target_ids, bias=b, include_target=loss.needs_target_column, chunk_size=6
+    )
+    got = loss(batch, student=bins)
+    for key in ("kd", "ce", "kl", "soft_ce"):
+        assert abs(getattr(got, key).item() - getattr(want, key).item()) < 1e-10, key
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -190,9 +218,10 @@ def test_gradcheck(with_valid):
 def test_autocast_matches_the_logits_path_under_autocast():
     h, w, b, batch = make_case(n=32, v=200, d=16, k=8, seed=10, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = kd_loss_parts("fkl", batch, F.linear(h, w, b).float(), **OPTIONS).total
+        loss = make_loss("fkl")
+        want = loss(batch, F.linear(h, w, b).float()).total
         bins = fused_student_bins(h, w, batch.support_ids, batch.target_ids, bias=b, chunk_size=48)
-        got = kd_loss_parts("fkl", batch, student=bins, **OPTIONS).total
+        got = loss(batch, student=bins).total
     assert bins.lse.dtype == torch.float32
     assert abs(got.item() - want.item()) < 1e-4 * max(1.0, abs(want.item()))
     for g_got, g_want in zip(torch.autograd.grad(got, (h, w, b)), torch.autograd.grad(want, (h, w, b))):
@@ -323,7 +352,8 @@ def test_batch_losses_and_gradients_equal_the_logits_path(small_cache, tied_stud
             student="", cache=Path(), out=Path(), loss=loss, ce_weight=0.2, fused_loss=fused_loss
         )
         model.zero_grad()
-        parts = trainer.batch_losses(model, batch, cfg, 0.63, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        loss_fn = make_loss(loss, ce_weight=0.2)
+        parts = trainer.batch_losses(model, batch, cfg, loss_fn, torch.device("cpu"), torch.autocast("cpu", enabled=False))
         parts.total.backward()
         results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (want, want_grads), (got, got_grads) = results
@@ -375,5 +405,5 @@ def test_eval_on_the_fused_path_matches(small_cache, tied_student, monkeypatch):
     monkeypatch.setattr(trainer, "EVAL_BLOCK_ELEMENTS", 320 * 40)  # 40 positions per block: several per batch
     got = trainer.evaluate(model, reader, torch.device("cpu"), autocast, trainer.Dist(), fused_loss=True)
     assert got["eval_tokens"] == want["eval_tokens"] > 0
-    for key in ("eval_ce", "eval_kl", "eval_top1"):
+    for key in ("eval_ce", "eval_kl", "eval_soft_ce", "eval_top1"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from cache.format import tail_mass
 from train.losses import (
-    KD_LOSS_NAMES,
     LOSS_NAMES,
     KDBatch,
     StudentBins,
@@ -17,19 +17,20 @@ from train.losses import (
     atkd_hard_mask,
     atkd_loss,
     atkd_terms,
+    build_loss,
+    coarse_bins,
     forward_kl,
     join_bins,
-    kd_loss,
-    kd_loss_parts,
     masked_mean,
     student_bin_logprobs,
     student_bins,
+    taid_kl,
     taid_target,
     teacher_bin_logprobs,
 )
 
 F64 = torch.float64
-ALL = list(KD_LOSS_NAMES)
+ALL = ["taid", "fkl", "rkl", "js", "sfkl", "srkl", "tvd", "atkd"]  # every distilling loss, each with a reference
 T_TAID = 0.63
 BETA_JS = 0.5
 ALPHA_SKEW = 0.1
@@ -59,7 +60,14 @@ def ref_per_position(name, P, Q):
     if name == "taid":
         Pt = torch.softmax((1 - T_TAID) * Q.detach().log() + T_TAID * P.log(), dim=-1)
         return ref_kl(Pt, Q)
+    if name == "tvd":
+        return 0.5 * (P - Q).abs().sum(-1)
     raise KeyError(name)
+
+
+def ref_temper(P, T):
+    """A distribution over its last dim at temperature T: P^(1/T), renormalized."""
+    return torch.softmax(P.log() / T, dim=-1)
 
 
 def ref_atkd_terms_row(P, Q, g):
@@ -125,9 +133,22 @@ def batch_of(c, p_rest=None):
     )
 
 
+def make_loss(name, t=T_TAID, **options):
+    """The registered loss ``name`` with these options (others' ignored); TAID's schedule state set to ``t``."""
+    loss = build_loss(name, **options)
+    if name == "taid":  # its t is schedule state: start it at t
+        loss.load_state_dict({"t": t, "m": 0.0, "prev_loss": None})
+    return loss
+
+
+def kd(name, batch, z=None, *, student=None, t=T_TAID, **options):
+    """The loss's output (KDLossOutput) on a batch."""
+    return make_loss(name, t=t, **options)(batch, z, student=student)
+
+
 def loss_of(name, c, z=None, p_rest=None, **kw):
-    return kd_loss(name, batch_of(c, p_rest), c["z"] if z is None else z, t=T_TAID, js_beta=BETA_JS,
-                   skew_alpha=ALPHA_SKEW, atkd_alpha=ALPHA_ATKD, **kw)
+    options = dict(js_beta=BETA_JS, skew_alpha=ALPHA_SKEW, atkd_alpha=ALPHA_ATKD, **kw)
+    return kd(name, batch_of(c, p_rest), c["z"] if z is None else z, **options).total
 
 
 def coarse(prob, c):
@@ -135,7 +156,7 @@ def coarse(prob, c):
     return torch.cat([prob.gather(-1, c["ids"]), (prob * c["compl"]).sum(-1, keepdim=True)], -1)
 
 
-def ref_atkd_coarse(P_dense, Q_dense, c):
+def ref_atkd_coarse(P_dense, Q_dense, c, T=1.0):
     """ATKD reference on the bins S ∪ {g} ∪ rest, built row by row from the dense distributions."""
     tk, dk = [], []
     for i in range(P_dense.shape[0]):
@@ -149,22 +170,28 @@ def ref_atkd_coarse(P_dense, Q_dense, c):
         Q = torch.cat([Q_dense[i, ids], Q_dense[i, ~inside].sum().view(1)])
         if P[-1] == 0 and Q[-1] == 0:  # the complement is empty: no rest bin
             P, Q = P[:-1], Q[:-1]
+        if T != 1.0:
+            P, Q = ref_temper(P, T), ref_temper(Q, T)
         t, d = ref_atkd_terms_row(P, Q, ids.index(g))
         tk.append(t)
         dk.append(d)
     return torch.stack(tk), torch.stack(dk)
 
 
-def reference(name, c, P_dense, Q_dense, coarse_grain):
+def reference(name, c, P_dense, Q_dense, coarse_grain, T=1.0):
+    """The loss from the formulas; at temperature T the bins are tempered (each side's bin distribution to the
+    power 1/T, renormalized; with k = V simply softmax(z / T)) and the value scaled by T²."""
     if name == "atkd":
         if coarse_grain:
-            tkd, dkd = ref_atkd_coarse(P_dense, Q_dense, c)
+            tkd, dkd = ref_atkd_coarse(P_dense, Q_dense, c, T)
         else:
-            rows = [ref_atkd_terms_row(P_dense[i], Q_dense[i], int(c["targets"][i])) for i in range(len(P_dense))]
+            P, Q = ref_temper(P_dense, T), ref_temper(Q_dense, T)
+            rows = [ref_atkd_terms_row(P[i], Q[i], int(c["targets"][i])) for i in range(len(P))]
             tkd, dkd = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
-        return ref_atkd(tkd, dkd, -torch.expm1(c["tlp"]), c["mask"])
+        # UNC is the teacher's as cached (T = 1), whatever the temperature.
+        return T * T * ref_atkd(tkd, dkd, -torch.expm1(c["tlp"]), c["mask"])
     P, Q = (coarse(P_dense, c), coarse(Q_dense, c)) if coarse_grain else (P_dense, Q_dense)
-    return ref_masked_mean(ref_per_position(name, P, Q), c["mask"])
+    return T * T * ref_masked_mean(ref_per_position(name, ref_temper(P, T), ref_temper(Q, T)), c["mask"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,7 +213,7 @@ def test_k_equals_v_matches_dense(name):
 
 def test_k_equals_v_ce_matches_dense():
     c = make_case(n=9, v=13, k=13, seed=2)
-    parts = kd_loss_parts("fkl", batch_of(c), c["z"], ce_weight=0.3)
+    parts = kd("fkl", batch_of(c), c["z"], ce_weight=0.3)
     ce_ref = ref_masked_mean(-torch.log_softmax(c["z"], -1).gather(-1, c["targets"][:, None]).squeeze(-1), c["mask"])
     assert abs(parts.ce.item() - ce_ref.item()) < 1e-12
     assert abs(parts.total.item() - (parts.kd + 0.3 * parts.ce).item()) < 1e-12
@@ -316,8 +343,8 @@ def test_fused_path_bins_give_same_loss():
     for name in ALL:
         sb = student_bins(c["z"], c["ids"], c["targets"], include_target=(name == "atkd"))
         sb = StudentBins(*(None if x is None else x.detach() for x in sb))
-        a = kd_loss(name, batch_of(c), student=sb, t=T_TAID, ce_weight=0.5)
-        b = kd_loss(name, batch_of(c), c["z"], t=T_TAID, ce_weight=0.5)
+        a = kd(name, batch_of(c), student=sb, ce_weight=0.5).total
+        b = kd(name, batch_of(c), c["z"], ce_weight=0.5).total
         assert abs(a.item() - b.item()) < 1e-12
 
 
@@ -327,7 +354,7 @@ def test_leading_dims_are_flattened():
     b = batch_of(c)
     shaped = KDBatch(b.support_ids.view(2, 4, 4), b.teacher_logprobs.view(2, 4, 4), b.mask.view(2, 4),
                      b.target_ids.view(2, 4), b.teacher_target_logprob.view(2, 4))
-    assert abs(kd_loss("fkl", shaped, c["z"].view(2, 4, 10)).item() - flat.item()) < 1e-12
+    assert abs(kd("fkl", shaped, c["z"].view(2, 4, 10)).total.item() - flat.item()) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +434,7 @@ def test_atkd_hand_computed():
         teacher_target_logprob=torch.log(torch.tensor([0.3], dtype=F64)),
         p_rest=torch.tensor([0.35], dtype=F64),
     )
-    full = kd_loss("atkd", batch, log_q.clone(), atkd_alpha=0.2)
+    full = kd("atkd", batch, log_q.clone(), atkd_alpha=0.2).total
     assert abs(full.item() - 0.8 * (tkd + dkd)) < 1e-12
 
 
@@ -499,7 +526,7 @@ def test_fp16_teacher_logprobs_summing_above_one():
     batch = KDBatch(ids, lp16, torch.ones(n, dtype=torch.bool), targets, lp.gather(-1, targets[:, None]).squeeze(-1).half())
     for name in ALL:
         z = torch.randn(n, v, generator=gen, requires_grad=True)
-        out = kd_loss(name, batch, z, t=0.5, ce_weight=0.1)
+        out = kd(name, batch, z, t=0.5, ce_weight=0.1).total
         (g,) = torch.autograd.grad(out, z)
         assert torch.isfinite(out) and torch.isfinite(g).all(), name
         assert out.item() > -1e-5, name  # no visibly negative divergence from the excess mass
@@ -519,12 +546,12 @@ def test_taid_endpoints():
     """t = 0: the target is q itself (loss 0); t = 1: TAID is forward KL."""
     c = make_case(n=6, v=9, k=4, seed=17)
     b = batch_of(c, c["p_rest64"])
-    assert abs(kd_loss("taid", b, c["z"], t=0.0).item()) < 1e-12
-    assert abs(kd_loss("taid", b, c["z"], t=1.0).item() - kd_loss("fkl", b, c["z"]).item()) < 1e-12
+    assert abs(kd("taid", b, c["z"], t=0.0).kd.item()) < 1e-12
+    assert abs(kd("taid", b, c["z"], t=1.0).kd.item() - kd("fkl", b, c["z"]).kd.item()) < 1e-12
     # with a zero teacher tail, t = 0 still gives exactly q (0·log 0 = 0) and t = 1 stays finite
     zero = torch.zeros(6, dtype=F64)
-    assert abs(kd_loss("taid", batch_of(c, zero), c["z"], t=0.0).item()) < 1e-12
-    assert torch.isfinite(kd_loss("taid", batch_of(c, zero), c["z"], t=1.0))
+    assert abs(kd("taid", batch_of(c, zero), c["z"], t=0.0).kd.item()) < 1e-12
+    assert torch.isfinite(kd("taid", batch_of(c, zero), c["z"], t=1.0).kd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -532,11 +559,8 @@ def test_taid_endpoints():
 
 
 def test_bad_name_lists_valid_names():
-    c = make_case(n=4, v=6, k=2, seed=18)
-    with pytest.raises(ValueError, match="taid, fkl, rkl, js, sfkl, srkl, atkd"):
-        kd_loss("kl", batch_of(c), c["z"])
-    with pytest.raises(ValueError, match="needs t"):
-        kd_loss("taid", batch_of(c), c["z"])
+    with pytest.raises(ValueError, match="taid, fkl, rkl, js, sfkl, srkl, tvd, atkd, ce"):
+        build_loss("kl")
 
 
 def test_join_bins_empties_teacher_rest_only_when_student_rest_is_empty():
@@ -625,12 +649,183 @@ def test_mixture_weights_are_passed_through():
     beta, alpha = 0.2, 0.35
     M = beta * P + (1 - beta) * Q
     want_js = ref_masked_mean(beta * ref_kl(P, M) + (1 - beta) * ref_kl(Q, M), c["mask"])
-    assert abs(kd_loss("js", b, c["z"], js_beta=beta).item() - want_js.item()) < 1e-10
+    assert abs(kd("js", b, c["z"], js_beta=beta).kd.item() - want_js.item()) < 1e-10
     want_s = ref_masked_mean(ref_kl(P, alpha * P + (1 - alpha) * Q), c["mask"])
-    assert abs(kd_loss("sfkl", b, c["z"], skew_alpha=alpha).item() - want_s.item()) < 1e-10
+    assert abs(kd("sfkl", b, c["z"], skew_alpha=alpha).kd.item() - want_s.item()) < 1e-10
     want_sr = ref_masked_mean(ref_kl(Q, (1 - alpha) * P + alpha * Q), c["mask"])
-    assert abs(kd_loss("srkl", b, c["z"], skew_alpha=alpha).item() - want_sr.item()) < 1e-10
-    tt = torch.rand(8, dtype=F64)  # a per-position t broadcasts too
+    assert abs(kd("srkl", b, c["z"], skew_alpha=alpha).kd.item() - want_sr.item()) < 1e-10
+    tt = torch.rand(8, dtype=F64)  # a per-position t broadcasts too (taid_kl itself; the loss holds one t)
     Pt = torch.softmax((1 - tt[:, None]) * Q.log() + tt[:, None] * P.log(), -1)
     want_t = ref_masked_mean(ref_kl(Pt, Q), c["mask"])
-    assert abs(kd_loss("taid", b, c["z"], t=tt).item() - want_t.item()) < 1e-10
+    bins = coarse_bins(student_bins(c["z"], b.support_ids), b)
+    assert abs(masked_mean(taid_kl(bins.log_p, bins.log_q, t=tt), b.mask).item() - want_t.item()) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Temperature, and the numbers every loss reports beside its own
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("name", ALL)
+def test_temperature_k_equals_v_is_the_dense_tempered_loss(name, temperature):
+    """k = V, p_rest = 0: T²·D(softmax(log p / T), softmax(z / T)) over the vocabulary, value and gradient."""
+    c = make_case(n=9, v=13, k=13, seed=21)
+    got = loss_of(name, c, p_rest=torch.zeros(9, dtype=F64), temperature=temperature)
+    z_ref = c["z"].detach().clone().requires_grad_(True)
+    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=False, T=temperature)
+    assert abs(got.item() - want.item()) < 1e-10
+    (g_got,) = torch.autograd.grad(got, c["z"])
+    (g_want,) = torch.autograd.grad(want, z_ref)
+    assert torch.allclose(g_got, g_want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+@pytest.mark.parametrize("name", ALL)
+def test_temperature_k_less_than_v_tempers_the_bins(name, temperature):
+    """k < V: the k+1 bins (the tail one category) tempered on both sides, then the loss, times T²."""
+    c = make_case(n=10, v=17, k=5, seed=22)
+    z_ref = c["z"].detach().clone().requires_grad_(True)
+    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=True, T=temperature)
+    got = loss_of(name, c, p_rest=c["p_rest64"], temperature=temperature)
+    assert abs(got.item() - want.item()) < 1e-10
+    (g_got,) = torch.autograd.grad(got, c["z"])
+    (g_want,) = torch.autograd.grad(want, z_ref)
+    assert torch.allclose(g_got, g_want, atol=1e-10, rtol=0)
+
+
+def test_temperature_one_is_exactly_the_untempered_loss():
+    c = make_case(n=8, v=12, k=4, seed=23)
+    for name in ALL:
+        assert loss_of(name, c, temperature=1.0).item() == loss_of(name, c).item()
+
+
+def test_tempered_loss_is_not_the_tempered_coarse_graining():
+    """The documented choice: with k < V the tail bin is tempered as one category, so the loss differs from
+    coarse-graining softmax(z / T) (the sum of tempered tail tokens), which the cache cannot know."""
+    c = make_case(n=6, v=17, k=4, seed=24)
+    T = 2.0
+    got = loss_of("fkl", c, p_rest=c["p_rest64"], temperature=T)
+    P = coarse(ref_temper(c["logp"].exp(), T), c)
+    Q = coarse(ref_temper(torch.softmax(c["z"], -1), T), c)
+    other = T * T * ref_masked_mean(ref_kl(P, Q), c["mask"])
+    assert abs(got.item() - other.item()) > 1e-3
+
+
+@pytest.mark.parametrize("name", ALL + ["ce"])
+@pytest.mark.parametrize("k", [5, 17])
+def test_every_loss_reports_kl_and_soft_ce_at_temperature_one(name, k):
+    """kl = KL(p‖q) on the k+1 bins and soft_ce = -Σ p log q = kl + H(p), whatever the loss and T."""
+    c = make_case(n=10, v=17, k=k, seed=25)
+    out = kd(name, batch_of(c, c["p_rest64"]), c["z"], temperature=1.7, js_beta=BETA_JS)
+    P, Q = coarse(c["logp"].exp(), c), coarse(torch.softmax(c["z"], -1), c)
+    keep = P > 0
+    kl = ref_masked_mean(torch.where(keep, P * (P.log() - Q.log()), 0.0).sum(-1), c["mask"])
+    soft_ce = ref_masked_mean(-torch.where(keep, P * Q.log(), 0.0).sum(-1), c["mask"])
+    entropy = ref_masked_mean(-torch.where(keep, P * P.log(), 0.0).sum(-1), c["mask"])
+    assert abs(out.kl.item() - kl.item()) < 1e-10
+    assert abs(out.soft_ce.item() - soft_ce.item()) < 1e-10
+    assert abs(out.soft_ce.item() - (out.kl + entropy).item()) < 1e-10
+    assert not out.kl.requires_grad and not out.soft_ce.requires_grad  # metrics: no gradient
+    ce = ref_masked_mean(-torch.log_softmax(c["z"], -1).gather(-1, c["targets"][:, None]).squeeze(-1), c["mask"])
+    assert abs(out.ce.item() - ce.item()) < 1e-12  # CE on the true token stays at T = 1
+
+
+def test_ce_baseline_trains_on_ce_only():
+    c = make_case(n=8, v=12, k=4, seed=26)
+    out = kd("ce", batch_of(c), c["z"], ce_weight=0.4, temperature=3.0)
+    assert out.kd.item() == 0.0 and out.total.item() == out.ce.item()
+    assert out.kl.item() > 0
+
+
+def test_tvd_by_hand():
+    p, q = [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]
+    batch = KDBatch(
+        support_ids=torch.tensor([[0, 1]]), teacher_logprobs=torch.log(torch.tensor([p[:2]], dtype=F64)),
+        mask=torch.ones(1, dtype=torch.bool), p_rest=torch.tensor([0.2], dtype=F64),
+    )  # fmt: skip
+    logits = torch.log(torch.tensor([[0.2, 0.3, 0.25, 0.25]], dtype=F64))  # the rest bin holds 0.5 over two ids
+    assert abs(kd("tvd", batch, logits).kd.item() - 0.3) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The contract: registry, options, state
+
+
+def test_every_registered_loss_has_a_reference_here():
+    """A new loss is one class in train/losses.py plus its reference in this file."""
+    assert set(LOSS_NAMES) == set(ALL) | {"ce"}
+
+
+def test_options_come_from_a_config_and_are_checked():
+    from train.trainer import DistillConfig
+
+    cfg = DistillConfig(student="s", cache=Path("c"), out=Path("o"), js_beta=0.3, skew_alpha=0.25, temperature=2.0)
+    assert build_loss("js", cfg).options.js_beta == 0.3
+    sfkl = build_loss("sfkl", cfg)
+    assert (sfkl.options.skew_alpha, sfkl.options.temperature) == (0.25, 2.0)
+    assert not hasattr(sfkl.options, "js_beta")  # each loss sees its own options only
+    assert build_loss("js", {"js_beta": 0.4}).options.js_beta == 0.4
+    with pytest.raises(TypeError, match="unknown loss options"):
+        build_loss("js", jsbeta=0.4)
+    for name, bad, flag in [("js", dict(js_beta=1.0), "--js-beta"), ("sfkl", dict(skew_alpha=0.0), "--skew-alpha"),
+                            ("atkd", dict(atkd_alpha=2.0), "--atkd-alpha"), ("fkl", dict(temperature=0.0), "--temperature"),
+                            ("fkl", dict(ce_weight=-1.0), "--ce-weight"), ("taid", dict(taid_t_start=1.5), "--taid-t-start")]:  # fmt: skip
+        with pytest.raises(ValueError, match=flag):
+            build_loss(name, **bad)
+        with pytest.raises(ValueError, match=flag):
+            DistillConfig(student="s", cache=Path("c"), out=Path("o"), loss=name, **bad).validate()
+
+
+def test_distill_config_declares_every_option_once_with_help():
+    import dataclasses
+
+    from train.losses import LOSSES, loss_help
+    from train.trainer import DistillConfig
+
+    config_fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    for cls in LOSSES.values():
+        for f in dataclasses.fields(cls.Options):
+            assert config_fields[f.name] is f or config_fields[f.name].default == f.default
+            assert f.metadata["help"], f.name
+    help_text = config_fields["loss"].metadata["help"]
+    assert help_text == loss_help()
+    for name in LOSS_NAMES:
+        assert f"{name}: " in help_text
+
+
+def test_taid_state_goes_through_the_contract():
+    loss = build_loss("taid", taid_alpha=0.05)
+    assert loss.metrics() == {"taid_t": 0.4}
+    for step, value in enumerate([2.0, 1.8, 1.7]):
+        loss.optimizer_step(value, step, 10)
+    reference = TAIDSchedule(alpha=0.05)
+    for step, value in enumerate([2.0, 1.8, 1.7]):
+        reference.update(value, step, 10)
+    assert loss.state_dict() == reference.state_dict() and loss.metrics()["taid_t"] == reference.t
+    again = build_loss("taid", taid_alpha=0.05)
+    again.load_state_dict(loss.state_dict())
+    assert again.state_dict() == loss.state_dict()
+    with pytest.raises(ValueError, match="schedule state"):
+        again.load_state_dict({})
+    # Calling the loss (training or eval) never moves t: only optimizer_step does.
+    c = make_case(n=6, v=9, k=4, seed=27)
+    before = again.state_dict()
+    again(batch_of(c), c["z"])
+    assert again.state_dict() == before
+
+
+def test_stateless_losses_refuse_foreign_state():
+    loss = build_loss("fkl")
+    assert loss.state_dict() == {}
+    loss.load_state_dict({})
+    with pytest.raises(ValueError, match="keeps no state"):
+        loss.load_state_dict({"t": 0.5})
+
+
+def test_precomputed_bins_of_the_wrong_width_are_refused():
+    c = make_case(n=6, v=9, k=4, seed=28)
+    plain = student_bins(c["z"], c["ids"], c["targets"])
+    with pytest.raises(ValueError, match="5 columns"):
+        kd("atkd", batch_of(c), student=plain)
+    with pytest.raises(ValueError, match="exactly one"):
+        kd("fkl", batch_of(c))

@@ -96,13 +96,31 @@ def test_resume_state_refuses_a_different_setup(small_cache):
 def test_holdout_is_disjoint_from_training(small_cache):
     info = load_cache(small_cache)
     train, held = split_holdout(plan_chunks(info), 10)
-    assert sum(c.rows for c in held) >= 10
+    assert sum(c.rows for c in held) == 10  # exactly: row groups hold 4 here, the boundary one is split
     train_ids = torch.cat([b["seq_ids"] for b in CacheReader(info, 8, chunks=train).iter_epoch(0)])
     held_ids = torch.cat([b["seq_ids"] for b in CacheReader(info, 8, chunks=held, shuffle=False).iter_epoch(0)])
     assert set(train_ids.tolist()).isdisjoint(held_ids.tolist())
     assert len(train_ids) + len(held_ids) == 90
-    with pytest.raises(CacheError, match="whole cache"):
+    assert sorted(held_ids.tolist()) == list(range(80, 90))  # the last 10 of the stream
+    with pytest.raises(CacheError, match=r"--eval-sequences 1000 would hold out the whole cache \(90 sequences\): give at most 89"):
         split_holdout(plan_chunks(info), 1000)
+    with pytest.raises(CacheError, match="whole cache"):
+        split_holdout(plan_chunks(info), 90)
+
+
+def test_holdout_from_a_single_row_group(small_cache):
+    """A cache of one row group: the holdout takes its last sequences (it used to need whole row groups)."""
+    info = load_cache(small_cache)
+    one = plan_chunks(info)[:1]  # 4 sequences in one row group
+    for eval_sequences in (1, 3):
+        train, held = split_holdout(one, eval_sequences)
+        assert [c.rows for c in train] == [4 - eval_sequences] and [c.rows for c in held] == [eval_sequences]
+        read = lambda chunks: CacheReader(info, 8, chunks=chunks, shuffle=False, drop_remainder=False)  # noqa: E731
+        whole = next(read(one).iter_epoch(0))
+        got_train, got_held = next(read(train).iter_epoch(0)), next(read(held).iter_epoch(0))
+        for name, column in whole.items():  # the same rows, split where they should be, every column
+            assert torch.equal(torch.cat([got_train[name], got_held[name]]), column), name
+        assert got_held["seq_ids"].tolist() == list(range(4 - eval_sequences, 4))
 
 
 def test_corrupted_shard_is_named_on_first_read(small_cache, tmp_path):

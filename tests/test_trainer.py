@@ -160,3 +160,82 @@ def test_plot_writes_a_png(tmp_path, small_cache, student_config):
     assert result.exit_code == 0, result.output
     png = out / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_cache_of_one_row_group_trains_with_default_holdout(tmp_path, teacher_dir, corpus_jsonl, student_config):
+    """80 sequences in one row group: the default --eval-sequences 64 holds out 64 sequences, 16 train."""
+    from cache.build import CacheConfig, cache_teacher
+
+    cache = tmp_path / "cache"
+    cache_teacher(
+        CacheConfig(
+            teacher=str(teacher_dir), data=str(corpus_jsonl), out=cache, top_k=8, seq_len=32, batch_size=16,
+            shard_tokens=32 * 1000, row_group_tokens=32 * 1000, max_sequences=80, progress=False,
+        )  # fmt: skip
+    )
+    out = tmp_path / "run"
+    last = distill(DistillConfig(student=str(student_config), cache=cache, out=out, max_steps=2, progress=False))
+    assert last["eval_tokens"] == 64 * 31  # the whole default holdout, every target of 64 sequences of 32 tokens
+    assert last["step"] == 2
+
+
+def test_batch_size_beyond_the_cache_is_said_and_tokens_are_counted(tmp_path, small_cache, student_config, capsys):
+    from cache.manifest import load_cache
+    from train.reader import CacheReader, plan_chunks, split_holdout
+
+    out = tmp_path / "big_batch"
+    run(student_config, small_cache, out, batch_size=200, max_steps=3, log_every=1, eval_sequences=12)
+    err = capsys.readouterr().err
+    assert "--batch-size 200 is more than the 78 training sequences per process" in err
+    info = load_cache(small_cache)
+    train, _ = split_holdout(plan_chunks(info), 12)
+    (epoch,) = list(CacheReader(info, 200, chunks=train).iter_epoch(0))
+    true_tokens = int(epoch["target_mask"].sum())  # each step trains on all 78 sequences, not 200
+    records = [m for m in metrics(out) if "loss" in m]
+    assert [m["tokens"] for m in records] == [true_tokens] * 3
+
+
+def test_the_trainer_runs_any_registered_loss(tmp_path, small_cache, student_config, monkeypatch):
+    """The trainer names no loss: a loss added to the registry (Hellinger distance here, in this test only) trains
+    and logs through the contract, its state checkpointed, its optimizer-step hook called once per step."""
+    from train import losses
+
+    calls = []
+
+    class Hellinger(losses.DistillLoss):
+        name = "hellinger"
+        summary = "squared Hellinger distance"
+
+        def per_position(self, bins):
+            return 1.0 - (0.5 * (bins.log_p + bins.log_q)).exp().sum(-1)
+
+        def optimizer_step(self, kd, step, total_steps):
+            calls.append(step)
+
+        def state_dict(self):
+            return {"steps_seen": len(calls)}
+
+        def load_state_dict(self, state):
+            pass
+
+        def metrics(self):
+            return {"hellinger_calls": float(len(calls))}
+
+    monkeypatch.setitem(losses.LOSSES, "hellinger", Hellinger)
+    out = tmp_path / "hellinger"
+    run(student_config, small_cache, out, loss="hellinger", max_steps=4, log_every=1, grad_accum=2, save_every=2)
+    assert calls == [0, 1, 2, 3]  # once per optimizer step, not per micro-batch
+    records = [m for m in metrics(out) if "loss" in m]
+    assert [m["hellinger_calls"] for m in records] == [1.0, 2.0, 3.0, 4.0]
+    assert all(0 < m["kd"] < 1 for m in records)  # a squared Hellinger distance, averaged
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
+    assert state["loss"] == {"steps_seen": 4}
+
+
+def test_metrics_report_kl_and_soft_ce_beside_the_loss(tmp_path, small_cache, student_config):
+    out = tmp_path / "rkl_t2"
+    run(student_config, small_cache, out, loss="rkl", temperature=2.0, max_steps=4, log_every=2, eval_every=4)
+    train = [m for m in metrics(out) if "loss" in m]
+    assert all(m["soft_ce"] > m["kl"] > 0 for m in train)
+    evals = [m for m in metrics(out) if "eval_kl" in m]
+    assert evals and all(m["eval_soft_ce"] > m["eval_kl"] > 0 for m in evals)

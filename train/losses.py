@@ -23,13 +23,14 @@ Losses compute in float32 (float64 if given float64: the tests use it); fp16/bf1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from dataclasses import dataclass, fields, is_dataclass, make_dataclass
+from typing import ClassVar, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from cache.format import tail_mass
+from cache.options import option
 
 NEG_INF = float("-inf")
 
@@ -351,6 +352,24 @@ def cross_entropy(log_q_target: Tensor) -> Tensor:
     return -log_q_target
 
 
+def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Total variation distance ``½·Σ |p - q|`` per position [N], in [0, 1]. Empty bins (both -inf) add 0.
+
+    Its gradient is ``±½·q`` per bin in log q (the sign of q - p; 0 where they are equal): bounded, and it does
+    not grow where the student misses mass the way KL's does.
+    """
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def soft_cross_entropy(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``-Σ p log q`` per position [N] = ``KL(p ‖ q) + H(p)``: the cross-entropy form of the forward KL.
+
+    Bins with ``p = 0`` contribute 0 (whatever ``log q`` is).
+    """
+    pos = ~torch.isneginf(log_p)
+    return -torch.where(pos, log_p.masked_fill(~pos, 0.0).exp() * log_q.masked_fill(~pos, 0.0), 0.0).sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models").
 # Reading of the official code (WHU-ZQH/ATKD, distill/distill_trainer.py, method `atkd` and `get_tckd_nckd`):
@@ -473,148 +492,6 @@ def atkd_loss(tkd: Tensor, dkd: Tensor, unc: Tensor, mask: Tensor, alpha: float 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Dispatcher
-
-
-@dataclass
-class KDBatch:
-    """One batch of cached teacher data, flattened to ``N`` positions (leading dims are flattened if given).
-
-    - ``support_ids`` [N, k] int (int32 from the cache is fine): the teacher's top-k ids.
-    - ``teacher_logprobs`` [N, k] float (fp16 from the cache is fine): their log-probs over the full vocab.
-    - ``mask`` [N] bool: which positions are trained (loss_mask of the *target* token).
-    - ``target_ids`` [N] int: the true next token (needed by ``atkd`` and for the CE term).
-    - ``teacher_target_logprob`` [N] float: the teacher's log-prob of the true next token (needed by ``atkd``).
-    - ``p_rest`` [N] float, optional: overrides ``tail_mass(teacher_logprobs)``.
-    """
-
-    support_ids: Tensor
-    teacher_logprobs: Tensor
-    mask: Tensor
-    target_ids: Optional[Tensor] = None
-    teacher_target_logprob: Optional[Tensor] = None
-    p_rest: Optional[Tensor] = None
-
-    def flat(self) -> "KDBatch":
-        k = self.support_ids.shape[-1]
-
-        def f(x: Optional[Tensor]) -> Optional[Tensor]:
-            return None if x is None else x.reshape(-1)
-
-        return KDBatch(
-            support_ids=self.support_ids.reshape(-1, k),
-            teacher_logprobs=self.teacher_logprobs.reshape(-1, k),
-            mask=self.mask.reshape(-1).to(torch.bool),
-            target_ids=f(self.target_ids),
-            teacher_target_logprob=f(self.teacher_target_logprob),
-            p_rest=f(self.p_rest),
-        )
-
-
-class KDLossOutput(NamedTuple):
-    """``total = kd + ce_weight·ce``; ``kd`` and ``ce`` are the masked means (``ce`` None without targets)."""
-
-    total: Tensor
-    kd: Tensor
-    ce: Optional[Tensor]
-
-
-# name -> per-position loss on (log_p, log_q, options); `atkd` is handled apart (group-wise means).
-_PER_POSITION: dict[str, Callable[..., Tensor]] = {
-    "fkl": lambda lp, lq, o: forward_kl(lp, lq),
-    "rkl": lambda lp, lq, o: reverse_kl(lp, lq),
-    "js": lambda lp, lq, o: js_divergence(lp, lq, beta=o["js_beta"]),
-    "sfkl": lambda lp, lq, o: skew_forward_kl(lp, lq, alpha=o["skew_alpha"]),
-    "srkl": lambda lp, lq, o: skew_reverse_kl(lp, lq, alpha=o["skew_alpha"]),
-    "taid": lambda lp, lq, o: taid_kl(lp, lq, t=o["t"]),
-}
-KD_LOSS_NAMES: tuple[str, ...] = ("taid", "fkl", "rkl", "js", "sfkl", "srkl", "atkd")
-# "ce" is the no-distillation baseline: cross-entropy on the true tokens only (kd reported as 0).
-LOSS_NAMES: tuple[str, ...] = KD_LOSS_NAMES + ("ce",)
-
-
-def check_loss_name(name: str) -> str:
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
-    return name
-
-
-def kd_loss_parts(
-    name: str,
-    batch: KDBatch,
-    student_logits: Optional[Tensor] = None,
-    *,
-    student: Optional[StudentBins] = None,
-    t: Optional[Scalar] = None,
-    js_beta: float = 0.5,
-    skew_alpha: float = 0.1,
-    atkd_alpha: float = 0.2,
-    ce_weight: float = 0.0,
-) -> KDLossOutput:
-    """The KD loss ``name`` (one of :data:`LOSS_NAMES`) as a masked mean, plus the CE term.
-
-    Student side: either ``student_logits`` [N, V] (or [..., V]) or precomputed ``student`` bins from a fused
-    path (built on ``batch.support_ids``, or on :func:`atkd_ids` for ``atkd``, with ``log_q_target`` set if the
-    CE term is wanted). ``t`` is TAID's interpolation parameter (required for ``taid``; see
-    :class:`TAIDSchedule`). ``js_beta``: JS mixture weight; ``skew_alpha``: α of sfkl/srkl; ``atkd_alpha``: ATKD's
-    easy/hard weight. CE (``-log q_g``, masked mean) is computed whenever ``target_ids`` are given and added with
-    ``ce_weight``.
-    """
-    check_loss_name(name)
-    b = batch.flat()
-    if name == "taid" and t is None:
-        raise ValueError("the taid loss needs t (TAIDSchedule.t)")
-    if name == "atkd" and (b.target_ids is None or b.teacher_target_logprob is None):
-        raise ValueError("the atkd loss needs batch.target_ids and batch.teacher_target_logprob")
-    if ce_weight and b.target_ids is None:
-        raise ValueError("ce_weight > 0 needs batch.target_ids")
-    if (student_logits is None) == (student is None):
-        raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
-    if name == "ce" and b.target_ids is None:
-        raise ValueError("the ce loss needs batch.target_ids")
-    if student is None:
-        logits = student_logits.reshape(-1, student_logits.shape[-1])
-        # CE needs only log q_g: over an empty support (rest bin = the whole vocabulary) the no-distillation
-        # baseline pays nothing for the support.
-        support = b.support_ids[:, :0] if name == "ce" else b.support_ids
-        student = student_bins(logits, support, b.target_ids, include_target=(name == "atkd"))
-    elif name != "atkd" and student.log_q_support.shape[-1] != b.support_ids.shape[-1]:
-        raise ValueError(
-            f"precomputed StudentBins have {student.log_q_support.shape[-1]} support columns, the batch has "
-            f"k = {b.support_ids.shape[-1]}"
-        )
-
-    if name == "ce":
-        ce = masked_mean(cross_entropy(student.log_q_target), b.mask)
-        return KDLossOutput(ce, torch.zeros_like(ce), ce)
-    if name == "atkd":
-        log_p, log_q, is_target = atkd_bins(
-            student, b.support_ids, b.target_ids, b.teacher_logprobs, b.teacher_target_logprob, b.p_rest
-        )
-        tkd, dkd = atkd_terms(log_p, log_q, is_target)
-        unc = -torch.expm1(b.teacher_target_logprob.to(tkd.dtype))  # 1 - p_g, from the cached target log-prob
-        kd = atkd_loss(tkd, dkd, unc, b.mask, alpha=atkd_alpha)
-    else:
-        log_p_s, log_p_r = teacher_bin_logprobs(b.teacher_logprobs, b.p_rest, dtype=student.log_q_rest.dtype)
-        log_p, log_q = join_bins(log_p_s, log_p_r, student.log_q_support, student.log_q_rest)
-        opts = {"t": t, "js_beta": js_beta, "skew_alpha": skew_alpha}
-        kd = masked_mean(_PER_POSITION[name](log_p, log_q, opts), b.mask)
-
-    ce = None
-    if b.target_ids is not None:
-        if student.log_q_target is None:
-            raise ValueError("target_ids given but the precomputed StudentBins have no log_q_target")
-        ce = masked_mean(cross_entropy(student.log_q_target), b.mask)
-    total = kd + ce_weight * ce if ce_weight else kd
-    return KDLossOutput(total, kd, ce)
-
-
-def kd_loss(name: str, batch: KDBatch, student_logits: Optional[Tensor] = None, **kwargs) -> Tensor:
-    """Scalar training loss ``kd + ce_weight·ce``; same arguments as :func:`kd_loss_parts`."""
-    return kd_loss_parts(name, batch, student_logits, **kwargs).total
-
-
-# ---------------------------------------------------------------------------------------------------------
 # TAID schedule
 
 
@@ -704,3 +581,477 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The contract
+
+
+@dataclass
+class KDBatch:
+    """One batch of cached teacher data, flattened to ``N`` positions (leading dims are flattened if given).
+
+    - ``support_ids`` [N, k] int (int32 from the cache is fine): the teacher's top-k ids.
+    - ``teacher_logprobs`` [N, k] float (fp16 from the cache is fine): their log-probs over the full vocab.
+    - ``mask`` [N] bool: which positions are trained (loss_mask of the *target* token).
+    - ``target_ids`` [N] int: the true next token (needed by ``atkd`` and for the CE term).
+    - ``teacher_target_logprob`` [N] float: the teacher's log-prob of the true next token (needed by ``atkd``).
+    - ``p_rest`` [N] float, optional: overrides ``tail_mass(teacher_logprobs)``.
+    """
+
+    support_ids: Tensor
+    teacher_logprobs: Tensor
+    mask: Tensor
+    target_ids: Optional[Tensor] = None
+    teacher_target_logprob: Optional[Tensor] = None
+    p_rest: Optional[Tensor] = None
+
+    def flat(self) -> "KDBatch":
+        k = self.support_ids.shape[-1]
+
+        def f(x: Optional[Tensor]) -> Optional[Tensor]:
+            return None if x is None else x.reshape(-1)
+
+        return KDBatch(
+            support_ids=self.support_ids.reshape(-1, k),
+            teacher_logprobs=self.teacher_logprobs.reshape(-1, k),
+            mask=self.mask.reshape(-1).to(torch.bool),
+            target_ids=f(self.target_ids),
+            teacher_target_logprob=f(self.teacher_target_logprob),
+            p_rest=f(self.p_rest),
+        )
+
+
+class KDLossOutput(NamedTuple):
+    """What a loss returns for one batch; all scalars, masked means over the trained positions.
+
+    - ``total``: what is backpropagated, ``kd + ce_weight·ce`` (``ce`` alone for the ``ce`` baseline).
+    - ``kd``: the loss's distillation term, ``T²·D(p_T, q_T)`` at temperature T.
+    - ``ce``: ``-log q_g`` on the true next token at T = 1 (None when the batch has no targets).
+    - ``kl``: ``KL(p ‖ q)`` on the k+1 bins at T = 1, whatever the loss: one measure comparable across losses
+      and temperatures (what eval reports as ``eval_kl``). Detached.
+    - ``soft_ce``: its cross-entropy form ``-Σ p log q = kl + H(p)`` on the same bins (the number peers and
+      papers plot as the distillation loss). Detached.
+    """
+
+    total: Tensor
+    kd: Tensor
+    ce: Optional[Tensor]
+    kl: Tensor
+    soft_ce: Tensor
+
+
+class Bins(NamedTuple):
+    """Teacher and student on the same bins: ``log_p``, ``log_q`` [N, B] (an empty bin is -inf on both sides);
+    ``is_target`` [N, B] bool marks the true token's bin where a loss needs it (ATKD), else None."""
+
+    log_p: Tensor
+    log_q: Tensor
+    is_target: Optional[Tensor] = None
+
+
+def coarse_bins(student: StudentBins, batch: KDBatch) -> Bins:
+    """The k+1 bins (support, then rest) of a flat batch at T = 1.
+
+    ``student`` may carry columns beyond the k support ids (ATKD's target column): they are folded into the
+    student's rest bin, so these are always the bins of the teacher's support.
+    """
+    k = batch.support_ids.shape[-1]
+    log_q_rest = student.log_q_rest
+    if student.log_q_support.shape[-1] > k:
+        extra = student.log_q_support[:, k:]  # -inf where a column repeats a support id: nothing to fold
+        log_q_rest = _safe_logsumexp(torch.cat([log_q_rest.unsqueeze(-1), extra], dim=-1))
+    log_p_s, log_p_r = teacher_bin_logprobs(batch.teacher_logprobs, batch.p_rest, dtype=log_q_rest.dtype)
+    return Bins(*join_bins(log_p_s, log_p_r, student.log_q_support[:, :k], log_q_rest))
+
+
+def temper(bins: Bins, temperature: float) -> Bins:
+    """Both sides at temperature T: each bin distribution raised to 1/T and renormalized over the bins,
+    ``log_softmax(log b / T)``. The rest bin is tempered as one category (the cache knows only its total mass);
+    with k = V this is the usual ``softmax(z / T)``. Empty bins stay empty."""
+
+    def tempered(log_b: Tensor) -> Tensor:
+        scaled = log_b / temperature
+        return scaled - _safe_logsumexp(scaled).unsqueeze(-1)
+
+    return bins._replace(log_p=tempered(bins.log_p), log_q=tempered(bins.log_q))
+
+
+class FitTerms(NamedTuple):
+    """How close the student is to the teacher and the data, masked means: ``ce`` (true token, None without
+    targets), ``kl`` and ``soft_ce`` (k+1 bins, T = 1). ``ce`` keeps its gradient; the other two are detached."""
+
+    ce: Optional[Tensor]
+    kl: Tensor
+    soft_ce: Tensor
+
+
+def fit_terms(student: StudentBins, batch: KDBatch) -> FitTerms:
+    """:class:`FitTerms` of a flat batch; ``student`` as for :meth:`DistillLoss.__call__`."""
+    ce = None
+    if batch.target_ids is not None:
+        if student.log_q_target is None:
+            raise ValueError("target_ids given but the precomputed StudentBins have no log_q_target")
+        ce = masked_mean(cross_entropy(student.log_q_target), batch.mask)
+    with torch.no_grad():
+        bins = coarse_bins(StudentBins(*(None if x is None else x.detach() for x in student)), batch)
+        kl = masked_mean(forward_kl(bins.log_p, bins.log_q), batch.mask)
+        soft_ce = masked_mean(soft_cross_entropy(bins.log_p, bins.log_q), batch.mask)
+    return FitTerms(ce, kl, soft_ce)
+
+
+def fit_metrics(batch: KDBatch, student_logits: Tensor) -> FitTerms:
+    """:func:`fit_terms` from student logits [N, V] (eval): the loss-independent numbers."""
+    b = batch.flat()
+    return fit_terms(student_bins(student_logits.reshape(-1, student_logits.shape[-1]), b.support_ids, b.target_ids), b)
+
+
+# Each option of a loss is a config field declared with cache.options.option (its default and --help text):
+# DistillConfig inherits every registered loss's option fields (via LossOptions below), so each option is declared
+# once, here, and the CLI shows it as --field-name. (Field names are global across losses: two losses share an
+# option by sharing its dataclass.)
+TEMPERATURE_HELP = (
+    "Distillation temperature T (every loss). Both sides are tempered on the k+1 bins: the teacher's top-k "
+    "log-probs and its tail bin (p_rest, one bin), and the student's log-probs on the same bins, each at T = 1, "
+    "become log_softmax(log b / T) over the k+1 bins; the KD term is scaled by T². The tail is tempered as one "
+    "category because the cache holds only its total mass: with k = V this is exactly softmax(z / T), with k < V "
+    "the tempered coarse-grained distribution (which puts less mass on the tail than coarse-graining the "
+    "tempered distribution would for T > 1). CE on the true tokens, kl and soft_ce stay at T = 1."
+)
+
+
+@dataclass
+class KDOptions:
+    """Options every loss takes."""
+
+    temperature: float = option(1.0, TEMPERATURE_HELP)
+    ce_weight: float = option(0.0, "Weight w of cross-entropy on the true next token: loss = KD + w·CE.")
+
+    def check(self) -> None:
+        """Raise ValueError naming the option (as its --flag) if a value is out of range."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
+        if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
+            raise ValueError(f"--ce-weight must be >= 0, got {self.ce_weight}")
+
+
+class DistillLoss:
+    """One loss behind the contract the trainer uses; :func:`register` puts a subclass in the registry.
+
+    A subclass sets ``name``, ``summary`` (one line for ``--loss``'s help) and, if it has options beyond
+    :class:`KDOptions`, ``Options`` (a dataclass subclassing it, fields declared with their help); then defines
+    :meth:`per_position` on the bins, or :meth:`divergence` for a loss that is not a mean of per-position values.
+    Optional: ``needs_target_column`` (the student's bins are built on support ∪ {true token}, see :func:`atkd_ids`),
+    ``requires`` (KDBatch fields it cannot do without), :meth:`bins` (other bins than the k+1 of the support),
+    and state: :meth:`state_dict` / :meth:`load_state_dict` (checkpointed with the run) and
+    :meth:`optimizer_step`, called once per optimizer step (never per micro-batch, never in eval).
+
+    Calling the loss on a batch gives :class:`KDLossOutput`; temperature, the CE term and the comparable
+    ``kl`` / ``soft_ce`` are handled here, the same for every loss.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = KDOptions
+    needs_target_column: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, options: Optional[KDOptions] = None):
+        self.options = self.Options() if options is None else options
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"the {self.name} loss takes {self.Options.__name__}, got {type(self.options).__name__}")
+        self.options.check()
+
+    # -- what a loss defines ---------------------------------------------------------------------------------
+
+    def per_position(self, bins: Bins) -> Tensor:
+        """The divergence per position [N] on (tempered) bins."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither per_position nor divergence")
+
+    def divergence(self, bins: Bins, batch: KDBatch) -> Tensor:
+        """The distillation term (scalar) of a flat batch on (tempered) bins: by default the masked mean of
+        :meth:`per_position`."""
+        return masked_mean(self.per_position(bins), batch.mask)
+
+    def bins(self, student: StudentBins, batch: KDBatch) -> Bins:
+        """The bins the loss compares, at T = 1: by default the k+1 bins of the support."""
+        return coarse_bins(student, batch)
+
+    def combine(self, kd: Tensor, ce: Optional[Tensor]) -> Tensor:
+        """The training loss from its two terms."""
+        return kd + self.options.ce_weight * ce if self.options.ce_weight else kd
+
+    # -- state -----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"the {self.name} loss keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def optimizer_step(self, kd: float, step: int, total_steps: int) -> None:
+        """After optimizer step ``step`` (0-based: steps completed before it) of ``total_steps``, with that step's
+        ``kd`` averaged over its micro-batches and ranks (every rank passes the same value)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers to log beside the loss (e.g. TAID's t)."""
+        return {}
+
+    # -- the call --------------------------------------------------------------------------------------------
+
+    def __call__(
+        self, batch: KDBatch, student_logits: Optional[Tensor] = None, *, student: Optional[StudentBins] = None
+    ) -> KDLossOutput:
+        """The loss of one batch.
+
+        Student side: either ``student_logits`` [N, V] (or [..., V]; any float dtype, computed in fp32, fp64 if
+        given fp64) or precomputed ``student`` bins from a fused path, built on ``batch.support_ids`` (with
+        ``include_target=self.needs_target_column``, and ``target_ids`` so that ``log_q_target`` is set).
+        """
+        b = batch.flat()
+        for name in self.requires:
+            if getattr(b, name) is None:
+                raise ValueError(f"the {self.name} loss needs batch.{name}")
+        if self.options.ce_weight and b.target_ids is None:
+            raise ValueError("ce_weight > 0 needs batch.target_ids")
+        if (student_logits is None) == (student is None):
+            raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
+        if student is None:
+            logits = student_logits.reshape(-1, student_logits.shape[-1])
+            student = student_bins(logits, b.support_ids, b.target_ids, include_target=self.needs_target_column)
+        else:
+            want = b.support_ids.shape[-1] + int(self.needs_target_column)
+            if student.log_q_support.shape[-1] != want:
+                columns = "the support and the true token" if self.needs_target_column else "the support"
+                raise ValueError(
+                    f"the {self.name} loss needs student bins on {want} columns ({columns}), "
+                    f"got {student.log_q_support.shape[-1]}"
+                )
+        bins = self.bins(student, b)
+        t = self.options.temperature
+        kd = self.divergence(bins, b) if t == 1 else t * t * self.divergence(temper(bins, t), b)
+        fit = fit_terms(student, b)
+        return KDLossOutput(self.combine(kd, fit.ce), kd, fit.ce, fit.kl, fit.soft_ce)
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+
+
+def register(cls: type[DistillLoss]) -> type[DistillLoss]:
+    """Class decorator: add a loss to the registry under ``cls.name`` (in this module, before LossOptions)."""
+    if cls.name in LOSSES:
+        raise ValueError(f"a loss named {cls.name!r} is registered already")
+    if not (is_dataclass(cls.Options) and issubclass(cls.Options, KDOptions)):
+        raise TypeError(f"{cls.__name__}.Options must be a dataclass subclassing KDOptions")
+    LOSSES[cls.name] = cls
+    return cls
+
+
+@register
+class TAID(DistillLoss):
+    name = "taid"
+    summary = "TAID (Sakana AI): KL to an interpolation of student and teacher, t scheduled up to the teacher"
+
+    @dataclass
+    class Options(KDOptions):
+        taid_t_start: float = option(0.4, "TAID initial interpolation t.")
+        taid_t_end: float = option(1.0, "TAID final t.")
+        taid_alpha: float = option(5e-4, "TAID adaptive step size α.")
+        taid_beta: float = option(0.99, "TAID momentum β of the relative loss change.")
+
+        def check(self) -> None:
+            super().check()
+            try:
+                TAIDSchedule(self.taid_t_start, self.taid_t_end, self.taid_alpha, self.taid_beta)
+            except ValueError as error:
+                raise ValueError(f"--taid-t-start/--taid-t-end/--taid-alpha/--taid-beta: {error}") from None
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        o = self.options
+        self.schedule = TAIDSchedule(t_start=o.taid_t_start, t_end=o.taid_t_end, alpha=o.taid_alpha, beta=o.taid_beta)
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return taid_kl(bins.log_p, bins.log_q, t=self.schedule.t)
+
+    def optimizer_step(self, kd: float, step: int, total_steps: int) -> None:
+        self.schedule.update(kd, step, total_steps)
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            raise ValueError("the taid loss needs its schedule state (t, m, prev_loss); the checkpoint has none")
+        self.schedule.load_state_dict(state)
+
+    def metrics(self) -> dict[str, float]:
+        return {"taid_t": self.schedule.t}
+
+
+@register
+class ForwardKL(DistillLoss):
+    name = "fkl"
+    summary = "forward KL(p‖q)"
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return forward_kl(bins.log_p, bins.log_q)
+
+
+@register
+class ReverseKL(DistillLoss):
+    name = "rkl"
+    summary = "reverse KL(q‖p)"
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return reverse_kl(bins.log_p, bins.log_q)
+
+
+@register
+class JensenShannon(DistillLoss):
+    name = "js"
+    summary = "generalized Jensen-Shannon, mixture β·p + (1-β)·q"
+
+    @dataclass
+    class Options(KDOptions):
+        js_beta: float = option(0.5, "Mixture weight β of the JS divergence (0.5: symmetric).")
+
+        def check(self) -> None:
+            super().check()
+            if not 0.0 < self.js_beta < 1.0:
+                raise ValueError(f"--js-beta must be in (0, 1), got {self.js_beta}")
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return js_divergence(bins.log_p, bins.log_q, beta=self.options.js_beta)
+
+
+@dataclass
+class SkewOptions(KDOptions):
+    skew_alpha: float = option(0.1, "Skew KL mixing α (DistiLLM) for sfkl/srkl.")
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 < self.skew_alpha <= 1.0:
+            raise ValueError(f"--skew-alpha must be in (0, 1], got {self.skew_alpha}")
+
+
+@register
+class SkewForwardKL(DistillLoss):
+    name = "sfkl"
+    summary = "DistiLLM skew KL(p ‖ α·p + (1-α)·q)"
+    Options = SkewOptions
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return skew_forward_kl(bins.log_p, bins.log_q, alpha=self.options.skew_alpha)
+
+
+@register
+class SkewReverseKL(DistillLoss):
+    name = "srkl"
+    summary = "DistiLLM skew reverse KL(q ‖ (1-α)·p + α·q)"
+    Options = SkewOptions
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return skew_reverse_kl(bins.log_p, bins.log_q, alpha=self.options.skew_alpha)
+
+
+@register
+class TotalVariation(DistillLoss):
+    name = "tvd"
+    summary = "total variation distance ½·Σ|p - q|"
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return total_variation(bins.log_p, bins.log_q)
+
+
+@register
+class ATKD(DistillLoss):
+    name = "atkd"
+    summary = "ATKD (Zhong et al. 2024): target/diversity split, hard tokens weighted apart"
+    needs_target_column = True
+    requires = ("target_ids", "teacher_target_logprob")
+
+    @dataclass
+    class Options(KDOptions):
+        atkd_alpha: float = option(0.2, "ATKD weight of the easy tokens' diversity term.")
+
+        def check(self) -> None:
+            super().check()
+            if not 0.0 <= self.atkd_alpha <= 1.0:
+                raise ValueError(f"--atkd-alpha must be in [0, 1], got {self.atkd_alpha}")
+
+    def bins(self, student: StudentBins, batch: KDBatch) -> Bins:
+        return Bins(
+            *atkd_bins(
+                student, batch.support_ids, batch.target_ids, batch.teacher_logprobs, batch.teacher_target_logprob,
+                batch.p_rest,
+            )
+        )  # fmt: skip
+
+    def divergence(self, bins: Bins, batch: KDBatch) -> Tensor:
+        tkd, dkd = atkd_terms(bins.log_p, bins.log_q, bins.is_target)
+        # Hard or easy is a property of the token under the teacher as cached (T = 1): UNC = 1 - p_g.
+        unc = -torch.expm1(batch.teacher_target_logprob.to(tkd.dtype))
+        return atkd_loss(tkd, dkd, unc, batch.mask, alpha=self.options.atkd_alpha)
+
+
+@register
+class CrossEntropyOnly(DistillLoss):
+    name = "ce"
+    summary = "no distillation: cross-entropy on the true tokens only (the baseline; kd is 0)"
+    requires = ("target_ids",)
+
+    def divergence(self, bins: Bins, batch: KDBatch) -> Tensor:
+        return bins.log_q.new_zeros(())
+
+    def combine(self, kd: Tensor, ce: Optional[Tensor]) -> Tensor:
+        return ce
+
+
+def _merged_options() -> type:
+    """Every registered loss's option fields in one dataclass (DistillConfig inherits it: one declaration each)."""
+    classes = list(dict.fromkeys(cls.Options for cls in LOSSES.values()))
+    leaves = [c for c in classes if not any(o is not c and issubclass(o, c) for o in classes)]
+    owners: dict[str, type] = {}
+    for c in leaves:
+        for f in fields(c):
+            owner = next(base for base in c.__mro__ if f.name in getattr(base, "__annotations__", {}))
+            if owners.setdefault(f.name, owner) is not owner:
+                raise TypeError(f"option {f.name!r} is declared by both {owners[f.name].__name__} and {owner.__name__}")
+    return make_dataclass("LossOptions", [], bases=tuple(leaves))
+
+
+LossOptions = _merged_options()
+LossOptions.__doc__ = "The option fields of every registered loss, flat (DistillConfig inherits them)."
+LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+DEFAULT_LOSS = "fkl"
+
+
+def loss_help() -> str:
+    """``--loss``'s help: every registered loss with its summary."""
+    return "KD loss over the teacher's top-k + tail: " + "; ".join(f"{n}: {c.summary}" for n, c in LOSSES.items()) + "."
+
+
+def build_loss(name: str, source: object = None, **options) -> DistillLoss:
+    """A fresh loss ``name`` (no state yet) with its options read from ``source`` (any object with the option
+    attributes, such as a DistillConfig, or a mapping), then from ``options``; missing ones keep their defaults.
+
+    Option names that belong to other losses are ignored (one config serves every loss); unknown ones raise.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+    known = {f.name for f in fields(LossOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; the options are {sorted(known)}")
+    cls = LOSSES[name]
+    values = {}
+    for f in fields(cls.Options):
+        if f.name in options:
+            values[f.name] = options[f.name]
+        elif isinstance(source, dict) and f.name in source:
+            values[f.name] = source[f.name]
+        elif source is not None and not isinstance(source, dict) and hasattr(source, f.name):
+            values[f.name] = getattr(source, f.name)
+    return cls(cls.Options(**values))

@@ -2,8 +2,8 @@
 
 Sample order is a pure function of (cache content, seed, epoch):
 
-1. The unit of I/O is a *chunk*: one Parquet row group of one shard (its size comes from the manifest,
-   so planning opens no file).
+1. The unit of I/O is a *chunk*: one Parquet row group of one shard, or a contiguous part of one (the
+   eval holdout splits a row group); its size comes from the manifest, so planning opens no file.
 2. Each epoch permutes the chunks, groups consecutive chunks into *windows* of >= ``shuffle_rows`` rows
    and permutes the rows inside each window (a shuffle buffer whose contents are known in advance).
 3. The epoch's global order is cut into ``world_size`` equal contiguous slices, one per rank. The last
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -64,6 +64,7 @@ class Chunk:
     row_group: int
     rows: int
     first_seq_id: int
+    offset: int = 0  # first row within the row group (a part of a row group: see split_holdout)
 
 
 def plan_chunks(info: CacheInfo) -> list[Chunk]:
@@ -76,20 +77,29 @@ def plan_chunks(info: CacheInfo) -> list[Chunk]:
 
 
 def split_holdout(chunks: list[Chunk], eval_sequences: int) -> tuple[list[Chunk], list[Chunk]]:
-    """Hold out the last chunks of the stream (>= eval_sequences rows) for evaluation."""
+    """Hold out the last ``eval_sequences`` sequences of the stream for evaluation: ``(train, held)``.
+
+    Exactly that many: the row group at the boundary is split between the two (so a cache of one row group
+    can be held out from too). A holdout that leaves nothing to train on is refused with the numbers.
+    """
     if eval_sequences <= 0:
         return chunks, []
-    held, total = [], 0
-    for chunk in reversed(chunks):
-        if total >= eval_sequences:
-            break
-        held.append(chunk)
-        total += chunk.rows
-    if len(held) == len(chunks):
+    total = sum(c.rows for c in chunks)
+    if eval_sequences >= total:
         raise CacheError(
-            f"--eval-sequences {eval_sequences} would hold out the whole cache ({total} sequences); lower it"
+            f"--eval-sequences {eval_sequences} would hold out the whole cache ({total} sequences): give at most "
+            f"{total - 1}, 0 for no eval, or --eval-cache to evaluate on another cache"
         )
-    return chunks[: len(chunks) - len(held)], held[::-1]
+    train, held, need = list(chunks), [], eval_sequences
+    while need:
+        last = train.pop()
+        if last.rows > need:  # the boundary: its first rows train, its last `need` rows are held out
+            keep = last.rows - need
+            train.append(replace(last, rows=keep))
+            last = replace(last, rows=need, offset=last.offset + keep, first_seq_id=last.first_seq_id + keep)
+        held.append(last)
+        need -= last.rows
+    return train, held[::-1]
 
 
 @dataclass
@@ -184,8 +194,11 @@ class CacheReader:
                 table = f.read_row_group(chunk.row_group)
         except OSError as e:
             raise CacheError(f"{path}: unreadable shard ({e})") from e
-        if table.num_rows != chunk.rows:
-            raise CacheError(f"{path}: row group {chunk.row_group} has {table.num_rows} rows, expected {chunk.rows}")
+        expected = min(self.manifest.row_group_rows, shard.rows - chunk.row_group * self.manifest.row_group_rows)
+        if table.num_rows != expected:
+            raise CacheError(f"{path}: row group {chunk.row_group} has {table.num_rows} rows, expected {expected}")
+        if chunk.rows != expected:  # a part of the row group (the holdout's boundary)
+            table = table.slice(chunk.offset, chunk.rows)
         return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
 
     def _read_window(self, window: Window) -> "_DecodedWindow":

@@ -30,9 +30,11 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 
 
-@dataclass
-class DistillConfig:
-    """Stage two's settings; each field with `option(...)` is also a `pipeline distill` option."""
+@dataclass(kw_only=True)
+class DistillConfig(losses.LossOptions):
+    """Stage two's settings; each field with `option(...)` is also a `pipeline distill` option. The loss options
+    (temperature, ce_weight and each loss's own) are inherited from losses.LossOptions, where the registered losses
+    declare them."""
 
     student: str = option(
         help="Student: a HF model dir/id with weights, or a config (config.json, or a dir with only a config) to "
@@ -40,15 +42,7 @@ class DistillConfig:
     )
     cache: Path = option(help="Teacher cache written by `pipeline cache-teacher`.")
     out: Path = option(help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).")
-    loss: str = option("fkl", f"KD loss over the teacher's top-k + tail: {' | '.join(losses.LOSS_NAMES)}.")
-    ce_weight: float = option(0.0, "Weight of cross-entropy on the true next token added to the KD loss.")
-    skew_alpha: float = option(0.1, "Skew KL mixing α (DistiLLM) for sfkl/srkl.")
-    js_beta: float = option(0.5, "Mixture weight of the JS divergence.")
-    atkd_alpha: float = option(0.2, "ATKD weight of the easy tokens' diversity term.")
-    taid_t_start: float = option(0.4, "TAID initial interpolation t.")
-    taid_t_end: float = option(1.0, "TAID final t.")
-    taid_alpha: float = option(5e-4, "TAID adaptive step size α.")
-    taid_beta: float = option(0.99, "TAID momentum β of the relative loss change.")
+    loss: str = option(losses.DEFAULT_LOSS, losses.loss_help())
     batch_size: int = option(8, "Sequences per micro-batch per process.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
     lr: float = option(1e-4, "Peak AdamW learning rate.")
@@ -82,13 +76,10 @@ class DistillConfig:
     )
 
     def validate(self) -> None:
-        if self.loss not in losses.LOSS_NAMES:
-            raise ValueError(f"--loss must be one of {', '.join(losses.LOSS_NAMES)}; got {self.loss!r}")
+        losses.build_loss(self.loss, self)  # raises on an unknown name or an option out of range
         for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.ce_weight < 0:
-            raise ValueError("--ce-weight must be >= 0")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError("give --max-steps or a positive --epochs")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -243,23 +234,23 @@ def _on_fused_path(model, run):
     return result
 
 
-def batch_losses(model, batch: dict, cfg: DistillConfig, taid_t: float | None, device, autocast) -> losses.KDLossOutput:
-    """Forward the student on one batch; return the training loss (kd + ce_weight·ce) and its parts."""
-    options = dict(
-        t=taid_t, js_beta=cfg.js_beta, skew_alpha=cfg.skew_alpha, atkd_alpha=cfg.atkd_alpha, ce_weight=cfg.ce_weight
-    )
+def batch_losses(
+    model, batch: dict, cfg: DistillConfig, loss: losses.DistillLoss, device, autocast
+) -> losses.KDLossOutput:
+    """Forward the student on one batch; return ``loss``'s training loss and its parts."""
     if cfg.fused_loss:
         found = _on_fused_path(
             model,
             lambda verify: _student_forward(
-                model, batch, device, autocast, fused_bins=True, include_target=cfg.loss == "atkd", verify_head=verify
-            ),
+                model, batch, device, autocast, fused_bins=True, include_target=loss.needs_target_column,
+                verify_head=verify,
+            ),  # fmt: skip
         )
         if found is not None:
             bins, teacher = found
-            return losses.kd_loss_parts(cfg.loss, teacher, student=bins, **options)
+            return loss(teacher, student=bins)
     logits, teacher = _student_forward(model, batch, device, autocast)
-    return losses.kd_loss_parts(cfg.loss, teacher, logits, **options)
+    return loss(teacher, logits)
 
 
 # Eval on the fused path forms logits for blocks of positions of at most this many floats (256 MB in fp32).
@@ -287,24 +278,26 @@ def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
 
 @torch.no_grad()
 def evaluate(model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False) -> dict:
-    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins, top-1 agreement; token-weighted.
+    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins and its cross-entropy form (soft CE = KL +
+    the teacher's entropy on the bins), top-1 agreement; token-weighted, whatever the training loss.
 
     ``fused_loss``: bound the memory as the fused training loss does (the same numbers, up to rounding).
     """
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # ce, kl, agree, tokens
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, soft_ce, agree, tokens
     for batch in reader.iter_epoch(0):
         for logits, teacher in _eval_blocks(model, batch, device, autocast, fused_loss):
             n = logits.shape[0]
             if n == 0:
                 continue
-            fkl = losses.kd_loss_parts("fkl", teacher, logits)
+            fit = losses.fit_metrics(teacher, logits)
             agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
-            totals += torch.stack([fkl.ce.double() * n, fkl.kd.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+            totals += torch.stack([fit.ce.double() * n, fit.kl.double() * n, fit.soft_ce.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
     d.all_reduce_sum(totals)
     model.train()
-    n = max(totals[3].item(), 1.0)
-    return {"eval_ce": totals[0].item() / n, "eval_kl": totals[1].item() / n, "eval_top1": totals[2].item() / n, "eval_tokens": int(totals[3].item())}
+    n = max(totals[4].item(), 1.0)
+    ce, kl, soft_ce, top1 = (x / n for x in totals[:4].tolist())
+    return {"eval_ce": ce, "eval_kl": kl, "eval_soft_ce": soft_ce, "eval_top1": top1, "eval_tokens": int(totals[4].item())}
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -410,6 +403,10 @@ def distill(cfg: DistillConfig) -> dict:
             rank=d.rank, world_size=d.world_size, drop_remainder=False,
         )  # fmt: skip
 
+    if reader.samples_per_rank < cfg.batch_size:
+        _log(d, f"warning: --batch-size {cfg.batch_size} is more than the {reader.samples_per_rank} training sequences "
+                f"per process in {cfg.cache}: every batch holds {reader.samples_per_rank} sequences (the metrics and "
+                "tokens/s count the tokens actually trained)")  # fmt: skip
     steps_per_epoch = max(1, reader.batches_per_epoch // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -430,11 +427,7 @@ def distill(cfg: DistillConfig) -> dict:
         lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda",
     )  # fmt: skip
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    taid = (
-        losses.TAIDSchedule(t_start=cfg.taid_t_start, t_end=cfg.taid_t_end, alpha=cfg.taid_alpha, beta=cfg.taid_beta)
-        if cfg.loss == "taid"
-        else None
-    )
+    loss = losses.build_loss(cfg.loss, cfg)
 
     step = 0
     out = cfg.out
@@ -443,7 +436,7 @@ def distill(cfg: DistillConfig) -> dict:
         if ckpt is None:
             _log(d, f"--resume: no complete checkpoint in {out / CHECKPOINT_DIR}; starting from scratch")
         else:
-            step = _restore(ckpt, model, optimizer, scheduler, reader, taid, d, cfg)
+            step = _restore(ckpt, model, optimizer, scheduler, reader, loss, d, cfg)
             _log(d, f"resumed from {ckpt} at step {step}")
     elif d.main and out.exists() and (out / METRICS_FILE).exists():
         raise CacheError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
@@ -458,7 +451,6 @@ def distill(cfg: DistillConfig) -> dict:
 
     metrics_file = open(out / METRICS_FILE, "a") if d.main else None
     batches = iter(reader)
-    tokens_per_step = cfg.batch_size * (info.manifest.seq_len - 1) * cfg.grad_accum * d.world_size
     bar = tqdm(total=total_steps, initial=step, desc=f"distill {cfg.loss}", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     last: dict = {}
@@ -466,38 +458,38 @@ def distill(cfg: DistillConfig) -> dict:
         _write_metrics(metrics_file, {"step": 0, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)})
     try:
         while step < total_steps:
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # total, kd, ce
+            sums = torch.zeros(6, dtype=torch.float64, device=device)  # total, kd, ce, kl, soft_ce; trained tokens
             for micro in range(cfg.grad_accum):
                 batch = next(batches)
                 sync = micro == cfg.grad_accum - 1 or d.world_size == 1
                 ctx = model.no_sync() if (d.world_size > 1 and not sync) else _null()
                 with ctx:
-                    parts = batch_losses(model, batch, cfg, taid.t if taid else None, device, autocast)
+                    parts = batch_losses(model, batch, cfg, loss, device, autocast)
                     (parts.total / cfg.grad_accum).backward()
-                sums += torch.stack([parts.total.detach().double(), parts.kd.detach().double(), parts.ce.detach().double()])
-                window_tokens += int(batch["target_mask"].sum()) * d.world_size
+                sums[:5] += torch.stack([parts.total.detach(), parts.kd.detach(), parts.ce.detach(), parts.kl, parts.soft_ce]).double()
+                sums[5] += batch["target_mask"].sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            means = d.all_reduce_sum(sums) / (cfg.grad_accum * d.world_size)
-            loss_value, kd_value, ce_value = (float(x) for x in means)
-            if taid is not None:  # once per optimizer step, on the rank-averaged loss: every rank agrees on t
-                taid.update(kd_value, step, total_steps)  # step = optimizer steps completed before this one
+            d.all_reduce_sum(sums)
+            loss_value, kd_value, ce_value, kl_value, soft_ce_value = (float(x) for x in sums[:5] / (cfg.grad_accum * d.world_size))
+            window_tokens += int(sums[5])  # every rank's true count: short batches and chat masks counted as they are
+            # Once per optimizer step, on the rank-averaged value: every rank's loss state agrees.
+            loss.optimizer_step(kd_value, step, total_steps)  # step = optimizer steps completed before this one
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
                 last = {
-                    "step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value,
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "kl": kl_value,
+                    "soft_ce": soft_ce_value, **loss.metrics(), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), "tokens": window_tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "epoch": reader.epoch,
                 }  # fmt: skip
-                if taid is not None:
-                    last["taid_t"] = taid.t
                 window_start, window_tokens = time.perf_counter(), 0
-                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in ("loss", "taid_t", "tokens_per_s")})
+                shown = ("loss", *loss.metrics(), "tokens_per_s")
+                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown})
                 _write_metrics(metrics_file, last)
             if eval_reader is not None and (step % cfg.eval_every == 0 or step == total_steps):
                 ev = {"step": step, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)}
@@ -506,13 +498,13 @@ def distill(cfg: DistillConfig) -> dict:
                 if d.main:
                     bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
             if step % cfg.save_every == 0 and step < total_steps:
-                state = {"step": step, "reader": reader.state_dict(), "taid": taid.state_dict() if taid else None, "total_steps": total_steps}
+                state = {"step": step, "reader": reader.state_dict(), "loss": loss.state_dict(), "total_steps": total_steps}
                 save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    state = {"step": step, "reader": reader.state_dict(), "taid": taid.state_dict() if taid else None, "total_steps": total_steps}
+    state = {"step": step, "reader": reader.state_dict(), "loss": loss.state_dict(), "total_steps": total_steps}
     save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
     if d.main:
         final = out / FINAL_DIR
@@ -533,7 +525,7 @@ def distill(cfg: DistillConfig) -> dict:
     return last
 
 
-def _restore(ckpt: Path, model, optimizer, scheduler, reader, taid, d: Dist, cfg: DistillConfig) -> int:
+def _restore(ckpt: Path, model, optimizer, scheduler, reader, loss: losses.DistillLoss, d: Dist, cfg: DistillConfig) -> int:
     from safetensors.torch import load_file
 
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -549,8 +541,7 @@ def _restore(ckpt: Path, model, optimizer, scheduler, reader, taid, d: Dist, cfg
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     reader.load_state_dict(state["reader"])
-    if taid is not None and state.get("taid"):
-        taid.load_state_dict(state["taid"])
+    loss.load_state_dict(state.get("loss") or {})
     rng = ckpt / f"rng-rank{d.rank}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
