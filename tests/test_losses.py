@@ -198,12 +198,14 @@ def reference(name, c, P_dense, Q_dense, coarse_grain, T=1.0):
 # Equivalence with the dense references
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("name", ALL)
-def test_k_equals_v_matches_dense(name):
+def test_k_equals_v_matches_dense(name, temperature):
+    """k = V: the dense loss; at temperature T, T²·D(softmax(log p / T), softmax(z / T)). Value and gradient."""
     c = make_case(n=9, v=13, k=13, seed=1)
-    got = loss_of(name, c)  # p_rest from tail_mass (fp32 noise): the empty rest bin must absorb it
+    got = loss_of(name, c, temperature=temperature)  # p_rest from tail_mass (fp32 noise): the empty rest bin absorbs it
     z_ref = c["z"].detach().clone().requires_grad_(True)
-    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=False)
+    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=False, T=temperature)
     assert got.dtype == F64
     assert abs(got.item() - want.item()) < 1e-10
     (g_got,) = torch.autograd.grad(got, c["z"])
@@ -219,14 +221,20 @@ def test_k_equals_v_ce_matches_dense():
     assert abs(parts.total.item() - (parts.kd + 0.3 * parts.ce).item()) < 1e-12
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 @pytest.mark.parametrize("name", ALL)
-def test_k_less_than_v_matches_coarse_grained(name):
+def test_k_less_than_v_matches_coarse_grained(name, temperature):
+    """k < V: the loss between the coarse-grained k+1 bin distributions; at temperature T the bins (the tail one
+    category) are tempered on both sides, then the loss times T². Value and gradient."""
     c = make_case(n=10, v=17, k=5, seed=3)
-    Q = torch.softmax(c["z"], -1)
-    want = reference(name, c, c["logp"].exp(), Q, coarse_grain=True)
-    exact = loss_of(name, c, p_rest=c["p_rest64"])  # float64 tail: exact
+    z_ref = c["z"].detach().clone().requires_grad_(True)
+    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=True, T=temperature)
+    exact = loss_of(name, c, p_rest=c["p_rest64"], temperature=temperature)  # float64 tail: exact
     assert abs(exact.item() - want.item()) < 1e-10
-    cached = loss_of(name, c)  # tail_mass (fp32) as the cache defines it
+    (g_got,) = torch.autograd.grad(exact, c["z"])
+    (g_want,) = torch.autograd.grad(want, z_ref)
+    assert torch.allclose(g_got, g_want, atol=1e-10, rtol=0)
+    cached = loss_of(name, c, temperature=temperature)  # tail_mass (fp32) as the cache defines it
     assert abs(cached.item() - want.item()) < 1e-6
 
 
@@ -663,34 +671,6 @@ def test_mixture_weights_are_passed_through():
 
 # ---------------------------------------------------------------------------------------------------------
 # Temperature, and the numbers every loss reports beside its own
-
-
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-@pytest.mark.parametrize("name", ALL)
-def test_temperature_k_equals_v_is_the_dense_tempered_loss(name, temperature):
-    """k = V, p_rest = 0: T²·D(softmax(log p / T), softmax(z / T)) over the vocabulary, value and gradient."""
-    c = make_case(n=9, v=13, k=13, seed=21)
-    got = loss_of(name, c, p_rest=torch.zeros(9, dtype=F64), temperature=temperature)
-    z_ref = c["z"].detach().clone().requires_grad_(True)
-    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=False, T=temperature)
-    assert abs(got.item() - want.item()) < 1e-10
-    (g_got,) = torch.autograd.grad(got, c["z"])
-    (g_want,) = torch.autograd.grad(want, z_ref)
-    assert torch.allclose(g_got, g_want, atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-@pytest.mark.parametrize("name", ALL)
-def test_temperature_k_less_than_v_tempers_the_bins(name, temperature):
-    """k < V: the k+1 bins (the tail one category) tempered on both sides, then the loss, times T²."""
-    c = make_case(n=10, v=17, k=5, seed=22)
-    z_ref = c["z"].detach().clone().requires_grad_(True)
-    want = reference(name, c, c["logp"].exp(), torch.softmax(z_ref, -1), coarse_grain=True, T=temperature)
-    got = loss_of(name, c, p_rest=c["p_rest64"], temperature=temperature)
-    assert abs(got.item() - want.item()) < 1e-10
-    (g_got,) = torch.autograd.grad(got, c["z"])
-    (g_want,) = torch.autograd.grad(want, z_ref)
-    assert torch.allclose(g_got, g_want, atol=1e-10, rtol=0)
 
 
 def test_temperature_one_is_exactly_the_untempered_loss():
