@@ -239,3 +239,17 @@ def test_metrics_report_kl_and_soft_ce_beside_the_loss(tmp_path, small_cache, st
     assert all(m["soft_ce"] > m["kl"] > 0 for m in train)
     evals = [m for m in metrics(out) if "eval_kl" in m]
     assert evals and all(m["eval_soft_ce"] > m["eval_kl"] > 0 for m in evals)
+
+
+def test_distill_help_lists_every_registered_loss_and_the_loss_options():
+    from train.losses import LOSSES
+
+    result = CliRunner().invoke(app, ["distill", "--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    text = "".join(result.output.replace("│", "").split())  # rich wraps the help column in a box: compare bare
+    for name, cls in LOSSES.items():
+        entry = "".join(f"{name}: {cls.summary}".split())
+        assert entry in text, name  # `ce` included (it was missing from a hand-written list)
+    for flag in ("--temperature", "--ce-weight", "--js-beta", "--skew-alpha", "--atkd-alpha", "--taid-t-start"):
+        assert flag in text, flag
+    assert text.index("--student") < text.index("--temperature")  # the run's own options first

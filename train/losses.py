@@ -711,12 +711,9 @@ def fit_metrics(batch: KDBatch, student_logits: Tensor) -> FitTerms:
 # once, here, and the CLI shows it as --field-name. (Field names are global across losses: two losses share an
 # option by sharing its dataclass.)
 TEMPERATURE_HELP = (
-    "Distillation temperature T (every loss). Both sides are tempered on the k+1 bins: the teacher's top-k "
-    "log-probs and its tail bin (p_rest, one bin), and the student's log-probs on the same bins, each at T = 1, "
-    "become log_softmax(log b / T) over the k+1 bins; the KD term is scaled by T². The tail is tempered as one "
-    "category because the cache holds only its total mass: with k = V this is exactly softmax(z / T), with k < V "
-    "the tempered coarse-grained distribution (which puts less mass on the tail than coarse-graining the "
-    "tempered distribution would for T > 1). CE on the true tokens, kl and soft_ce stay at T = 1."
+    "Distillation temperature T (every loss): both sides' k+1 bins (the top-k and the tail as one bin, each at "
+    "T = 1) become log_softmax(log b / T) and the KD term is scaled by T²; with k = V exactly softmax(z / T). CE on "
+    "the true tokens, kl and soft_ce stay at T = 1 (README: Temperature)."
 )
 
 

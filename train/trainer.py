@@ -30,11 +30,9 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 
 
-@dataclass(kw_only=True)
-class DistillConfig(losses.LossOptions):
-    """Stage two's settings; each field with `option(...)` is also a `pipeline distill` option. The loss options
-    (temperature, ce_weight and each loss's own) are inherited from losses.LossOptions, where the registered losses
-    declare them."""
+@dataclass
+class RunOptions:
+    """Stage two's own settings; each field with `option(...)` is also a `pipeline distill` option."""
 
     student: str = option(
         help="Student: a HF model dir/id with weights, or a config (config.json, or a dir with only a config) to "
@@ -74,6 +72,14 @@ class DistillConfig(losses.LossOptions):
         "one extra hidden-by-vocabulary product per step. Heads that are not a plain linear layer (logit soft-capping "
         "or scaling) fall back to the full-logits loss with a message.",
     )
+
+
+
+@dataclass
+class DistillConfig(losses.LossOptions, RunOptions):
+    """Stage two's settings: the run's (RunOptions) and every registered loss's options (losses.LossOptions:
+    temperature, ce_weight and each loss's own, declared by the losses). Bases in this order put the run's fields
+    first (dataclass fields follow the reversed MRO), as `pipeline distill --help` lists them."""
 
     def validate(self) -> None:
         losses.build_loss(self.loss, self)  # raises on an unknown name or an option out of range
