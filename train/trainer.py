@@ -74,7 +74,6 @@ class RunOptions:
     )
 
 
-
 @dataclass
 class DistillConfig(losses.LossOptions, RunOptions):
     """Stage two's settings: the run's (RunOptions) and every registered loss's options (losses.LossOptions:
