@@ -266,13 +266,18 @@ class CacheReader:
             "cache_fingerprint": self.info.fingerprint(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size"):
+    def load_state_dict(self, state: dict, reshard: bool = False) -> None:
+        """Continue where ``state`` was taken. With ``reshard``, ``state`` may come from another world size: the
+        position becomes the same epoch after as many samples as all ranks had consumed together, split anew (the
+        exact samples of the rest of that epoch differ from a run that kept its world size)."""
+        for key in ("seed", "batch_size") + (() if reshard else ("world_size",)):
             if state[key] != getattr(self, key):
                 raise CacheError(f"cannot resume the reader: {key} was {state[key]}, now {getattr(self, key)}")
         if state["cache_fingerprint"] != self.info.fingerprint():
             raise CacheError("cannot resume the reader: the cache changed since the checkpoint")
         self.epoch, self.consumed = state["epoch"], state["consumed"]
+        if state["world_size"] != self.world_size:
+            self.consumed = min(state["consumed"] * state["world_size"] // self.world_size, self.samples_per_rank)
 
 
 class _DecodedWindow:
