@@ -217,7 +217,7 @@ CONFIG_COMMANDS: dict[str, tuple[Callable[[], type], Callable, str]] = {
     ),
     "distill": (
         _distill_config, _run_distill,
-        "Train a student on a teacher cache. Multi-GPU: `torchrun --nproc-per-node N -m pipeline distill ...`.",
+        "Train a student on a teacher cache. Several GPUs or nodes: `torchrun --nproc-per-node N --no-python pipeline distill ... [--parallel fsdp]`.",
     ),
     "generate": (
         _generate_config, _run_generate,

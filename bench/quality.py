@@ -58,7 +58,7 @@ ECE_BINS = 15
 # Written last, so their presence means "finished": what --resume keeps after an interruption.
 BUILD_RECORD = "build.json"  # in the caches folder: what they were built for and what each cost
 SCORES_FILE = "scores.json"  # in a run's folder: its timings and held-out scores
-DENSE = "dense"  # the loss name of the online reference run (not a trainer loss: see online_dense_kd)
+DENSE = "dense"  # the loss name of the online reference run (not a trainer loss: see LiveDenseTeacher)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,35 +334,33 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float
 # Online dense KD: the trainer's loop with the teacher's full distribution computed live
 
 
-@contextlib.contextmanager
-def online_dense_kd(teacher):
-    """While active, :func:`train.trainer.distill` trains on the live teacher's full-vocabulary forward KL.
+class LiveDenseTeacher(trainer.TeacherSignal):
+    """The teacher signal of the online dense KD run: the live teacher's full-vocabulary distribution.
 
-    The trainer computes every training loss through ``train.trainer.batch_losses``; swapping that one
-    function makes the online reference share everything else with the cached runs by construction:
-    student loading, optimizer, schedule, batch order (the cache's input_ids; its teacher columns are
-    ignored), evaluation, metrics and timing. The student forward is the trainer's own
-    (``_student_forward``); only the source of the teacher distribution differs.
+    Plugged into :func:`train.trainer.distill`, it shares everything else with the cached runs by construction:
+    student loading, optimizer, schedule, batch order (the cache's input_ids; its teacher columns are ignored),
+    the student forward, evaluation, metrics and timing. The run's loss (fkl) is applied to the full vocabulary
+    instead of the k+1 bins; its kl and soft_ce are the full-vocabulary ones.
     """
 
-    def dense_batch_losses(model, batch, cfg, loss, device, autocast) -> losses.KDLossOutput:
-        logits, cached = trainer._student_forward(model, batch, device, autocast)
-        input_ids = batch["input_ids"].to(device)
-        with torch.no_grad(), autocast:
-            teacher_logits = teacher(input_ids=input_ids[:, :-1], use_cache=False).logits
-        log_p = torch.log_softmax(teacher_logits[batch["target_mask"].to(device)].float(), dim=-1)
-        log_q = torch.log_softmax(logits, dim=-1)
-        kd = losses.forward_kl(log_p, log_q).mean()  # positions are already the trained ones
-        ce = losses.cross_entropy(log_q.gather(-1, cached.target_ids[:, None]).squeeze(-1)).mean()
-        soft_ce = losses.soft_cross_entropy(log_p, log_q.detach()).mean()
-        return losses.KDLossOutput(loss.combine(kd, ce), kd, ce, kd.detach(), soft_ce)
+    takes_fused_bins = False  # the full distribution needs the student's logits
 
-    original = trainer.batch_losses
-    trainer.batch_losses = dense_batch_losses
-    try:
-        yield
-    finally:
-        trainer.batch_losses = original
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def loss(self, loss: losses.DistillLoss, student: trainer.StudentView) -> losses.KDLossOutput:
+        with torch.no_grad(), student.autocast:
+            teacher_logits = self.teacher(input_ids=student.input_ids[:, :-1], use_cache=False).logits
+        log_p = torch.log_softmax(teacher_logits[student.mask].float(), dim=-1)
+        log_q = torch.log_softmax(student.logits, dim=-1)
+        bins = losses.Bins(log_p, log_q)  # every token its own bin
+        batch = student.cached.flat()  # positions are already the trained ones
+        kd = loss.divergence(bins, batch)
+        ce = losses.masked_mean(losses.cross_entropy(log_q.gather(-1, batch.target_ids[:, None]).squeeze(-1)), batch.mask)
+        with torch.no_grad():
+            kl = losses.masked_mean(losses.forward_kl(log_p, log_q), batch.mask)
+            soft_ce = losses.masked_mean(losses.soft_cross_entropy(log_p, log_q), batch.mask)
+        return losses.KDLossOutput(loss.combine(kd, ce), kd, ce, kl, soft_ce)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -390,8 +388,7 @@ def train_run(run: Run, material: Material, caches: Caches, s: Settings, root: P
         device=s.device, progress=False,
     )  # fmt: skip
     started = time.perf_counter()
-    with online_dense_kd(teacher) if run.loss == DENSE else contextlib.nullcontext():
-        last = distill(cfg)
+    last = distill(cfg, teacher=LiveDenseTeacher(teacher) if run.loss == DENSE else None)
     seconds = time.perf_counter() - started
     shutil.rmtree(out / CHECKPOINT_DIR)  # ~0.6 GB of optimizer state per real run; only final/ is scored
     return {

@@ -1,4 +1,16 @@
-"""Stage two: train a student on a teacher cache (single process or torchrun DDP)."""
+"""Stage two: train a student on a teacher cache, as a recipe over components.
+
+:class:`Recipe` (``distill(cfg)`` runs one) puts together:
+
+- setup: the student (:func:`load_student`), AdamW and the warmup + cosine schedule (:func:`schedule`, a pure
+  function of the config and the step), the data (:class:`~train.reader.CacheReader`, one slice per rank), the loss
+  (``losses.build_loss``: the recipe never names one) and where the teacher's side of the loss comes from
+  (:class:`TeacherSignal`; the cache's columns by default, a live teacher in bench/quality.py);
+- the step (:meth:`Recipe.train_step`): forward + loss per micro-batch, backward, clip, optimizer step; a
+  non-finite loss or gradient norm stops the run (or is skipped, up to ``--skip-nonfinite-steps``);
+- checkpoints (train/checkpoint.py) and the final ``save_pretrained`` folder;
+- a parallelism strategy (train/parallel.py, ``--parallel none|ddp|fsdp``) that owns everything distributed.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +24,23 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from cache.format import TOKENIZER_DIR, fsync_dir
+from cache.format import TOKENIZER_DIR
 from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
 from cache.options import option
-from train import fused, losses
+from train import checkpoint, fused, losses
+from train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
+from train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
 from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
-CHECKPOINT_DIR = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"  # written last: a checkpoint without it is ignored
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+MEMORY_FILE = "memory.json"
 
 
 @dataclass
@@ -59,11 +72,25 @@ class RunOptions:
     eval_every: int = option(200, "Evaluate every N optimizer steps (and at the end).")
     eval_sequences: int = option(64, "Sequences held out from the end of the cache for eval (0: none).")
     eval_cache: Path | None = option(None, "Evaluate on this cache instead of a held-out part.")
-    eval_at_start: bool = option(False, "Also evaluate the untrained student (step 0).")
+    eval_at_start: bool = option(True, "Also evaluate the untrained student (step 0): the 'before' of the summary.")
     log_every: int = option(10, "Write metrics every N steps.")
     resume: bool = option(False, "Continue from the latest complete checkpoint in --out.")
+    allow_config_change: bool = option(
+        False,
+        "With --resume: accept options that change training (each difference is listed). The learning-rate "
+        "schedule is rebuilt for the new options from the current step; distill_config.json and lineage.json "
+        "record what runs.",
+    )
+    skip_nonfinite_steps: int = option(
+        0, "Skip up to N optimizer steps whose loss or gradient norm is not finite (no update); 0: stop at the first."
+    )
     allow_vocab_superset: bool = option(False, "Accept a student tokenizer that extends the teacher's with the same ids.")
     device: str = option("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N.")
+    parallel: str = option(
+        "auto",
+        "auto: ddp under torchrun, else none | none: one process | ddp: every rank holds the whole model | fsdp: "
+        "FSDP2, parameters, gradients and optimizer state sharded over the ranks (per decoder layer).",
+    )
     progress: bool = option(True, "Show a progress bar.")
     fused_loss: bool = option(
         False,
@@ -89,42 +116,14 @@ class DistillConfig(losses.LossOptions, RunOptions):
             raise ValueError("give --max-steps or a positive --epochs")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError("--precision must be auto, bf16 or fp32")
+        if self.parallel not in PARALLEL_CHOICES:
+            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError("--skip-nonfinite-steps must be >= 0")
 
-
-# --------------------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values
-
-
-def init_distributed(device_pref: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device_pref != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_pref == "auto":
-        device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_pref)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return d, device
+    def record(self) -> dict:
+        """The config as JSON values (what distill_config.json and each checkpoint hold)."""
+        return json.loads(json.dumps(asdict(self), default=str))
 
 
 # -------------------------------------------------------------------------------------------- model
@@ -167,9 +166,67 @@ def load_student_tokenizer(spec: str, info: CacheInfo):
     return AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR)
 
 
-# ------------------------------------------------------------------------------------------- losses
+def schedule(optimizer, cfg: DistillConfig, total_steps: int, step: int = 0):
+    """Linear warmup then cosine decay to 0 at ``total_steps``, positioned after ``step`` optimizer steps.
+
+    A pure function of (config, step): a resumed run rebuilds it rather than loading it, so the learning rate at
+    step N is always the one the configuration in force says (what --allow-config-change relies on).
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps, last_epoch=step - 1)
+
+
+def make_optimizer(model, cfg: DistillConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda",
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- teacher signal
+class StudentView(NamedTuple):
+    """The student on one micro-batch, at its M trained positions, and what the batch holds there.
+
+    ``logits`` [M, V] fp32, or with the fused loss ``bins`` (train/fused.py: no [M, V] tensor); exactly one is set.
+    ``cached``: the cache's teacher columns at those positions (KDBatch; its ``target_ids`` are the true tokens).
+    ``input_ids`` [B, L] and ``mask`` [B, L-1] locate the positions, for a teacher that runs on the tokens.
+    """
+
+    logits: Optional[torch.Tensor]
+    bins: Optional[losses.StudentBins]
+    cached: losses.KDBatch
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    autocast: object
+
+
+class TeacherSignal:
+    """Where the teacher's side of the training loss comes from (eval always scores against the cache).
+
+    The default reads the cache's top-k columns. Another source (a live teacher: bench/quality.py's online dense
+    KD) subclasses this and passes itself to ``distill(cfg, teacher=...)``; it may refuse fused student bins with
+    ``takes_fused_bins = False`` (it then gets logits).
+    """
+
+    takes_fused_bins = True
+
+    def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
+        if student.bins is not None:
+            return loss(student.cached, student=student.bins)
+        return loss(student.cached, student.logits)
+
+
+CACHED_TEACHER = TeacherSignal()
+
+
+# ------------------------------------------------------------------------------------ the forward
 def _teacher_at(batch: dict, input_ids: torch.Tensor, mask: torch.Tensor, device) -> losses.KDBatch:
-    """The teacher data at the M trained positions (``mask``) of the batch."""
+    """The cache's teacher data at the M trained positions (``mask``) of the batch."""
     support_ids = batch["topk_ids"].to(device, non_blocking=True)[mask].long()  # the reader keeps int32
     return losses.KDBatch(
         support_ids=support_ids,
@@ -180,41 +237,35 @@ def _teacher_at(batch: dict, input_ids: torch.Tensor, mask: torch.Tensor, device
     )
 
 
-def _student_forward(
-    model, batch: dict, device, autocast, *, fused_bins: bool = False, include_target: bool = False,
-    verify_head: bool = False,
-) -> tuple[torch.Tensor | losses.StudentBins, losses.KDBatch]:  # fmt: skip
-    """The student at the M trained positions of the batch, and the teacher data there.
-
-    Default: the logits [M, V] (fp32). With ``fused_bins``: :class:`losses.StudentBins` on the teacher's support
-    (plus the true token as an extra column with ``include_target``, as ATKD needs) from the chunked head of
-    train/fused.py, so no [M, V] tensor exists. That raises fused.UnsplittableHead for a student whose head cannot
-    be split off; ``verify_head`` also checks the numbers (once per model is enough).
-    """
-    if fused_bins:
-        head, teacher = _student_head(model, batch, device, autocast, verify_head)
-        with autocast:  # the head's products then run in the autocast dtype, as the model's own head would
-            bins = fused.fused_student_bins(
-                head.hidden, head.weight, teacher.support_ids, teacher.target_ids, bias=head.bias,
-                include_target=include_target,
-            )  # fmt: skip
-        return bins, teacher
+def student_view(
+    model, batch: dict, device, autocast, *, fused_bins: bool = False, include_target: bool = False
+) -> StudentView:
+    """Forward the student on one batch: :class:`StudentView` with logits, or fused bins (``fused_bins``; plus the
+    true token as an extra column with ``include_target``, for losses that need it). A student whose head does not
+    split off gets logits (with one message), see :func:`_on_fused_path`."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["target_mask"].to(device, non_blocking=True)
+    cached = _teacher_at(batch, input_ids, mask, device)
+    if fused_bins:
+        head = _on_fused_path(model, lambda verify: _head_inputs(model, input_ids, mask, autocast, verify))
+        if head is not None:
+            with autocast:  # the head's products then run in the autocast dtype, as the model's own head would
+                bins = fused.fused_student_bins(
+                    head.hidden, head.weight, cached.support_ids, cached.target_ids, bias=head.bias,
+                    include_target=include_target,
+                )  # fmt: skip
+            return StudentView(None, bins, cached, input_ids, mask, autocast)
     with autocast:
         logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
     # Only trained positions enter the loss: padding and prompt tokens cost no loss compute.
-    logits = logits[mask].float()
-    return logits, _teacher_at(batch, input_ids, mask, device)
+    return StudentView(logits[mask].float(), None, cached, input_ids, mask, autocast)
 
 
-def _student_head(model, batch: dict, device, autocast, verify: bool) -> tuple[fused.HeadInputs, losses.KDBatch]:
-    """What the student's output layer sees at the M trained positions (hidden [M, d], W, b), and the teacher data."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
-    mask = batch["target_mask"].to(device, non_blocking=True)
+def _head_inputs(model, input_ids, mask, autocast, verify: bool) -> fused.HeadInputs:
+    """What the student's output layer sees at the M trained positions: (hidden [M, d], W, b)."""
     with autocast:
         head = fused.lm_head_inputs(model, verify=verify, input_ids=input_ids[:, :-1], use_cache=False)
-    return head._replace(hidden=head.hidden[mask]), _teacher_at(batch, input_ids, mask, device)
+    return head._replace(hidden=head.hidden[mask])
 
 
 # Per student: whether its head splits off for the fused loss (absent: not tried yet). Decided on the first fused
@@ -224,7 +275,7 @@ _FUSED_HEAD_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _on_fused_path(model, run):
     """``run(verify_head)`` if the student's head splits off, else None (the caller takes the logits path)."""
-    key = unwrap(model)
+    key = getattr(model, "module", model)
     ok = _FUSED_HEAD_OK.get(key)
     if ok is False:
         return None
@@ -240,24 +291,18 @@ def _on_fused_path(model, run):
 
 
 def batch_losses(
-    model, batch: dict, cfg: DistillConfig, loss: losses.DistillLoss, device, autocast
-) -> losses.KDLossOutput:
-    """Forward the student on one batch; return ``loss``'s training loss and its parts."""
-    if cfg.fused_loss:
-        found = _on_fused_path(
-            model,
-            lambda verify: _student_forward(
-                model, batch, device, autocast, fused_bins=True, include_target=loss.needs_target_column,
-                verify_head=verify,
-            ),  # fmt: skip
-        )
-        if found is not None:
-            bins, teacher = found
-            return loss(teacher, student=bins)
-    logits, teacher = _student_forward(model, batch, device, autocast)
-    return loss(teacher, logits)
+    model, batch: dict, cfg: DistillConfig, loss: losses.DistillLoss, device, autocast,
+    teacher: TeacherSignal = CACHED_TEACHER,
+) -> losses.KDLossOutput:  # fmt: skip
+    """Forward the student on one batch; return ``loss``'s training loss and its parts, against ``teacher``."""
+    view = student_view(
+        model, batch, device, autocast, fused_bins=cfg.fused_loss and teacher.takes_fused_bins,
+        include_target=loss.needs_target_column,
+    )  # fmt: skip
+    return teacher.loss(loss, view)
 
 
+# ------------------------------------------------------------------------------------------- eval
 # Eval on the fused path forms logits for blocks of positions of at most this many floats (256 MB in fp32).
 EVAL_BLOCK_ELEMENTS = 1 << 26
 
@@ -265,13 +310,17 @@ EVAL_BLOCK_ELEMENTS = 1 << 26
 def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
     """``(logits, teacher)`` pieces of one eval batch: the whole batch, or with ``fused_loss`` blocks of positions
     whose logits are formed from the head's inputs one block at a time (eval then never holds [M, V] either)."""
-    found = None
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["target_mask"].to(device, non_blocking=True)
+    teacher = _teacher_at(batch, input_ids, mask, device)
+    head = None
     if fused_loss:
-        found = _on_fused_path(model, lambda verify: _student_head(model, batch, device, autocast, verify))
-    if found is None:
-        yield _student_forward(model, batch, device, autocast)
+        head = _on_fused_path(model, lambda verify: _head_inputs(model, input_ids, mask, autocast, verify))
+    if head is None:
+        with autocast:
+            logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
+        yield logits[mask].float(), teacher
         return
-    head, teacher = found
     columns = {f.name: getattr(teacher, f.name) for f in fields(teacher)}
     rows = max(1, EVAL_BLOCK_ELEMENTS // head.weight.shape[0])
     for start in range(0, head.hidden.shape[0], rows):
@@ -282,283 +331,387 @@ def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
 
 
 @torch.no_grad()
-def evaluate(model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False) -> dict:
+def evaluate(
+    model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False, lockstep: bool = False
+) -> dict:
     """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins and its cross-entropy form (soft CE = KL +
     the teacher's entropy on the bins), top-1 agreement; token-weighted, whatever the training loss.
 
     ``fused_loss``: bound the memory as the fused training loss does (the same numbers, up to rounding).
+    ``lockstep``: every rank runs as many forwards as the rank with the most eval batches (FSDP's forwards are
+    collectives); the extra ones are on one dummy token and count nothing.
     """
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, soft_ce, agree, tokens
+    forwards = 0
     for batch in reader.iter_epoch(0):
+        forwards += 1
         for logits, teacher in _eval_blocks(model, batch, device, autocast, fused_loss):
             n = logits.shape[0]
             if n == 0:
                 continue
             fit = losses.fit_metrics(teacher, logits)
             agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
-            totals += torch.stack([fit.ce.double() * n, fit.kl.double() * n, fit.soft_ce.double() * n, agree.double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
-    d.all_reduce_sum(totals)
+            totals += torch.stack([fit.ce * n, fit.kl * n, fit.soft_ce * n, agree, torch.tensor(n, device=device)]).double()
+    if lockstep:
+        most = d.all_reduce(torch.tensor([forwards], device=device), op=torch.distributed.ReduceOp.MAX)
+        for _ in range(int(most.item()) - forwards):
+            with autocast:
+                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+    d.all_reduce(totals)
     model.train()
     n = max(totals[4].item(), 1.0)
     ce, kl, soft_ce, top1 = (x / n for x in totals[:4].tolist())
     return {"eval_ce": ce, "eval_kl": kl, "eval_soft_ce": soft_ce, "eval_top1": top1, "eval_tokens": int(totals[4].item())}
 
 
-# -------------------------------------------------------------------------------------- checkpoints
-def _checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / CHECKPOINT_DIR
-    if not root.exists():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARKER).exists()]
-    return sorted(done, key=lambda p: int(p.name.removeprefix("step-")))
+# -------------------------------------------------------------------------------------- resuming
+# Options that do not change what is trained (where output goes, how often to log, which machinery runs it).
+RESUME_FREE = frozenset({
+    "out", "resume", "progress", "device", "log_every", "eval_every", "eval_cache", "eval_at_start", "save_every",
+    "keep_checkpoints", "parallel", "fused_loss", "allow_config_change", "skip_nonfinite_steps",
+    "allow_vocab_superset",
+})  # fmt: skip
+# Options a run cannot change midway: they fix the student, the data or its order.
+RESUME_FIXED = frozenset({"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences"})
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    dirs = _checkpoint_dirs(out)
-    return dirs[-1] if dirs else None
+def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(differences --allow-config-change may accept, differences no resume can take), one line each."""
+    allowed, fixed = [], []
+    for name in sorted(set(saved) | set(now)):
+        if name in RESUME_FREE:
+            continue
+        old, new = saved.get(name), now.get(name)
+        if name in ("student", "cache") and old is not None and new is not None and Path(old).exists():
+            old, new = str(Path(old).resolve()), str(Path(new).resolve())
+        if old == new:
+            continue
+        line = f"--{name.replace('_', '-')}: {old} in the checkpoint, {new} now"
+        if name in ("max_steps", "epochs"):
+            line += (
+                " (the cosine schedule was built for the checkpoint's length and reaches learning rate 0 at its end; "
+                "--allow-config-change rebuilds it for the new length from the current step)"
+            )
+        (fixed if name in RESUME_FIXED else allowed).append(line)
+    return allowed, fixed
 
 
-def _rng_state() -> dict:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+class NonFiniteStep(CacheError):
+    """A training step with a non-finite loss or gradient norm, beyond --skip-nonfinite-steps."""
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# ------------------------------------------------------------------------------------------ recipe
+class Recipe:
+    """One distill run: :meth:`setup`, then :meth:`run` (the loop over :meth:`train_step`, evals, checkpoints)."""
+
+    def __init__(self, cfg: DistillConfig, teacher: TeacherSignal | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.teacher = teacher or CACHED_TEACHER
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        _quiet_transformers()
+        d, self.device = init_processes(cfg.device)
+        self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
+        self.d = d
+        self.info = info = load_cache(cfg.cache)
+        self.tokenizer = load_student_tokenizer(cfg.student, info)
+        check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
+        self._setup_data()
+        self.steps_per_epoch = max(1, self.reader.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = load_student(cfg.student, info, cfg.seed).to(self.device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model.train()
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.model = self.strategy.wrap(model, bf16=use_bf16)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.loss = losses.build_loss(cfg.loss, cfg)
+        self.step, self.skipped, self.tokens_seen, self.config_changes = 0, 0, 0, []
+        self.before: dict | None = None
+
+    def _setup_data(self) -> None:
+        cfg, d, info = self.cfg, self.d, self.info
+        chunks = plan_chunks(info)
+        if cfg.eval_cache is not None:
+            eval_info = load_cache(cfg.eval_cache)
+            if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
+                raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
+            train_chunks, eval_source, eval_chunks = chunks, eval_info, None
+        else:
+            train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
+            eval_source = info
+        self.reader = CacheReader(
+            info, cfg.batch_size, chunks=train_chunks, seed=cfg.seed, shuffle_rows=cfg.shuffle_rows,
+            rank=d.rank, world_size=d.world_size, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+        self.eval_reader = None
+        if eval_chunks or cfg.eval_cache is not None:
+            self.eval_reader = CacheReader(
+                eval_source, cfg.batch_size, chunks=eval_chunks, shuffle=False,
+                rank=d.rank, world_size=d.world_size, drop_remainder=False,
+            )  # fmt: skip
+
+    def resume(self) -> None:
+        """Continue from the newest usable checkpoint, after comparing its configuration with this one."""
+        cfg, d = self.cfg, self.d
+        restored = checkpoint.load_latest(cfg.out, self.strategy, self.model, self.optimizer)
+        if restored is None:
+            _log(d, f"--resume: no complete checkpoint in {cfg.out / CHECKPOINT_DIR}; starting from scratch")
+            return
+        allowed, fixed = config_differences(restored.config, cfg.record())
+        if fixed:
+            raise CacheError(
+                f"cannot resume {restored.path} with these changes: " + "; ".join(fixed + allowed)
+                + ". They fix the student, the data or its order; start a new run (another --out)."
+            )
+        if allowed and not cfg.allow_config_change:
+            raise CacheError(
+                f"--resume: the configuration differs from {restored.path}'s, in ways that change training: "
+                + "; ".join(allowed) + ". Resume with the checkpoint's options, or pass --allow-config-change."
+            )
+        state = restored.trainer_state
+        self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.config_changes = list(state.get("config_changes", []))
+        if allowed:
+            self.config_changes.append({"step": self.step, "changes": allowed})
+            _log(d, "warning: --allow-config-change: from step " + f"{self.step}: " + "; ".join(allowed))
+        if restored.world_size != d.world_size:
+            _log(
+                d, f"warning: the checkpoint was written by {restored.world_size} ranks, this run has "
+                f"{d.world_size}: parameters and optimizer state reshard exactly; the global batch is now "
+                f"{cfg.batch_size * cfg.grad_accum * d.world_size} sequences, and the data continues at the same "
+                "epoch after as many sequences as were consumed (each rank read a contiguous slice of the epoch's "
+                "order, so the split of the rest differs)",
+            )  # fmt: skip
+        self.reader.load_state_dict(state["reader"], reshard=True)
+        if state.get("loss_name", cfg.loss) == cfg.loss:
+            self.loss.load_state_dict(state.get("loss") or {})
+        self.before = state.get("before")
+        _log(d, f"resumed from {restored.path} at step {self.step}")
+
+    # -------------------------------------------------------------------------------------- step
+    def train_step(self, batches) -> dict | None:
+        """One optimizer step over ``grad_accum`` micro-batches; the rank-averaged numbers, or None if skipped."""
+        cfg, d, strategy, model = self.cfg, self.d, self.strategy, self.model
+        accum = cfg.grad_accum
+        sums = torch.zeros(5 + accum + 1, dtype=torch.float64, device=self.device)  # parts, bad micro-batches, bad norm
+        tokens = 0
+        for micro in range(accum):
+            batch = next(batches)
+            with strategy.accumulating(model, last=micro == accum - 1):
+                parts = batch_losses(model, batch, cfg, self.loss, self.device, self.autocast, self.teacher)
+                (parts.total / accum).backward()
+            values = torch.stack([parts.total.detach(), parts.kd.detach(), parts.ce.detach(), parts.kl, parts.soft_ce])
+            sums[:5] += values.double()
+            sums[5 + micro] = (~torch.isfinite(values[0])).double()
+            tokens += int(batch["target_mask"].sum())
+        grad_norm = strategy.clip_grad_norm(model, cfg.grad_clip)
+        sums[-1] = (~torch.isfinite(grad_norm)).double()
+        d.all_reduce(sums)  # one collective per step: the losses and every rank's verdict
+        if sums[5:].any():
+            self._nonfinite(sums[5:-1], bool(sums[-1]), float(sums[0]))
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value, kd, ce, kl, soft_ce = (float(x) for x in sums[:5] / (accum * d.world_size))
+        # Once per optimizer step, on the rank-averaged value: every rank's loss state agrees.
+        self.loss.optimizer_step(kd, self.step, self.total_steps)  # step = optimizer steps completed before this one
+        self.step += 1
+        self.tokens_seen += tokens * d.world_size  # every rank's batches hold the same count only on average
+        return {
+            "step": self.step, "loss": loss_value, "kd": kd, "ce": ce, "kl": kl, "soft_ce": soft_ce,
+            **self.loss.metrics(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "epoch": self.reader.epoch, "tokens": tokens * d.world_size,
+        }  # fmt: skip
+
+    def _nonfinite(self, bad_micro: torch.Tensor, bad_norm: bool, loss_sum: float) -> None:
+        cfg = self.cfg
+        where = [str(i + 1) for i, bad in enumerate(bad_micro.tolist()) if bad]
+        what = (
+            f"non-finite loss ({loss_sum}) in micro-batch {', '.join(where)} of {cfg.grad_accum}"
+            if where else "non-finite gradient norm"
+        )  # fmt: skip
+        if self.skipped < cfg.skip_nonfinite_steps:
+            self.skipped += 1
+            _log(self.d, f"warning: step {self.step + 1}: {what}; skipped without an update "
+                 f"({self.skipped} of --skip-nonfinite-steps {cfg.skip_nonfinite_steps})")  # fmt: skip
+            return
+        last = latest_checkpoint(cfg.out)
+        kept = f"the last good checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was written yet"
+        raise NonFiniteStep(
+            f"step {self.step + 1}: {what}; stopped before the optimizer update, nothing saved past step {self.step}; "
+            f"{kept}. Check the cache (`pipeline verify`) and the learning rate, or pass --skip-nonfinite-steps N."
+        )
+
+    # --------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        return evaluate(
+            self.model, self.eval_reader, self.device, self.autocast, self.d, fused_loss=self.cfg.fused_loss,
+            lockstep=self.strategy.lockstep_forwards,
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------------------------- saving
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step, "reader": self.reader.state_dict(), "loss_name": self.cfg.loss,
+            "loss": self.loss.state_dict(), "total_steps": self.total_steps, "skipped": self.skipped,
+            "tokens_seen": self.tokens_seen, "config_changes": self.config_changes, "before": self.before,
+        }  # fmt: skip
+
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        return checkpoint.save(
+            cfg.out, self.step, self.strategy, self.model, self.optimizer, self.trainer_state(), cfg.record(),
+            cfg.keep_checkpoints,
+        )  # fmt: skip
+
+    def save_final(self) -> Path:
+        """The student as a save_pretrained folder with its tokenizer and lineage, under final/ (atomically)."""
+        cfg, d = self.cfg, self.d
+        final, tmp = cfg.out / FINAL_DIR, cfg.out / f".{FINAL_DIR}.tmp"
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.strategy.save_pretrained(self.model, tmp)  # every rank: FSDP gathers the full weights
+        if d.main:
+            self.tokenizer.save_pretrained(tmp)
+            lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
+                "student": cfg.student, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": self.info.fingerprint(),
+                "cache_teacher": self.info.manifest.teacher, "cache_lineage": self.info.manifest.lineage, "loss": cfg.loss,
+                "steps": self.step, "run_dir": str(Path(cfg.out).resolve()), "config": cfg.record(),
+                "config_changes": self.config_changes,
+            }  # fmt: skip
+            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        d.barrier()
+        return final
+
+    def _record_memory(self) -> None:
+        """Per-rank parameter and optimizer-state bytes (local shards under FSDP), to memory.json and the console."""
+        ranks = self.d.all_gather_objects(self.strategy.local_bytes(self.model, self.optimizer))
+        if not self.d.main:
+            return
+        record = {"strategy": self.strategy.name, "world_size": self.d.world_size, "ranks": ranks}
+        (self.cfg.out / MEMORY_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        mb = max(r["parameter_bytes"] for r in ranks) / 2**20, max(r["optimizer_bytes"] for r in ranks) / 2**20
+        _log(self.d, f"{self.strategy.name} on {self.d.world_size} process(es): {mb[0]:.2f} MiB of parameters and "
+             f"{mb[1]:.2f} MiB of optimizer state per rank")  # fmt: skip
+
+    # ------------------------------------------------------------------------------------- the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.setup()
+        d, out = self.d, cfg.out
+        if cfg.resume:
+            self.resume()
+        elif d.main and out.exists() and (out / METRICS_FILE).exists():
+            raise CacheError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        self.scheduler = schedule(self.optimizer, cfg, self.total_steps, self.step)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(out / METRICS_FILE, self.step)  # drop what a killed run logged past its checkpoint
+            (out / "distill_config.json").write_text(json.dumps(cfg.record(), indent=1))  # what runs from here
+        d.barrier()
+
+        metrics_file = open(out / METRICS_FILE, "a") if d.main else None
+        batches = iter(self.reader)
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc=f"distill {cfg.loss}", unit="step",
+            disable=not (cfg.progress and d.main), dynamic_ncols=True,
+        )  # fmt: skip
+        started, start_step = time.perf_counter(), self.step
+        window_start, window_tokens, window_steps = started, 0, 0
+        last: dict = {}
+        try:
+            if self.eval_reader is not None and cfg.eval_at_start and self.step == 0:
+                self.before = {"step": 0, **self.evaluate()}
+                _write_metrics(metrics_file, self.before)
+                _log(d, "step 0 (before training): " + _eval_line(self.before))
+            while self.step < self.total_steps:
+                record = self.train_step(batches)
+                if record is None:
+                    continue
+                if self.step == start_step + 1:
+                    self._record_memory()
+                step = self.step
+                bar.update(1)
+                window_tokens += record.pop("tokens")
+                window_steps += 1
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    last = {
+                        **record, "tokens_seen": self.tokens_seen, "tokens_per_s": window_tokens / elapsed,
+                        "seconds_per_step": elapsed / window_steps,
+                    }  # fmt: skip
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+                    shown = ("loss", *self.loss.metrics(), "tokens_per_s")
+                    bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown})
+                    _write_metrics(metrics_file, last)
+                if self.eval_reader is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
+                    ev = {"step": step, **self.evaluate()}
+                    last.update(ev)
+                    _write_metrics(metrics_file, ev)
+                    if d.main:
+                        bar.write(f"step {step}: " + _eval_line(ev))
+                if step % cfg.save_every == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        self.save_checkpoint()
+        final = self.save_final()
+        _log(d, f"saved the student to {final}")
+        _log(d, self.summary(last, time.perf_counter() - started, self.step - start_step))
+        return last
+
+    def summary(self, last: dict, seconds: float, steps_run: int) -> str:
+        """The run's story in a few lines: before -> after on the eval set, tokens seen, time."""
+        lines = [f"done: {self.step} steps ({steps_run} in this process), {self.tokens_seen:,} trained tokens seen, "
+                 f"{seconds:.1f} s" + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")]  # fmt: skip
+        if "eval_kl" in last:
+            names = (("eval_ce", "eval CE"), ("eval_kl", "KL"), ("eval_top1", "top-1"))
+            before = self.before or {}
+            parts = [
+                f"{label} {before[key]:.4f} -> {last[key]:.4f}" if key in before else f"{label} {last[key]:.4f}"
+                for key, label in names
+            ]
+            lines.append("eval (before -> after): " + ", ".join(parts))
+        return "\n".join(lines)
 
 
+def distill(cfg: DistillConfig, teacher: TeacherSignal | None = None) -> dict:
+    """Train the student; returns the last logged metrics. Writes checkpoints, metrics.jsonl and final/.
+
+    ``teacher``: where the teacher's side of the training loss comes from (default: the cache's columns).
+    """
+    return Recipe(cfg, teacher).run()
+
+
+# ------------------------------------------------------------------------------------------ helpers
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would interleave with ours
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, trainer_state: dict, d: Dist, keep: int) -> Path:
-    """Write step-N under a temporary name, then rename, then the COMPLETE marker (the commit point)."""
-    root = out / CHECKPOINT_DIR
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    torch.save(_rng_state(), tmp / f"rng-rank{d.rank}.pt")
-    if d.main:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-    d.barrier()
-    if d.main:
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        (final / COMPLETE_MARKER).write_text(str(step))
-        fsync_dir(final)
-        fsync_dir(root)
-        for old in _checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    d.barrier()
-    return final
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-# -------------------------------------------------------------------------------------------- train
-def distill(cfg: DistillConfig) -> dict:
-    """Train the student; returns the final metrics. Writes checkpoints, metrics.jsonl and final/."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    cfg.validate()
-    _quiet_transformers()
-    d, device = init_distributed(cfg.device)
-    info = load_cache(cfg.cache)
-    tokenizer = load_student_tokenizer(cfg.student, info)
-    check_tokenizer(info, tokenizer, cfg.allow_vocab_superset)
-
-    chunks = plan_chunks(info)
-    if cfg.eval_cache is not None:
-        eval_info = load_cache(cfg.eval_cache)
-        if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
-            raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
-        train_chunks, eval_reader_source, eval_chunks = chunks, eval_info, None
-    else:
-        train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
-        eval_reader_source = info
-    reader = CacheReader(
-        info, cfg.batch_size, chunks=train_chunks, seed=cfg.seed, shuffle_rows=cfg.shuffle_rows,
-        rank=d.rank, world_size=d.world_size, pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    eval_reader = None
-    if eval_chunks or cfg.eval_cache is not None:
-        eval_reader = CacheReader(
-            eval_reader_source, cfg.batch_size, chunks=eval_chunks, shuffle=False,
-            rank=d.rank, world_size=d.world_size, drop_remainder=False,
-        )  # fmt: skip
-
-    if reader.samples_per_rank < cfg.batch_size:
-        _log(d, f"warning: --batch-size {cfg.batch_size} is more than the {reader.samples_per_rank} training sequences "
-                f"per process in {cfg.cache}: every batch holds {reader.samples_per_rank} sequences (the metrics and "
-                "tokens/s count the tokens actually trained)")  # fmt: skip
-    steps_per_epoch = max(1, reader.batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = load_student(cfg.student, info, cfg.seed).to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    model.train()
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda",
-    )  # fmt: skip
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    loss = losses.build_loss(cfg.loss, cfg)
-
-    step = 0
-    out = cfg.out
-    if cfg.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            _log(d, f"--resume: no complete checkpoint in {out / CHECKPOINT_DIR}; starting from scratch")
-        else:
-            step = _restore(ckpt, model, optimizer, scheduler, reader, loss, d, cfg)
-            _log(d, f"resumed from {ckpt} at step {step}")
-    elif d.main and out.exists() and (out / METRICS_FILE).exists():
-        raise CacheError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(out / METRICS_FILE, step)  # drop what a killed run logged past its checkpoint
-        (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    d.barrier()
-
-    if d.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    metrics_file = open(out / METRICS_FILE, "a") if d.main else None
-    batches = iter(reader)
-    bar = tqdm(total=total_steps, initial=step, desc=f"distill {cfg.loss}", unit="step", disable=not (cfg.progress and d.main), dynamic_ncols=True)
-    window_start, window_tokens = time.perf_counter(), 0
-    last: dict = {}
-    if eval_reader is not None and cfg.eval_at_start and step == 0:
-        _write_metrics(metrics_file, {"step": 0, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)})
-    try:
-        while step < total_steps:
-            sums = torch.zeros(6, dtype=torch.float64, device=device)  # total, kd, ce, kl, soft_ce; trained tokens
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                sync = micro == cfg.grad_accum - 1 or d.world_size == 1
-                ctx = model.no_sync() if (d.world_size > 1 and not sync) else _null()
-                with ctx:
-                    parts = batch_losses(model, batch, cfg, loss, device, autocast)
-                    (parts.total / cfg.grad_accum).backward()
-                sums[:5] += torch.stack([parts.total.detach(), parts.kd.detach(), parts.ce.detach(), parts.kl, parts.soft_ce]).double()
-                sums[5] += batch["target_mask"].sum().item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            d.all_reduce_sum(sums)
-            loss_value, kd_value, ce_value, kl_value, soft_ce_value = (float(x) for x in sums[:5] / (cfg.grad_accum * d.world_size))
-            window_tokens += int(sums[5])  # every rank's true count: short batches and chat masks counted as they are
-            # Once per optimizer step, on the rank-averaged value: every rank's loss state agrees.
-            loss.optimizer_step(kd_value, step, total_steps)  # step = optimizer steps completed before this one
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                last = {
-                    "step": step, "loss": loss_value, "kd": kd_value, "ce": ce_value, "kl": kl_value,
-                    "soft_ce": soft_ce_value, **loss.metrics(), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens": window_tokens, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "epoch": reader.epoch,
-                }  # fmt: skip
-                window_start, window_tokens = time.perf_counter(), 0
-                shown = ("loss", *loss.metrics(), "tokens_per_s")
-                bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown})
-                _write_metrics(metrics_file, last)
-            if eval_reader is not None and (step % cfg.eval_every == 0 or step == total_steps):
-                ev = {"step": step, **evaluate(unwrap(model), eval_reader, device, autocast, d, fused_loss=cfg.fused_loss)}
-                last.update(ev)
-                _write_metrics(metrics_file, ev)
-                if d.main:
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float)))
-            if step % cfg.save_every == 0 and step < total_steps:
-                state = {"step": step, "reader": reader.state_dict(), "loss": loss.state_dict(), "total_steps": total_steps}
-                save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
-    finally:
-        bar.close()
-        if metrics_file:
-            metrics_file.close()
-    state = {"step": step, "reader": reader.state_dict(), "loss": loss.state_dict(), "total_steps": total_steps}
-    save_checkpoint(out, step, model, optimizer, scheduler, state, d, cfg.keep_checkpoints)
-    if d.main:
-        final = out / FINAL_DIR
-        tmp = out / f".{FINAL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
-            "student": cfg.student, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": info.fingerprint(),
-            "cache_teacher": info.manifest.teacher, "cache_lineage": info.manifest.lineage, "loss": cfg.loss,
-            "steps": step, "run_dir": str(Path(out).resolve()),
-        }  # fmt: skip
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _log(d, f"saved the student to {final}")
-    d.barrier()
-    return last
-
-
-def _restore(ckpt: Path, model, optimizer, scheduler, reader, loss: losses.DistillLoss, d: Dist, cfg: DistillConfig) -> int:
-    from safetensors.torch import load_file
-
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    weights = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        weights.update(load_file(f))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # Tied output embeddings are saved once; anything else missing means a different student.
-    tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise CacheError(f"{ckpt}: checkpoint does not match the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    opt = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    reader.load_state_dict(state["reader"])
-    loss.load_state_dict(state.get("loss") or {})
-    rng = ckpt / f"rng-rank{d.rank}.pt"
-    if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return int(state["step"])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _eval_line(ev: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in ev.items() if isinstance(v, float))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
