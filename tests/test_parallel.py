@@ -18,7 +18,7 @@ import torch
 from train.checkpoint import latest_checkpoint
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: torchrun, pipeline
-STEPS = 40
+STEPS = 30
 
 
 def metrics(out: Path) -> list[dict]:
@@ -52,6 +52,23 @@ def torchrun(args: list[str], port: int, nproc: int = 2) -> list[str]:
     working directory (``-m pipeline`` would put it first on sys.path)."""
     return [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), "--no-python",
             str(BIN / "pipeline"), *args]  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: torchrun's workers run in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def launch(cmd: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
@@ -121,7 +138,7 @@ def test_fsdp_kill_9_resume_and_reshard_to_one_rank(runs, small_cache, student_c
     out = tmp_path / "killed"
     cmd = torchrun(distill_args(student_config, small_cache, out, "--parallel", "fsdp"), 29550)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=user_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=user_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         ckpt = latest_checkpoint(out)
@@ -129,7 +146,8 @@ def test_fsdp_kill_9_resume_and_reshard_to_one_rank(runs, small_cache, student_c
             break
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, as a lost node
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks (their own session), as a lost node
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     killed_at = int(latest_checkpoint(out).name.removeprefix("step-"))
     assert 10 <= killed_at < STEPS

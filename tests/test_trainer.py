@@ -60,9 +60,12 @@ def test_taid_schedule_is_logged_and_monotone(tmp_path, small_cache, student_con
     assert ts[-1] >= 0.4 + 0.6 * 19 / 20 - 1e-9  # never below the linear floor
 
 
+BIN = Path(sys.executable).parent  # the venv's console scripts: the launch form that ignores the working directory
+
+
 def _distill_cmd(student, cache, out, steps, extra=()) -> list[str]:
     return [
-        sys.executable, "-m", "pipeline", "distill", "--student", str(student), "--cache", str(cache),
+        str(BIN / "pipeline"), "distill", "--student", str(student), "--cache", str(cache),
         "--out", str(out), "--loss", "taid", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3",
         "--max-steps", str(steps), "--save-every", "10", "--eval-every", "1000", "--eval-sequences", "12",
         "--log-every", "1", "--no-progress", *extra,
@@ -105,14 +108,14 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cach
 
 def test_ddp_two_processes_on_cpu(tmp_path, small_cache, student_config):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "pipeline", "distill",
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29533", "--no-python", str(BIN / "pipeline"), "distill",
            "--student", str(student_config), "--cache", str(small_cache), "--out", str(out), "--loss", "fkl",
            "--batch-size", "4", "--lr", "3e-3", "--max-steps", "40", "--eval-every", "20", "--eval-sequences", "12",
            "--save-every", "20", "--log-every", "5", "--no-progress", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [m for m in metrics(out) if "eval_kl" in m]
-    assert [m["step"] for m in evals] == [20, 40]
+    assert [m["step"] for m in evals] == [0, 20, 40]  # the untrained student first (--eval-at-start)
     # Both ranks evaluated their half: the token count is the whole held-out set (12 seqs x 31 targets).
     assert evals[-1]["eval_tokens"] == 12 * 31
     ckpt = latest_checkpoint(out)

@@ -421,6 +421,10 @@ class Recipe:
         self.tokenizer = load_student_tokenizer(cfg.student, info)
         check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
         self._setup_data()
+        if self.reader.samples_per_rank < cfg.batch_size:
+            _log(d, f"warning: --batch-size {cfg.batch_size} is more than the {self.reader.samples_per_rank} training "
+                 f"sequences per process in {cfg.cache}: every batch holds {self.reader.samples_per_rank} sequences "
+                 "(the metrics and tokens/s count the tokens actually trained)")  # fmt: skip
         self.steps_per_epoch = max(1, self.reader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
@@ -507,8 +511,8 @@ class Recipe:
         """One optimizer step over ``grad_accum`` micro-batches; the rank-averaged numbers, or None if skipped."""
         cfg, d, strategy, model = self.cfg, self.d, self.strategy, self.model
         accum = cfg.grad_accum
-        sums = torch.zeros(5 + accum + 1, dtype=torch.float64, device=self.device)  # parts, bad micro-batches, bad norm
-        tokens = 0
+        # total, kd, ce, kl, soft_ce; trained tokens; a non-finite loss per micro-batch; a non-finite gradient norm
+        sums = torch.zeros(6 + accum + 1, dtype=torch.float64, device=self.device)
         for micro in range(accum):
             batch = next(batches)
             with strategy.accumulating(model, last=micro == accum - 1):
@@ -516,13 +520,13 @@ class Recipe:
                 (parts.total / accum).backward()
             values = torch.stack([parts.total.detach(), parts.kd.detach(), parts.ce.detach(), parts.kl, parts.soft_ce])
             sums[:5] += values.double()
-            sums[5 + micro] = (~torch.isfinite(values[0])).double()
-            tokens += int(batch["target_mask"].sum())
+            sums[5] += batch["target_mask"].sum().item()
+            sums[6 + micro] = (~torch.isfinite(values[0])).double()
         grad_norm = strategy.clip_grad_norm(model, cfg.grad_clip)
         sums[-1] = (~torch.isfinite(grad_norm)).double()
-        d.all_reduce(sums)  # one collective per step: the losses and every rank's verdict
-        if sums[5:].any():
-            self._nonfinite(sums[5:-1], bool(sums[-1]), float(sums[0]))
+        d.all_reduce(sums)  # one collective per step: the losses, every rank's true token count and verdict
+        if sums[6:].any():
+            self._nonfinite(sums[6:-1], bool(sums[-1]), float(sums[0]))
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
@@ -532,11 +536,12 @@ class Recipe:
         # Once per optimizer step, on the rank-averaged value: every rank's loss state agrees.
         self.loss.optimizer_step(kd, self.step, self.total_steps)  # step = optimizer steps completed before this one
         self.step += 1
-        self.tokens_seen += tokens * d.world_size  # every rank's batches hold the same count only on average
+        tokens = int(sums[5])  # short batches and chat masks counted as they are
+        self.tokens_seen += tokens
         return {
             "step": self.step, "loss": loss_value, "kd": kd, "ce": ce, "kl": kl, "soft_ce": soft_ce,
             **self.loss.metrics(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-            "epoch": self.reader.epoch, "tokens": tokens * d.world_size,
+            "epoch": self.reader.epoch, "tokens": tokens,
         }  # fmt: skip
 
     def _nonfinite(self, bad_micro: torch.Tensor, bad_norm: bool, loss_sum: float) -> None:
@@ -650,12 +655,13 @@ class Recipe:
                     self._record_memory()
                 step = self.step
                 bar.update(1)
-                window_tokens += record.pop("tokens")
+                window_tokens += record["tokens"]
                 window_steps += 1
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     last = {
-                        **record, "tokens_seen": self.tokens_seen, "tokens_per_s": window_tokens / elapsed,
+                        **record, "tokens": window_tokens, "tokens_seen": self.tokens_seen,
+                        "tokens_per_s": window_tokens / elapsed,
                         "seconds_per_step": elapsed / window_steps,
                     }  # fmt: skip
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
