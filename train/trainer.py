@@ -565,8 +565,10 @@ class Recipe:
 
     # --------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
+        # The unwrapped student where its forward needs no collective (DDP's broadcasts buffers: ranks with unequal
+        # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
         return evaluate(
-            self.model, self.eval_reader, self.device, self.autocast, self.d, fused_loss=self.cfg.fused_loss,
+            self.strategy.inner(self.model), self.eval_reader, self.device, self.autocast, self.d, fused_loss=self.cfg.fused_loss,
             lockstep=self.strategy.lockstep_forwards,
         )  # fmt: skip
 
