@@ -74,21 +74,26 @@ def inspect_cmd(
     seq: int = typer.Option(0, help="Sequence id to show."),
     position: Optional[int] = typer.Option(None, help="Position in the sequence (default: a trained one mid-way)."),
     show: int = typer.Option(10, help="How many of the top-k entries to print."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode with (default: the cache's teacher)."),
+    tokenizer: Optional[str] = typer.Option(
+        None, help="Tokenizer to decode with (default: the teacher's, saved with the cache)."
+    ),
+    trust_remote_code: bool = typer.Option(False, help="Allow a tokenizer's custom code (auto_map) to run."),
 ):
     """Summarize a cache and show one position's teacher distribution as decoded tokens."""
+    from cache.format import TOKENIZER_DIR
     from cache.manifest import CacheError, load_cache
+    from cache.models import ModelLoadError, load_tokenizer
     from cache.verify import inspect_cache
 
     try:
         tok = None
-        name = tokenizer or load_cache(cache, require_complete=False).manifest.teacher.get("name_or_path")
+        info = load_cache(cache, require_complete=False)
+        saved = info.root / TOKENIZER_DIR
+        name = tokenizer or (str(saved) if saved.is_dir() else info.manifest.teacher.get("name_or_path"))
         try:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(name)
-        except Exception as e:  # the teacher may live on another machine: show ids instead
-            typer.secho(f"note: cannot load tokenizer {name!r} ({type(e).__name__}); showing token ids", err=True)
+            tok = load_tokenizer(name, "--tokenizer", trust_remote_code=trust_remote_code)
+        except ModelLoadError as e:  # a missing tokenizer only costs the decoding: show ids instead
+            typer.secho(f"note: {e}; showing token ids", err=True)
         typer.echo(inspect_cache(cache, seq=seq, position=position, show=show, tokenizer=tok))
     except CacheError as e:
         _fail(e)
@@ -114,7 +119,7 @@ def plot_cmd(
 
     try:
         path = plot_runs(runs, out or runs[0] / "curves.png")
-    except (FileNotFoundError, ImportError) as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:
         _fail(e)
     typer.echo(f"wrote {path}")
 

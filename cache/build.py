@@ -7,6 +7,7 @@ depend only on (teacher, data, options), not on how many workers wrote them or w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -20,8 +21,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.data import DataSpec, iter_sequences, source_fingerprint
+from cache.lock import hold_lock
+from cache.models import check_model_path, load_tokenizer
 from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.format import SHARD_DIR, TOKENIZER_DIR, CacheRows, sha256_file, tokens_sha256, write_shard
+from cache.teacher import id_list, invalid_rows
 from cache.manifest import (
     LINEAGE_FILE,
     CacheError,
@@ -167,6 +171,36 @@ def _clean_stray_temp_files(out: Path) -> None:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+@contextlib.contextmanager
+def _naming_write_errors(path: Path):
+    """A failed write (full disk, quota, read-only file system) is one line naming the file. What was
+    committed before stays committed: the same command resumes once the cause is fixed."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CacheError(
+            f"{path}: cannot write ({reason}); the shards committed so far are kept, rerun the same command "
+            "to resume once this is fixed"
+        ) from e
+
+
+def _is_block_file(name: str) -> bool:
+    return name.endswith(".parquet") and name.removesuffix(".parquet").isdigit()
+
+
+def _remove_uncommitted(config: CacheConfig, manifest: Manifest) -> None:
+    """Delete this worker's shard files that its manifest does not list: the manifest is the commit log,
+    so these were written by a run killed between a shard's rename and the manifest update, and will
+    be written again. Other workers' files are theirs to judge."""
+    listed = {Path(s.name).name for s in manifest.shards}
+    for file in sorted((config.out / SHARD_DIR).iterdir()):
+        name = file.name
+        if _is_block_file(name) and int(name[:-8]) % config.num_workers == config.worker_index and name not in listed:
+            _log(f"{file}: not in the manifest (written by an interrupted run before its commit); removed")
+            file.unlink()
+
+
 def _teacher_lineage(teacher: str) -> dict:
     """A teacher written by `pipeline distill` (its final/ dir) says which cache and run made it."""
     path = Path(teacher) / LINEAGE_FILE
@@ -229,20 +263,41 @@ def _prepare_output(config: CacheConfig, fresh: Manifest) -> Manifest:
         diff = identity_diff(read_manifest(sibling).identity(), fresh.identity())
         if diff:
             raise CacheError(f"{sibling} describes a different cache:\n  " + "\n  ".join(diff))
-    if not existing_manifests and (out / SHARD_DIR).exists() and any((out / SHARD_DIR).iterdir()):
-        raise CacheError(f"{out / SHARD_DIR} has files but no manifest; use --overwrite to start over")
+    # Block files without a manifest are uncommitted and rewritten (_remove_uncommitted); anything else
+    # there is not ours to delete.
+    foreign = (
+        [p.name for p in (out / SHARD_DIR).iterdir() if not _is_block_file(p.name) and not p.name.startswith(".")]
+        if not existing_manifests and (out / SHARD_DIR).is_dir()
+        else []
+    )
+    if foreign:
+        raise CacheError(
+            f"{out / SHARD_DIR} holds files that are not shards of a cache ({', '.join(sorted(foreign)[:3])}) "
+            "and no manifest; use a new --out, or --overwrite to start over"
+        )
     return fresh
 
 
-def cache_teacher(config: CacheConfig) -> Manifest:
-    """Build (or resume, or finish) the cache described by ``config``; return its final manifest."""
-    from transformers import AutoTokenizer
+def writer_lock_name(worker_index: int) -> str:
+    return f".writer{worker_index:03d}.lock"
 
+
+def cache_teacher(config: CacheConfig) -> Manifest:
+    """Build (or resume, or finish) the cache described by ``config``; return its final manifest.
+
+    One writer per (out, worker index): a second one is refused while the first runs (cache/lock.py)."""
     config.validate()
+    check_model_path(config.teacher, "--teacher")
+    what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
+    with hold_lock(config.out / writer_lock_name(config.worker_index), what):
+        return _build(config)
+
+
+def _build(config: CacheConfig) -> Manifest:
     started = time.perf_counter()
     backend_name = resolve_backend(config.backend, config.support)
-    tokenizer = AutoTokenizer.from_pretrained(
-        config.teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+    tokenizer = load_tokenizer(
+        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
     )
     spec = DataSpec(
         path=config.data,
@@ -259,7 +314,7 @@ def cache_teacher(config: CacheConfig) -> Manifest:
     else:
         dtype_for_identity = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     fresh = Manifest(
-        teacher=teacher_identity(config.teacher, config.revision, dtype_for_identity),
+        teacher=teacher_identity(config.teacher, config.revision, dtype_for_identity, config.trust_remote_code),
         backend={"name": backend_name},
         tokenizer=tokenizer_fingerprint(tokenizer),
         k=config.top_k,
@@ -289,7 +344,9 @@ def cache_teacher(config: CacheConfig) -> Manifest:
         return manifest
     (config.out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     _clean_stray_temp_files(config.out)
-    _save_tokenizer(tokenizer, config.out)
+    _remove_uncommitted(config, manifest)
+    with _naming_write_errors(config.out / TOKENIZER_DIR):
+        _save_tokenizer(tokenizer, config.out)
 
     done = {s.block: s for s in manifest.shards}
     teacher = None  # loaded lazily: a finished or mismatched run never pays for the model
@@ -338,7 +395,16 @@ def cache_teacher(config: CacheConfig) -> Manifest:
             )
             name = shard_name(block)
             path = config.out / name
-            write_shard(rows, path, manifest.row_group_rows)
+            bad = invalid_rows(rows.topk_logprobs, rows.target_logprob, sampled=config.support == "sampled")
+            if bad.size:
+                raise CacheError(
+                    f"the teacher gave non-finite log-probabilities (NaN or inf) for sequences "
+                    f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block (the "
+                    f"{len(manifest.shards)} shard(s) before it are kept). Check the teacher's weights and --dtype "
+                    "(float16 overflows in some models)."
+                )
+            with _naming_write_errors(path):
+                write_shard(rows, path, manifest.row_group_rows)
             manifest.shards.append(
                 ShardEntry(
                     name=name,
@@ -353,7 +419,8 @@ def cache_teacher(config: CacheConfig) -> Manifest:
                 )
             )
             manifest.shards.sort(key=lambda s: s.block)
-            manifest.save(config.out)  # the commit point of this shard
+            with _naming_write_errors(config.out / manifest_name(config.worker_index, config.num_workers)):
+                manifest.save(config.out)  # the commit point of this shard
             scored_tokens += int(input_ids.size)
             bar.set_postfix(shards=len(manifest.shards), refresh=False)
     finally:
@@ -362,7 +429,8 @@ def cache_teacher(config: CacheConfig) -> Manifest:
         raise CacheError(f"{config.data}: the dataset produced no token sequences")
     manifest.stream = {"num_sequences": num_sequences, "sha256": stream_hash.hexdigest()}
     manifest.complete = True
-    manifest.save(config.out)
+    with _naming_write_errors(config.out / manifest_name(config.worker_index, config.num_workers)):
+        manifest.save(config.out)
     elapsed = time.perf_counter() - started
     tokens, size = manifest.total_tokens, manifest.total_bytes
     _log(

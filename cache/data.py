@@ -20,7 +20,11 @@ Documents
     A record is chat if its ``messages`` field is present and not null (a list of ``{"role",
     "content"}`` dicts); otherwise its ``text`` field (a string) is used. A record with neither is an
     error naming the file, the line (jsonl) or row (parquet, datasets) and the fields it does have.
-    Empty documents (``""`` or ``[]``) are skipped by the packer.
+    Empty documents (``""``, whitespace only, or ``[]``) are skipped by the packer.
+
+    Files are read as UTF-8; a byte that is not is an error naming the file, the line and the column.
+    Each file is read once, however many names (symlinks, overlapping globs) lead to it; a directory
+    symlink back to a folder being walked is a loop, reported and not followed.
 
 Tokens and masks
     - Plain text: ``tokenizer(text)["input_ids"]`` with the tokenizer's default special tokens (a BOS
@@ -50,6 +54,7 @@ Identity
 
 from __future__ import annotations
 
+import errno
 import glob as _glob
 import hashlib
 import io
@@ -135,10 +140,16 @@ def _hf_source(directory: Path, split: str | None) -> _Source:
     return _Source("hf", directory, tuple(files))
 
 
-def _expand(path: Path, split: str | None, explicit: bool) -> list[_Source]:
+def _expand(path: Path, split: str | None, explicit: bool, walking: tuple[Path, ...] = ()) -> list[_Source]:
     """Sources under one existing path. ``explicit``: the user named this file, so a wrong type is an
-    error; files met while walking a directory or a glob are skipped with a warning instead."""
+    error; files met while walking a directory or a glob are skipped with a warning instead.
+    ``walking``: the real paths of the directories being walked above ``path``: a symlink back to one of
+    them is a loop, reported and not followed."""
     if path.is_dir():
+        real = path.resolve()
+        if real in walking:
+            log.warning("%s: symlink loop (links back to %s); not followed", path, real)
+            return []
         if _hf_layout(path):
             return [_hf_source(path, split)]
         sources: list[_Source] = []
@@ -148,9 +159,11 @@ def _expand(path: Path, split: str | None, explicit: bool) -> list[_Source]:
         )
         for entry in entries:
             if entry.is_dir():
-                sources.extend(_expand(entry, split, explicit=False))
-            elif _kind_of(entry):
+                sources.extend(_expand(entry, split, explicit=False, walking=(*walking, real)))
+            elif _kind_of(entry) and entry.exists():
                 sources.append(_Source(_kind_of(entry), entry, (entry,)))
+            elif entry.is_symlink() and not entry.exists():
+                log.warning("%s: %s; skipped", entry, _broken_link(entry))
             else:
                 ignored.append(entry.name)
         if ignored:
@@ -168,6 +181,30 @@ def _expand(path: Path, split: str | None, explicit: bool) -> list[_Source]:
     return [_Source(kind, path, (path,))]
 
 
+def _broken_link(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+    return f"broken symlink (to {os.readlink(path)})"
+
+
+def _read_once(sources: list[_Source]) -> list[_Source]:
+    """Drop sources whose files were already taken under another name (symlinks, overlapping globs):
+    every file is read once, where it first appears in the reading order."""
+    seen: dict[Path, Path] = {}
+    kept = []
+    for src in sources:
+        real = src.path.resolve()
+        if real in seen:
+            log.warning("%s: same file as %s; read once", src.path, seen[real])
+            continue
+        seen[real] = src.path
+        kept.append(src)
+    return kept
+
+
 def _glob_base(pattern: str) -> Path:
     parts = Path(pattern).parts
     static = list(itertools.takewhile(lambda p: not any(c in p for c in _GLOB_CHARS), parts))
@@ -178,6 +215,8 @@ def _resolve(path: str | os.PathLike, split: str | None) -> tuple[Path, list[_So
     """(base directory for relative names, sources in reading order)."""
     text = os.fspath(path)
     p = Path(text)
+    if p.is_symlink() and not p.exists():
+        raise DataError(f"data path {text}: {_broken_link(p)}")
     if p.exists():
         sources = _expand(p, split, explicit=True)
         base = p if p.is_dir() else p.parent
@@ -189,6 +228,7 @@ def _resolve(path: str | os.PathLike, split: str | None) -> tuple[Path, list[_So
         base = _glob_base(text)
     else:
         raise DataError(f"data path not found: {text}")
+    sources = _read_once(sources)
     if not sources:
         raise DataError(f"{text}: no readable data files (expected {', '.join(SUFFIXES)} or a saved dataset)")
     return base, sources
@@ -235,11 +275,14 @@ def _check_messages(messages: Any, where: str, field: str) -> list[dict[str, Any
     return out
 
 
-def _read_jsonl_lines(lines: Iterable[str], name: str, tf: str, mf: str) -> Iterator[Document]:
-    for lineno, line in enumerate(lines, 1):
+def _read_jsonl_lines(lines: Iterable[bytes], name: str, tf: str, mf: str) -> Iterator[Document]:
+    # Lines arrive as bytes and are decoded one by one, so that a bad byte is reported at its line and
+    # column (a text stream would report an offset into whichever read buffer it was decoding).
+    for lineno, raw in enumerate(lines, 1):
+        where = f"{name}:{lineno}"
+        line = _decode_utf8(raw, where)
         if not line.strip():
             continue
-        where = f"{name}:{lineno}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -247,9 +290,22 @@ def _read_jsonl_lines(lines: Iterable[str], name: str, tf: str, mf: str) -> Iter
         yield _document(record, where, tf, mf)
 
 
+def _decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[: e.start]
+        line, column = before.count(b"\n"), e.start - (before.rfind(b"\n") + 1)
+        at = f"line {line + 1}, column {column + 1}" if line else f"column {column + 1}"
+        raise DataError(
+            f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at}: {e.reason}); "
+            "re-encode the file as UTF-8"
+        ) from None
+
+
 def _read_source(src: _Source, tf: str, mf: str, split: str | None) -> Iterator[Document]:
     if src.kind == "jsonl":
-        with open(src.path, encoding="utf-8") as f:
+        with open(src.path, "rb") as f:
             yield from _read_jsonl_lines(f, str(src.path), tf, mf)
     elif src.kind == "jsonl.zst":
         import zstandard
@@ -257,13 +313,10 @@ def _read_source(src: _Source, tf: str, mf: str, split: str | None) -> Iterator[
         with open(src.path, "rb") as raw:
             # max_window_size admits files compressed with --long; memory stays bounded by the window.
             reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(raw)
-            with io.TextIOWrapper(reader, encoding="utf-8") as f:
+            with io.BufferedReader(reader) as f:
                 yield from _read_jsonl_lines(f, str(src.path), tf, mf)
     elif src.kind == "txt":
-        try:
-            yield src.path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{src.path}: not UTF-8 text ({e})") from None
+        yield _decode_utf8(src.path.read_bytes(), str(src.path))
     elif src.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -550,8 +603,8 @@ def _document_batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
     batch: list[Document] = []
     chars = 0
     for doc in docs:
-        if not doc:
-            continue  # "" or []: nothing to train on, and a lone EOS would only add noise
+        if not doc or (isinstance(doc, str) and doc.isspace()):
+            continue  # "", whitespace only or []: nothing to train on; its EOS alone would be noise
         batch.append(doc)
         chars += len(doc) if isinstance(doc, str) else sum(len(m["content"]) for m in doc)
         if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:

@@ -50,6 +50,7 @@ every step of one shared decode, which two independent vLLM engines do not give 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -67,6 +68,7 @@ from cache.data import iter_documents, source_fingerprint
 from cache.format import atomic_write_bytes
 from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.manifest import identity_diff, tokenizer_fingerprint
+from cache.models import check_model_path, load_causal_lm, load_tokenizer
 from cache.options import option
 
 MODES = ("switch", "student", "teacher")
@@ -189,10 +191,8 @@ class Models:
 
 def load_tokenizer(cfg: GenerateConfig):
     """The tokenizer of the models; with both models given, they must share it (as a cache's student must)."""
-    from transformers import AutoTokenizer
-
     tokenizers = {
-        role: AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        role: load_tokenizer(path, f"--{role}", trust_remote_code=cfg.trust_remote_code)
         for role, path in (("teacher", cfg.teacher), ("student", cfg.student))
         if path is not None
     }
@@ -207,7 +207,6 @@ def load_tokenizer(cfg: GenerateConfig):
 
 
 def load_models(cfg: GenerateConfig, tokenizer) -> Models:
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-load bars would interleave with ours
@@ -218,7 +217,7 @@ def load_models(cfg: GenerateConfig, tokenizer) -> Models:
         path = getattr(cfg, role)
         if path is None:
             continue
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(path, f"--{role}", dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < len(tokenizer):
             raise GenerateError(f"the {role}'s output layer has {rows} rows for {len(tokenizer)} tokens")
@@ -243,13 +242,16 @@ class _Decoder:
 
     def __init__(self, model: torch.nn.Module, vocab: int):
         self.model, self.vocab, self.past = model, vocab, None
+        # transformers 5 renamed the KV cache argument and output `past_key_values` to `cache` (the old name
+        # warns, and goes in 5.40); earlier versions only know `past_key_values`.
+        self.cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=self.past, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{self.cache_name: self.past},
         )  # fmt: skip
-        self.past = out.past_key_values
+        self.past = getattr(out, self.cache_name)
         # Rows past the tokenizer's vocabulary (padded embeddings) are never tokens: drop them.
         return out.logits[:, -1, : self.vocab].float()
 
@@ -399,19 +401,21 @@ def _batched(items: Iterable[Prompt], size: int) -> Iterator[list[Prompt]]:
 
 
 # ------------------------------------------------------------------------------------ output, resume
-def _model_identity(path: str | None, dtype: str) -> dict | None:
+def _model_identity(path: str | None, dtype: str, trust_remote_code: bool) -> dict | None:
     if path is None:
         return None
     # A local directory is pinned by its config and sampled weight hashes; a hub id by its name.
-    return teacher_identity(path, None, dtype) if Path(path).is_dir() else {"name_or_path": path, "dtype": dtype}
+    if Path(path).is_dir():
+        return teacher_identity(path, None, dtype, trust_remote_code)
+    return {"name_or_path": path, "dtype": dtype}
 
 
 def _identity(cfg: GenerateConfig) -> dict:
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
     source = source_fingerprint(cfg.prompts, cfg.split)
     return {
-        "teacher": _model_identity(cfg.teacher, dtype),
-        "student": _model_identity(cfg.student, dtype),
+        "teacher": _model_identity(cfg.teacher, dtype, cfg.trust_remote_code),
+        "student": _model_identity(cfg.student, dtype, cfg.trust_remote_code),
         "prompts": {"files": source["files"], "sha256": source["sha256"]},
         **{
             name: getattr(cfg, name)
@@ -498,6 +502,9 @@ def generate(cfg: GenerateConfig, models: Models | None = None) -> GenerateSumma
     cfg.validate()
     if models is not None and any(getattr(models, role) is None for role in cfg.writers):
         raise GenerateError(f"--mode {cfg.mode} needs the {' and the '.join(cfg.writers)} model")
+    for role in ("teacher", "student"):  # before anything is written: a typo must not leave an OUT.meta.json
+        if getattr(cfg, role) is not None:
+            check_model_path(getattr(cfg, role), f"--{role}")
     started = time.perf_counter()
     identity = _identity(cfg)
     done = _prepare_output(cfg, identity)

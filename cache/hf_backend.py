@@ -45,11 +45,11 @@ def _sampled_file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def teacher_identity(name_or_path: str, revision: str | None, dtype: str) -> dict:
+def teacher_identity(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool = False) -> dict:
     """Identity of a teacher without loading its weights (config + sampled weight-file hashes)."""
-    from transformers import AutoConfig
+    from cache.models import load_config
 
-    config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+    config = load_config(name_or_path, "--teacher", trust_remote_code=trust_remote_code, revision=revision)
     config_json = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
     identity = {
         "name_or_path": str(name_or_path),
@@ -87,9 +87,10 @@ class HFTeacher:
         sample_temperature: float = 1.0,
         seed: int = 0,
     ):
-        from transformers import AutoModelForCausalLM
+        from cache.models import load_causal_lm
 
         self.name = str(model)
+        self.trust_remote_code = trust_remote_code
         self.k = k
         self.batch_size = batch_size
         self.device = resolve_device(device)
@@ -101,8 +102,8 @@ class HFTeacher:
         if support not in ("topk", "sampled"):
             raise ValueError(f"support must be topk or sampled, got {support!r}")
         self.support, self.num_samples, self.sample_temperature, self.seed = support, num_samples, sample_temperature, seed
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
+        self.model = load_causal_lm(
+            model, "--teacher", revision=revision, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
@@ -113,7 +114,7 @@ class HFTeacher:
         import transformers
 
         return {
-            "teacher": teacher_identity(self.name, self.revision, self.dtype_name),
+            "teacher": teacher_identity(self.name, self.revision, self.dtype_name, self.trust_remote_code),
             "backend": {"name": "hf", "version": f"transformers {transformers.__version__}", "device": self.device.type},
         }
 

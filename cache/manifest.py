@@ -80,6 +80,9 @@ class Manifest:
                 f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
+        for shard in raw["shards"]:
+            if not is_shard_name(shard.name):
+                raise ValueError(f"shard name {shard.name!r} is not a file name inside {SHARD_DIR}/")
         return Manifest(**raw)
 
     def save(self, cache_dir: Path) -> None:
@@ -104,6 +107,16 @@ def shard_name(block: int) -> str:
     return f"{SHARD_DIR}/{block:08d}.parquet"
 
 
+def is_shard_name(name) -> bool:
+    """Whether ``name`` is a plain file name inside the cache's shard folder (``shards/NAME``). Nothing else
+    may be listed: a name that climbs out (``../x``, ``/etc/x``) or into a subfolder would let a damaged or
+    hostile manifest read any file."""
+    parts = name.split("/") if isinstance(name, str) else []
+    return len(parts) == 2 and parts[0] == SHARD_DIR and parts[1] not in ("", ".", "..") and not any(
+        c in parts[1] for c in "\\\0"
+    )
+
+
 def identity_diff(a: dict, b: dict) -> list[str]:
     """Human-readable differences between two identities (nested dicts flattened to dotted keys)."""
 
@@ -123,8 +136,8 @@ def identity_diff(a: dict, b: dict) -> list[str]:
 def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.from_json(path.read_text())
-    except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise CacheError(f"{path}: not a valid cache manifest ({e})") from e
+    except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+        raise CacheError(f"{path}: corrupt manifest, not a valid cache manifest ({e})") from e
 
 
 @dataclass

@@ -25,6 +25,24 @@ class TeacherScores:
     target_logprob: np.ndarray
 
 
+def invalid_rows(topk_logprobs: np.ndarray, target_logprob: np.ndarray, sampled: bool = False) -> np.ndarray:
+    """Indices of the sequences (rows of topk_logprobs [B, L-1, k], target_logprob [B, L-1]) holding values
+    no teacher may give: NaN, +inf, or -inf, which only a sampled support's zero-weight pads may hold (see
+    :func:`sample_support`). One rule for the writer, which refuses to commit such a block, and for verify."""
+    support = np.asarray(topk_logprobs)
+    target = np.asarray(target_logprob)
+    bad = np.isnan(support) | (support == np.inf) if sampled else ~np.isfinite(support)
+    rows = bad.reshape(len(support), -1).any(1) | ~np.isfinite(target).reshape(len(target), -1).any(1)
+    return np.flatnonzero(rows)
+
+
+def id_list(ids, show: int = 8) -> str:
+    """``3, 4, 9 and 12 more``: sequence ids for a message."""
+    ids = [int(i) for i in ids]
+    more = f" and {len(ids) - show} more" if len(ids) > show else ""
+    return ", ".join(map(str, ids[:show])) + more
+
+
 class TeacherBackend(Protocol):
     k: int
 

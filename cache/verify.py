@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache.format import SHARD_DIR, from_record_batch, sha256_file, shard_schema, tail_mass
-from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache
+from cache.format import SHARD_DIR, TOKENIZER_DIR, from_record_batch, sha256_file, shard_schema, tail_mass
+from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache, tokenizer_fingerprint
+from cache.teacher import id_list, invalid_rows
 
 # fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
 # by that much; anything beyond is a broken teacher or a broken file.
@@ -50,9 +51,9 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             problems.append(f"{path}: {name} outside [0, {vocab})")
     sampled = m.support == "sampled"
-    # A sampled support pads positions with fewer distinct draws than k with weight 0 (log -inf).
-    if np.isnan(lp).any() or (np.isinf(lp).any() and not sampled) or (lp == np.inf).any():
-        problems.append(f"{path}: non-finite topk_logprobs")
+    bad = invalid_rows(lp, rows.target_logprob, sampled)
+    if bad.size:
+        problems.append(f"{path}: non-finite log-probabilities in sequences {id_list(rows.seq_ids[bad])}")
     if (lp > 0).any() or (rows.target_logprob.astype(np.float32) > 0).any():
         problems.append(f"{path}: positive log-probabilities")
     with np.errstate(invalid="ignore"):  # -inf - -inf between two pads
@@ -71,6 +72,29 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
     if gap.size and gap.max() > _TARGET_TOLERANCE:
         problems.append(f"{path}: target_logprob disagrees with the top-k entry of the same token by {gap.max():.3f}")
     return problems
+
+
+def _check_tokenizer(info: CacheInfo, load: bool) -> list[str]:
+    """The teacher's tokenizer saved with the cache must be there and be the one the manifest fingerprints:
+    a student built from a config gets its tokenizer from it."""
+    directory = info.root / TOKENIZER_DIR
+    if not directory.is_dir():
+        return [f"{directory}: missing (the teacher's tokenizer, saved with the cache; distill and inspect use it)"]
+    if not load:
+        return []
+    from transformers import AutoTokenizer
+
+    try:
+        got = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory, trust_remote_code=False))
+    except Exception as e:  # whatever transformers raises for a damaged tokenizer, name the folder
+        return [f"{directory}: unreadable tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+    expected = info.manifest.tokenizer["sha256"]
+    if got["sha256"] != expected:
+        return [
+            f"{directory}: tokenizer fingerprint {got['sha256'][:12]} (vocab {got['vocab_size']}) differs from the "
+            f"manifest's {expected[:12]} (vocab {info.manifest.tokenizer['vocab_size']})"
+        ]
+    return []
 
 
 def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
@@ -105,6 +129,7 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
                 continue
         report.rows += shard.rows
         report.tokens += shard.tokens
+    report.problems.extend(_check_tokenizer(info, check_values))
     shard_dir = info.root / SHARD_DIR
     if shard_dir.exists():
         for extra in sorted(p.name for p in shard_dir.iterdir() if p.name not in listed):
@@ -128,14 +153,19 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
     ]
     if not info.shards:
         return "\n".join(lines)
-    shard = next((s for s in info.shards if s.first_seq_id <= seq <= s.last_seq_id), info.shards[0])
+    shard = next((s for s in info.shards if s.first_seq_id <= seq <= s.last_seq_id), None)
+    if shard is None:
+        held = ", ".join(f"{s.first_seq_id}..{s.last_seq_id}" for s in info.shards[:8])
+        raise CacheError(f"{info.root}: no sequence {seq} in the cache (it holds sequences {held}"
+                         f"{', ...' if len(info.shards) > 8 else ''})")  # fmt: skip
+    if position is not None and not 0 <= position <= m.seq_len - 2:
+        raise CacheError(f"--position {position} is outside [0, {m.seq_len - 2}] (sequences of {m.seq_len} tokens)")
     rows = from_record_batch(pq.read_table(info.root / shard.name), m.seq_len, m.k)
-    row = int(np.clip(seq - shard.first_seq_id, 0, rows.num_rows - 1))
+    row = seq - shard.first_seq_id
     mask = rows.loss_mask[row, 1:]
     if position is None:
         trained = np.flatnonzero(mask)
         position = int(trained[len(trained) // 2]) if trained.size else 0
-    position = int(np.clip(position, 0, m.seq_len - 2))
     decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else (lambda ids: str(ids))
     context = rows.input_ids[row, max(0, position - 15) : position + 1]
     target = int(rows.input_ids[row, position + 1])

@@ -109,11 +109,13 @@ def count_from_safetensors(directory: Path) -> int:
 def _load_config(spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    from cache.models import load_config
+
     path = Path(spec)
     if path.is_file() and path.suffix == ".json":
         raw = json.loads(path.read_text())
         return AutoConfig.for_model(raw.pop("model_type"), **raw)
-    return AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    return load_config(spec, "model", trust_remote_code=trust_remote_code)
 
 
 def count_parameters(spec: str, trust_remote_code: bool = False) -> ModelSize:

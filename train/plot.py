@@ -21,6 +21,17 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [points[s] for s in steps]
 
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """The shortest path suffixes that tell the runs apart (``a/run``, ``b/run``): a curve per run, even
+    when run folders share a name."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError(f"the same run is given twice: {[str(d) for d in run_dirs]}")
+
+
 def plot_runs(run_dirs: list[Path], out: Path, keys: tuple[str, ...] = ("loss", "eval_ce", "eval_kl", "eval_top1")) -> Path:
     try:
         import matplotlib
@@ -29,7 +40,7 @@ def plot_runs(run_dirs: list[Path], out: Path, keys: tuple[str, ...] = ("loss", 
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("plotting needs matplotlib: pip install 'kd-pipeline[plot]'") from e
-    runs = {Path(d).name or str(d): read_metrics(d) for d in run_dirs}
+    runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for name, records in runs.items():

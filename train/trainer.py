@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import os
 import random
 import shutil
@@ -31,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cache.format import TOKENIZER_DIR
+from cache.lock import hold_lock
 from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
 from cache.options import option
 from train import checkpoint, fused, losses
@@ -41,6 +43,7 @@ from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdou
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 MEMORY_FILE = "memory.json"
+RUN_LOCK = ".distill.lock"
 
 
 @dataclass
@@ -99,6 +102,9 @@ class RunOptions:
         "one extra hidden-by-vocabulary product per step. Heads that are not a plain linear layer (logit soft-capping "
         "or scaling) fall back to the full-logits loss with a message.",
     )
+    trust_remote_code: bool = option(
+        False, "Allow the student's own model code (auto_map) to run; without it such a student is refused, never asked."
+    )
 
 
 @dataclass
@@ -127,9 +133,11 @@ class DistillConfig(losses.LossOptions, RunOptions):
 
 
 # -------------------------------------------------------------------------------------------- model
-def load_student(spec: str, info: CacheInfo, seed: int):
+def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool = False):
     """A pretrained student (dir/id with weights) or a fresh one from a config (dir or .json file)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cache.models import load_causal_lm, load_config, loading
 
     path = Path(spec)
     config = None
@@ -137,12 +145,13 @@ def load_student(spec: str, info: CacheInfo, seed: int):
         raw = json.loads(path.read_text())
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     elif path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(spec, "--student", trust_remote_code=trust_remote_code)
     if config is None:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+        model = load_causal_lm(spec, "--student", dtype=torch.float32, trust_remote_code=trust_remote_code)
     else:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with loading(spec, "--student"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
     teacher_vocab = info.manifest.tokenizer["vocab_size"]
     if vocab < teacher_vocab:
@@ -152,15 +161,20 @@ def load_student(spec: str, info: CacheInfo, seed: int):
     return model
 
 
-def load_student_tokenizer(spec: str, info: CacheInfo):
+def load_student_tokenizer(spec: str, info: CacheInfo, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    from cache.models import check_model_path
+
+    check_model_path(spec, "--student")
     for candidate in (spec, Path(spec).parent if Path(spec).is_file() else None):
         if candidate is None:
             continue
         try:
-            return AutoTokenizer.from_pretrained(candidate)
-        except (OSError, ValueError, TypeError):
+            return AutoTokenizer.from_pretrained(candidate, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError) as e:
+            if "trust_remote_code" in str(e):  # not "no tokenizer here": a refusal to run its code
+                raise CacheError(f"--student {spec}: its tokenizer contains custom code; pass --trust-remote-code to run it") from None
             continue
     # A student built from a bare config uses the teacher's tokenizer saved with the cache.
     return AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR)
@@ -418,7 +432,7 @@ class Recipe:
         self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
         self.d = d
         self.info = info = load_cache(cfg.cache)
-        self.tokenizer = load_student_tokenizer(cfg.student, info)
+        self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
         check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
         self._setup_data()
         if self.reader.samples_per_rank < cfg.batch_size:
@@ -431,7 +445,7 @@ class Recipe:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = load_student(cfg.student, info, cfg.seed).to(self.device)
+        model = load_student(cfg.student, info, cfg.seed, cfg.trust_remote_code).to(self.device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -707,8 +721,11 @@ def distill(cfg: DistillConfig, teacher: TeacherSignal | None = None) -> dict:
     """Train the student; returns the last logged metrics. Writes checkpoints, metrics.jsonl and final/.
 
     ``teacher``: where the teacher's side of the training loss comes from (default: the cache's columns).
+    One run per --out: a second is refused while the first runs (cache/lock.py).
     """
-    return Recipe(cfg, teacher).run()
+    main = int(os.environ.get("RANK", "0")) == 0
+    with hold_lock(Path(cfg.out) / RUN_LOCK, f"run {cfg.out}") if main else contextlib.nullcontext():
+        return Recipe(cfg, teacher).run()
 
 
 # ------------------------------------------------------------------------------------------ helpers
