@@ -399,9 +399,9 @@ def _build(config: CacheConfig) -> Manifest:
             if bad.size:
                 raise CacheError(
                     f"the teacher gave non-finite log-probabilities (NaN or inf) for sequences "
-                    f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block (the "
-                    f"{len(manifest.shards)} shard(s) before it are kept). Check the teacher's weights and --dtype "
-                    "(float16 overflows in some models)."
+                    f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block"
+                    + (f" (the {len(manifest.shards)} shard(s) committed before it are kept)" if manifest.shards else "")
+                    + ". Check the teacher's weights and --dtype (float16 overflows in some models)."
                 )
             with _naming_write_errors(path):
                 write_shard(rows, path, manifest.row_group_rows)

@@ -68,7 +68,8 @@ from cache.data import iter_documents, source_fingerprint
 from cache.format import atomic_write_bytes
 from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.manifest import identity_diff, tokenizer_fingerprint
-from cache.models import check_model_path, load_causal_lm, load_tokenizer
+from cache.models import check_model_path, load_causal_lm
+from cache.models import load_tokenizer as load_one_tokenizer
 from cache.options import option
 
 MODES = ("switch", "student", "teacher")
@@ -192,7 +193,7 @@ class Models:
 def load_tokenizer(cfg: GenerateConfig):
     """The tokenizer of the models; with both models given, they must share it (as a cache's student must)."""
     tokenizers = {
-        role: load_tokenizer(path, f"--{role}", trust_remote_code=cfg.trust_remote_code)
+        role: load_one_tokenizer(path, f"--{role}", trust_remote_code=cfg.trust_remote_code)
         for role, path in (("teacher", cfg.teacher), ("student", cfg.student))
         if path is not None
     }

@@ -113,7 +113,9 @@ def load_tokenizer(spec: str | os.PathLike, option: str, *, trust_remote_code: b
 
 def load_causal_lm(spec: str, option: str, *, trust_remote_code: bool, revision: str | None = None, **kwargs):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its per-load bars would interleave with our own progress bars
     with loading(spec, option):
         return AutoModelForCausalLM.from_pretrained(
             spec, revision=revision, trust_remote_code=bool(trust_remote_code), **kwargs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -294,6 +295,7 @@ def test_format_v1_caches_still_read_verify_and_train(tmp_path, reference_cache,
         pq.write_table(table, old / entry["name"], row_group_size=info.manifest.row_group_rows, **PARQUET_WRITE_OPTIONS)
         entry.update(sha256=sha256_file(old / entry["name"]), bytes=(old / entry["name"]).stat().st_size)
     (old / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(reference_cache / "tokenizer", old / "tokenizer")
     assert pq.read_schema(old / manifest["shards"][0]["name"]).field("topk_ids").type.value_field.nullable
 
     v1, v1_rows = read_all(old)
