@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -188,18 +189,23 @@ class CacheReader:
             if sha256_file(path) != shard.sha256:
                 raise CacheError(f"{path}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)")
             self._verified.add(chunk.shard)
+        # Arrow's errors name no file (ArrowInvalid is a ValueError, ArrowIOError an OSError): name it here.
+        unreadable = (OSError, ValueError, KeyError, IndexError, pa.ArrowException)
         try:
             # Small reads instead of pre-buffering the whole row group's column chunks at once.
             with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as f:
                 table = f.read_row_group(chunk.row_group)
-        except OSError as e:
-            raise CacheError(f"{path}: unreadable shard ({e})") from e
+        except unreadable as e:
+            raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
         expected = min(self.manifest.row_group_rows, shard.rows - chunk.row_group * self.manifest.row_group_rows)
         if table.num_rows != expected:
             raise CacheError(f"{path}: row group {chunk.row_group} has {table.num_rows} rows, expected {expected}")
         if chunk.rows != expected:  # a part of the row group (the holdout's boundary)
             table = table.slice(chunk.offset, chunk.rows)
-        return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
+        try:
+            return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
+        except unreadable as e:
+            raise CacheError(f"{path}: row group {chunk.row_group} does not decode ({type(e).__name__}: {e})") from e
 
     def _read_window(self, window: Window) -> "_DecodedWindow":
         return _DecodedWindow([self._read_chunk(self.chunks[i]) for i in window.chunks])
