@@ -123,3 +123,32 @@ def test_plan_teacher_refuses_custom_code_without_the_flag_and_counts_with(tmp_p
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
     assert marker.exists()
     assert json.loads(ok.output[ok.output.index("{"):])["student"]["params"] == expected
+
+
+TOKENIZER_CODE = '''
+from pathlib import Path
+from transformers import PreTrainedTokenizerFast
+
+Path({marker!r}).open("a").write("tokenizer code ran\\n")
+
+
+class TinyCustomTokenizerFast(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def test_inspect_decodes_with_a_custom_tokenizer_only_with_the_flag(tmp_path, tokenizer_dir, small_cache):
+    tokenizer, marker = tmp_path / "custom_tokenizer", tmp_path / "code_ran.txt"
+    shutil.copytree(tokenizer_dir, tokenizer)
+    (tokenizer / "tokenization_tiny.py").write_text(TOKENIZER_CODE.format(marker=str(marker)))
+    settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="TinyCustomTokenizerFast", auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyCustomTokenizerFast"]})
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
+    args = ["inspect", str(small_cache), "--tokenizer", str(tokenizer)]
+    shown = _invoke(args)  # the summary still prints, with token ids instead of text
+    assert shown.exit_code == 0, shown.output
+    assert "contains custom code" in shown.output and "--trust-remote-code" in shown.output and "[y/N]" not in shown.output
+    assert "showing token ids" in shown.output and not marker.exists()
+    decoded = _invoke(args + ["--trust-remote-code"])
+    assert decoded.exit_code == 0, decoded.output
+    assert marker.exists() and "showing token ids" not in decoded.output
