@@ -206,6 +206,32 @@ def test_a_full_disk_names_the_file_and_the_cache_resumes(tmp_path, reference, t
     assert cache_bytes(out) == cache_bytes(reference)
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 48 KiB tmpfs (room for the tokenizer and a shard or two): a real full disk (needs root to mount; skipped elsewhere)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk_names_the_file_and_the_cache_resumes(small_tmpfs, reference, teacher_dir, corpus_jsonl):
+    out = small_tmpfs / "cache"
+    # pyarrow words it "Error writing bytes to file. Detail: [errno 28] No space left on device"
+    with pytest.raises(CacheError, match=r"cache/\S+: cannot write \(.*No space left on device\); the shards committed"):
+        cache_teacher(config(teacher_dir, corpus_jsonl, out))
+    committed = len(load_cache(out, require_complete=False).shards)
+    assert 0 < committed < 7
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    cache_teacher(config(teacher_dir, corpus_jsonl, out))
+    assert cache_bytes(out) == cache_bytes(reference)
+
+
 # ----------------------------------------------------------------------------------- one-line errors
 def test_missing_model_paths_are_one_line_errors(tmp_path, small_cache, corpus_jsonl):
     missing = str(tmp_path / "no" / "such" / "model")
