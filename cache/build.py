@@ -21,11 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.data import DataSpec, iter_sequences, source_fingerprint
-from cache.lock import hold_lock
-from cache.models import check_model_path, load_tokenizer
-from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
 from cache.format import SHARD_DIR, TOKENIZER_DIR, CacheRows, sha256_file, tokens_sha256, write_shard
-from cache.teacher import id_list, invalid_rows
+from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
+from cache.lock import hold_lock
 from cache.manifest import (
     LINEAGE_FILE,
     CacheError,
@@ -37,6 +35,8 @@ from cache.manifest import (
     shard_name,
     tokenizer_fingerprint,
 )
+from cache.models import check_model_path, load_tokenizer
+from cache.teacher import id_list, invalid_rows
 from cache.options import option
 
 

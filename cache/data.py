@@ -190,6 +190,25 @@ def _broken_link(path: Path) -> str:
     return f"broken symlink (to {os.readlink(path)})"
 
 
+def _outside_loops(matches: list[str], base: Path) -> list[str]:
+    """Glob matches minus those reached through a symlink loop (``**`` follows links: d/loop/loop/...)."""
+    kept, loops = [], set()
+    for match in matches:
+        seen, folder = {base.resolve()}, base
+        for part in Path(match).relative_to(base).parts[:-1]:
+            folder = folder / part
+            real = folder.resolve()
+            if real in seen:
+                loops.add(folder)
+                break
+            seen.add(real)
+        else:
+            kept.append(match)
+    for folder in sorted(loops):
+        log.warning("%s: symlink loop (links back to %s); not followed", folder, folder.resolve())
+    return kept
+
+
 def _read_once(sources: list[_Source]) -> list[_Source]:
     """Drop sources whose files were already taken under another name (symlinks, overlapping globs):
     every file is read once, where it first appears in the reading order."""
@@ -224,8 +243,8 @@ def _resolve(path: str | os.PathLike, split: str | None) -> tuple[Path, list[_So
         matches = sorted(_glob.glob(text, recursive=True))
         if not matches:
             raise DataError(f"no files match {text!r}")
-        sources = [s for m in matches for s in _expand(Path(m), split, explicit=False)]
         base = _glob_base(text)
+        sources = [s for m in _outside_loops(matches, base) for s in _expand(Path(m), split, explicit=False)]
     else:
         raise DataError(f"data path not found: {text}")
     sources = _read_once(sources)
@@ -294,9 +313,10 @@ def _decode_utf8(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        before = data[: e.start]
-        line, column = before.count(b"\n"), e.start - (before.rfind(b"\n") + 1)
-        at = f"line {line + 1}, column {column + 1}" if line else f"column {column + 1}"
+        before = data[: e.start]  # valid UTF-8: the decoder stopped at e.start
+        line, line_start = before.count(b"\n"), before.rfind(b"\n") + 1
+        column = len(before[line_start:].decode("utf-8")) + 1  # in characters, as editors count
+        at = f"line {line + 1}, column {column}" if line else f"column {column}"
         raise DataError(
             f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at}: {e.reason}); "
             "re-encode the file as UTF-8"
