@@ -24,6 +24,13 @@ def _holder(path: Path) -> subprocess.Popen:
     return proc
 
 
+def _release(proc: subprocess.Popen) -> None:
+    """End a holder as a crash would: kill -9."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
 def test_second_holder_is_refused_naming_the_first_and_kill_9_frees_the_lock(tmp_path):
     lock = tmp_path / "out" / ".writer000.lock"
     proc = _holder(lock)
@@ -36,8 +43,7 @@ def test_second_holder_is_refused_naming_the_first_and_kill_9_frees_the_lock(tmp
         assert f"pid {proc.pid} on host {socket.gethostname()}" in str(refused.value)
         assert "cache out is being written by another run" in str(refused.value)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _release(proc)
     with hold_lock(lock, "cache out"):  # no stale lock after kill -9
         assert f'"pid": {os.getpid()}' in lock.read_text()
 

@@ -27,7 +27,7 @@ from cache.manifest import CacheError, load_cache
 from cache.verify import verify_cache
 from pipeline import app
 from test_cache import cache_bytes, config
-from test_lock import _holder
+from test_lock import _holder, _release
 from train.trainer import RUN_LOCK, DistillConfig, distill
 
 runner = CliRunner()
@@ -110,8 +110,7 @@ def test_second_cache_writer_is_refused_naming_the_holder(tmp_path, teacher_dir,
         # Worker 1 of a two-worker layout is another writer: it is not held up.
         cache_teacher(config(teacher_dir, corpus_jsonl, out, worker_index=1, num_workers=2, max_sequences=12))
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        _release(holder)
     assert not (out / "manifest.json").exists()  # the refused run wrote nothing
     cache_teacher(config(teacher_dir, corpus_jsonl, out, worker_index=0, num_workers=2, max_sequences=12))
     assert load_cache(out).complete  # the holder was killed -9: its lock went with it
@@ -124,8 +123,7 @@ def test_second_distill_on_one_out_is_refused(tmp_path, small_cache, student_con
         with pytest.raises(LockHeld, match=rf"run {out} is being written by another run \(pid {holder.pid}"):
             distill(DistillConfig(student=str(student_config), cache=small_cache, out=out, max_steps=1, progress=False))
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        _release(holder)
     assert not (out / "metrics.jsonl").exists()
 
 
