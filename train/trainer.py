@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import contextlib
 import os
 import random
 import shutil
