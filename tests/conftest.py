@@ -58,6 +58,39 @@ def build_tokenizer(directory: Path, vocab_size: int = 320):
     return hf
 
 
+SENTENCEPIECE_SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>"]
+
+
+def build_sentencepiece_tokenizer(directory: Path, vocab_size: int = 360):
+    """A second tokenizer, of another family than :func:`build_tokenizer`: SentencePiece-style (Metaspace "▁" for
+    spaces, a dummy prefix, BPE with byte fallback to ``<0xNN>`` tokens, as Llama 2 and Mistral have), another
+    vocabulary size, ``</s>`` as eos, ``<|im_start|>`` shared with the first and ``<|im_end|>`` missing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SENTENCEPIECE_SPECIALS, show_progress=False)
+    trained.train_from_iterator(make_corpus(200, seed=321), trainer=trainer)
+    model = json.loads(trained.to_str())["model"]
+    # Byte-fallback tokens live in the model's vocabulary (not as added tokens), after the specials, as in Llama 2.
+    learned = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in SENTENCEPIECE_SPECIALS]
+    ordered = SENTENCEPIECE_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + learned
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(ordered)}, merges, byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.add_special_tokens(SENTENCEPIECE_SPECIALS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+    hf.save_pretrained(directory)
+    return hf
+
+
 def build_llama(directory: Path, vocab_size: int, *, layers: int = 2, hidden: int = 48, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,6 +119,13 @@ def build_llama(directory: Path, vocab_size: int, *, layers: int = 2, hidden: in
 def tokenizer_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("sentencepiece_tokenizer")
+    build_sentencepiece_tokenizer(d)
     return d
 
 

@@ -371,6 +371,45 @@ def soft_cross_entropy(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for
+# LLMs", arXiv 2402.12030). Reading of the official code (Nicolas-BZRD/llm-recipes, models/distillation_model.py)
+# and of TRL's GOLD trainer (trl/experimental/gold/gold_trainer.py, ULDLoss):
+# - both distributions are sorted descending and compared rank by rank, the smaller vocabulary padded with zeros:
+#   ``Σ_r |p_(r) - q_(r)|`` per position (the closed-form Wasserstein-1 distance under a uniform cost between
+#   the sorted vectors), averaged over positions; no vocabulary mapping is needed;
+# - defaults: teacher and student temperature 1, distillation weight 1; cross-entropy weight 1 in the official
+#   code (``L = CE + λ·ULD``), 0 in GOLD; GOLD's hybrid variant uses it only for the ids without an exact match.
+# Over the cache's k + 1 bins (the teacher's sorted top-k and its tail; the student's own sorted top-k and the
+# mass outside it) the tail pair is one term, ``|p_rest - q_rest|``: a lower bound of the dense distance over the
+# remaining ranks (triangle inequality) that equals it once k covers both vocabularies.
+
+
+def student_sorted_bins(student_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The student's own top-k log-probs, sorted descending, and the log-mass outside them: ``([N, k], [N])``.
+
+    ``student_logits`` [N, V]. With k > V the missing ranks are empty bins (-inf: zero probability, as ULD pads the
+    smaller vocabulary). Gradients flow through the values; the ranking itself is not differentiated.
+    """
+    m = min(k, student_logits.shape[-1])
+    ids = student_logits.detach().topk(m, dim=-1).indices
+    bins = student_bins(student_logits, ids)
+    log_q = bins.log_q_support
+    if m < k:
+        log_q = torch.cat([log_q, log_q.new_full((log_q.shape[0], k - m), NEG_INF)], dim=-1)
+    return log_q, bins.log_q_rest
+
+
+def uld_distance(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """ULD per position [N]: ``Σ_r |p_(r) - q_(r)|`` between two bin vectors [N, B] whose support bins are each
+    sorted descending (rank r of the teacher against rank r of the student) and whose last bin is the rest.
+
+    Which ids sit in rank r does not matter (no vocabulary mapping); the teacher's cached top-k is sorted already.
+    Range [0, 2]; empty bins are 0 probability.
+    """
+    return (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models").
 # Reading of the official code (WHU-ZQH/ATKD, distill/distill_trainer.py, method `atkd` and `get_tckd_nckd`):
 # - UNC is the teacher's non-target mass 1 - p_g; the threshold is torch.median over the non-padding positions

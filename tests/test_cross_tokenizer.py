@@ -1,0 +1,313 @@
+"""Cross-tokenizer pieces (train/cross_tokenizer.py) and the ULD loss, on the two local tokenizers of conftest.py:
+the teacher's byte-level BPE and a SentencePiece-style student with byte fallback, another vocabulary and eos."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train import cross_tokenizer as xt
+from train import losses
+
+
+@pytest.fixture(scope="module")
+def teacher_tok(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def student_tok(sentencepiece_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def pieces(teacher_tok, student_tok):
+    return xt.TokenPieces.of(teacher_tok), xt.TokenPieces.of(student_tok)
+
+
+@pytest.fixture(scope="module")
+def vocab_map(teacher_tok, student_tok, pieces):
+    return xt.load_vocab_map(None, teacher_tok, student_tok, *pieces)
+
+
+def _teacher_ids(teacher_tok, *docs: str) -> np.ndarray:
+    """Documents as the cache packs them: each tokenized whole, eos after each."""
+    ids = []
+    for doc in docs:
+        ids += teacher_tok(doc)["input_ids"] + [teacher_tok.eos_token_id]
+    return np.array(ids, dtype=np.int64)
+
+
+def _retokenize(teacher_tok, student_tok, pieces, vocab_map, ids: np.ndarray) -> xt.StudentSequence:
+    mask = np.ones(len(ids), dtype=bool)
+    mask[0] = False
+    return xt.Retokenizer(student_tok, *pieces, vocab_map).sequences(ids[None], mask[None])[0]
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def test_pieces_spell_the_text(teacher_tok, student_tok, pieces):
+    teacher, student = pieces
+    text = "the whale said café 🐋 to ahab"
+    for tok, p in ((teacher_tok, teacher), (student_tok, student)):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        spelled = b"".join(p.pieces[i] for i in ids)
+        assert spelled.lstrip(b" ") == text.encode()  # the SentencePiece student adds one dummy-prefix space
+    # Byte fallback: é and the whale are not in the student's learned vocabulary; they come as <0xNN> tokens.
+    ids = student_tok("🐋", add_special_tokens=False)["input_ids"]
+    assert [student.pieces[i] for i in ids if student.byte_fallback[i]] == [bytes([b]) for b in "🐋".encode()]
+    assert student.pieces[student_tok.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
+    # Specials are flagged and spelled by their content; text tokens are not special.
+    assert teacher.special[teacher_tok.eos_token_id] and teacher.pieces[teacher_tok.eos_token_id] == b"<|endoftext|>"
+    assert student.special[student_tok.eos_token_id] and not student.special[student_tok.convert_tokens_to_ids("<0x41>")]
+    assert teacher.text_bytes(np.array([teacher_tok.eos_token_id])).tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------- vocab map
+def test_vocab_map_matches_bytes_specials_by_content_or_role(teacher_tok, student_tok, pieces, vocab_map):
+    teacher, student = pieces
+    m = vocab_map.mapping
+    # Same bytes, different spelling: byte-level "Ġwh" and SentencePiece "▁wh" both stand for b" wh".
+    t_wh = teacher_tok.convert_tokens_to_ids("Ġwh")
+    s_wh = student_tok.convert_tokens_to_ids("\u2581wh")
+    assert teacher.pieces[t_wh] == student.pieces[s_wh] == b" wh"
+    assert m[t_wh] == s_wh
+    # A byte: the student's regular token wins over its <0xNN> fallback; a byte only the fallback has maps to it.
+    assert m[teacher_tok.convert_tokens_to_ids("a")] == student_tok.convert_tokens_to_ids("a")
+    assert m[teacher_tok.convert_tokens_to_ids("Ã")] == student_tok.convert_tokens_to_ids("<0xC3>")
+    # Specials: eos by role (<|endoftext|> -> </s>), <|im_start|> by content, <|im_end|> has no counterpart.
+    assert m[teacher_tok.eos_token_id] == student_tok.eos_token_id
+    assert m[teacher_tok.convert_tokens_to_ids("<|im_start|>")] == student_tok.convert_tokens_to_ids("<|im_start|>")
+    assert m[teacher_tok.convert_tokens_to_ids("<|im_end|>")] == -1
+    # Every match stands for the same bytes (or is a special matched to a special).
+    for t in np.flatnonzero(m >= 0):
+        if teacher.special[t]:
+            assert student.special[m[t]]
+        else:
+            assert teacher.pieces[t] == student.pieces[m[t]] and not student.special[m[t]]
+    # Text tokens the student cannot spell as one token stay unmatched: their mass goes to the tail bin.
+    unmatched = [t for t in np.flatnonzero(m < 0) if not teacher.special[t]]
+    assert unmatched and all(teacher.pieces[t] not in {student.pieces[s] for s in range(student.vocab_size)} for t in unmatched[:20])
+
+
+def test_vocab_map_is_kept_on_disk_per_tokenizer_pair(tmp_path, teacher_tok, student_tok, pieces, monkeypatch):
+    teacher, student = pieces
+    first = xt.load_vocab_map(tmp_path, teacher_tok, student_tok, teacher, student)
+    path = xt.vocab_map_path(tmp_path, teacher, student)
+    assert path.exists() and teacher.fingerprint[:16] in path.name and student.fingerprint[:16] in path.name
+    # The identity pair has its own file.
+    assert xt.vocab_map_path(tmp_path, teacher, teacher) != path
+
+    def no_build(*args):
+        raise AssertionError("rebuilt although a valid map is on disk")
+
+    monkeypatch.setattr(xt, "build_vocab_map", no_build)
+    again = xt.load_vocab_map(tmp_path, teacher_tok, student_tok, teacher, student)
+    np.testing.assert_array_equal(again.mapping, first.mapping)
+    monkeypatch.undo()
+    # A truncated file is rebuilt (and rewritten), never trusted.
+    path.write_bytes(path.read_bytes()[:100])
+    rebuilt = xt.load_vocab_map(tmp_path, teacher_tok, student_tok, teacher, student)
+    np.testing.assert_array_equal(rebuilt.mapping, first.mapping)
+    assert xt._read_vocab_map(path, teacher, student) is not None
+
+
+# ---------------------------------------------------------------------------------------- alignment
+def _check_invariants(seq: xt.StudentSequence, ids: np.ndarray, teacher: xt.TokenPieces):
+    """What alignment promises, on any sequence: an aligned target starts at the byte where the teacher's
+    predicted token starts, and the target bytes add up to the text the trained targets cover."""
+    t_starts = np.concatenate([[0], np.cumsum(teacher.lengths[ids])[:-1]])
+    aligned = seq.teacher_pos >= 0
+    assert (seq.starts[1:][aligned] == t_starts[seq.teacher_pos[aligned] + 1]).all()
+    assert (seq.teacher_pos[aligned] <= len(ids) - 2).all()
+    # Every byte of text after the first student token is some target's: nothing lost, nothing counted twice.
+    first_end = seq.starts[1] if len(seq.starts) > 1 else 0
+    assert seq.target_bytes.sum() == teacher.text_bytes(ids).sum() - first_end + _special_bytes_before(ids, teacher, first_end)
+
+
+def _special_bytes_before(ids, teacher, end) -> int:
+    starts = np.concatenate([[0], np.cumsum(teacher.lengths[ids])[:-1]])
+    return int(sum(teacher.lengths[i] for i, s in zip(ids, starts) if teacher.special[i] and s < end))
+
+
+def test_alignment_shared_and_split_tokens(teacher_tok, student_tok, pieces, vocab_map):
+    teacher, student = pieces
+    ids = _teacher_ids(teacher_tok, "the whale and the captain", "queequeg saw the harpoon upon the deck")
+    seq = _retokenize(teacher_tok, student_tok, pieces, vocab_map, ids)
+    _check_invariants(seq, ids, teacher)
+    t_starts = np.concatenate([[0], np.cumsum(teacher.lengths[ids])[:-1]])
+    text = b"".join(teacher.pieces[i] for i in ids)
+    # Word starts: both tokenizers start a token at every word (the teacher's "Ġword", the student's "▁word").
+    word_starts = [i for i in range(1, len(text)) if text[i : i + 1] == b" " and text[i - 1 : i] != b">"]
+    for b in word_starts:
+        j = np.flatnonzero(seq.starts == b)
+        assert len(j) == 1 and j[0] >= 1, b
+        assert seq.teacher_pos[j[0] - 1] == np.flatnonzero(t_starts == b)[0] - 1
+    # Split tokens: where one side starts a token the other has no boundary, the target is not aligned.
+    only_student = set(seq.starts[seq.starts > 0].tolist()) - set(t_starts.tolist())
+    for b in only_student:
+        j = np.flatnonzero(seq.starts == b)[0]
+        assert seq.teacher_pos[j - 1] == -1
+    assert seq.teacher_pos.max() >= 0 and (seq.teacher_pos >= 0).mean() > 0.3
+
+
+def test_alignment_byte_fallback_and_cut_characters(teacher_tok, student_tok, pieces, vocab_map):
+    teacher, student = pieces
+    ids = _teacher_ids(teacher_tok, "the café 🐋 whale")
+    seq = _retokenize(teacher_tok, student_tok, pieces, vocab_map, ids)
+    _check_invariants(seq, ids, teacher)
+    assert student.byte_fallback[seq.input_ids].any()
+    # The emoji's bytes are byte tokens on both sides: each starts a token on both, so each aligns.
+    text = b"".join(teacher.pieces[i] for i in ids)
+    at = text.index("🐋".encode())
+    for b in range(at + 1, at + 4):
+        j = np.flatnonzero(seq.starts == b)
+        assert len(j) == 1 and seq.teacher_pos[j[0] - 1] >= 0
+    # A sequence cut inside the emoji (as packing can): its stray bytes keep their positions; nothing breaks.
+    cut = ids[: np.flatnonzero(np.concatenate([[0], np.cumsum(teacher.lengths[ids])]) == at + 2)[0]]
+    seq = _retokenize(teacher_tok, student_tok, pieces, vocab_map, cut)
+    _check_invariants(seq, cut, teacher)
+
+
+def test_alignment_special_tokens(teacher_tok, student_tok, pieces, vocab_map):
+    teacher, student = pieces
+    im_start, im_end = (teacher_tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    ids = np.concatenate([
+        [im_start], teacher_tok("user\nthe sea", add_special_tokens=False)["input_ids"], [im_end],
+        teacher_tok("\nthe ship", add_special_tokens=False)["input_ids"], [teacher_tok.eos_token_id],
+        teacher_tok("old man", add_special_tokens=False)["input_ids"],
+    ]).astype(np.int64)  # fmt: skip
+    seq = _retokenize(teacher_tok, student_tok, pieces, vocab_map, ids)
+    _check_invariants(seq, ids, teacher)
+    ids_list = seq.input_ids.tolist()
+    # eos (by role) and <|im_start|> (by content) arrive as the student's own special tokens, aligned.
+    assert ids_list[0] == student_tok.convert_tokens_to_ids("<|im_start|>")
+    eos_at = ids_list.index(student_tok.eos_token_id)
+    t_eos = int(np.flatnonzero(ids == teacher_tok.eos_token_id)[0])
+    assert seq.teacher_pos[eos_at - 1] == t_eos - 1 and seq.target_bytes[eos_at - 1] == 0
+    # <|im_end|> has no student counterpart: its content is text to the student, worth no bytes of text.
+    t_im_end = int(np.flatnonzero(ids == im_end)[0])
+    t_starts = np.concatenate([[0], np.cumsum(teacher.lengths[ids])[:-1]])
+    inside = (seq.starts >= t_starts[t_im_end]) & (seq.starts < t_starts[t_im_end] + len(b"<|im_end|>"))
+    assert inside.sum() >= 2 and (seq.target_bytes[inside[1:]] == 0).all()
+
+
+def test_identical_tokenizers_align_every_position(teacher_tok, pieces):
+    teacher, _ = pieces
+    same = xt.load_vocab_map(None, teacher_tok, teacher_tok, teacher, teacher)
+    assert (same.mapping == np.arange(teacher.vocab_size)).all()
+    ids = _teacher_ids(teacher_tok, "the whale and the captain", "queequeg saw the harpoon")
+    seq = _retokenize(teacher_tok, teacher_tok, (teacher, teacher), same, ids)
+    np.testing.assert_array_equal(seq.input_ids, ids)
+    np.testing.assert_array_equal(seq.teacher_pos, np.arange(len(ids) - 1))
+    np.testing.assert_array_equal(seq.target_bytes, teacher.text_bytes(ids[1:]))
+
+
+# --------------------------------------------------------------------------------------- projection
+def test_project_topk_pools_and_tails():
+    mapping = torch.tensor([5, 7, -1, 5, 9, -1])  # teacher ids 0 and 3 are the same student token 5
+    p = torch.tensor([[0.4, 0.2, 0.15, 0.1], [0.5, 0.3, 0.1, 0.05], [0.6, 0.3, 0.0, 0.0]], dtype=torch.float64)
+    ids = torch.tensor([[0, 2, 1, 3], [4, 1, 2, 5], [2, 5, 2, 5]])
+    lp = p.log().to(torch.float16)
+    support, logprobs, p_rest, matched = xt.project_topk(ids, lp, mapping)
+    q = lp.float().exp()
+    tail = 1 - q.sum(-1)
+    # Row 0: 5 <- ids 0 and 3 pooled, 7 <- id 1; id 2 unmatched joins the tail. Largest first; empty columns
+    # repeat the first id and carry -inf.
+    assert support[0].tolist() == [5, 7, 5, 5]
+    torch.testing.assert_close(logprobs[0, :2].exp(), torch.stack([q[0, 0] + q[0, 3], q[0, 2]]))
+    assert torch.isneginf(logprobs[0, 2:]).all()
+    torch.testing.assert_close(p_rest[0], tail[0] + q[0, 1])
+    assert support[1].tolist() == [9, 7, 9, 9] and matched[:2].all()
+    torch.testing.assert_close(p_rest[1], tail[1] + q[1, 2] + q[1, 3])
+    # Row 2: nothing has a student counterpart: all its mass is the tail, and the row is flagged.
+    assert not matched[2] and torch.isneginf(logprobs[2]).all()
+    torch.testing.assert_close(p_rest[2], torch.tensor(1.0))
+    # Mass is conserved everywhere.
+    torch.testing.assert_close(logprobs.exp().sum(-1) + p_rest, torch.ones(3))
+
+
+def test_projected_bins_give_the_loss_of_the_student_vocabulary():
+    """The projected batch through the normal bin losses equals, in float64, each loss between the teacher's
+    distribution pushed onto student ids (pooled; unmatched and tail mass lumped) and the student's, on those bins."""
+    torch.manual_seed(0)
+    n, k, vt, vs = 6, 5, 12, 9
+    mapping = torch.tensor([0, 1, 1, 2, -1, 3, 4, -1, 5, 6, 7, 8])
+    teacher = torch.randn(n, vt, dtype=torch.float64).mul(2).log_softmax(-1)
+    top = teacher.topk(k, dim=-1)
+    z = torch.randn(n, vs, dtype=torch.float64)
+    support, logprobs, p_rest, matched = xt.project_topk(top.indices, top.values, mapping)
+    assert matched.all()
+    valid = torch.isfinite(logprobs)
+    bins = losses.student_bins(z, support)
+    log_q_support = bins.log_q_support.masked_fill(~valid, float("-inf"))
+    log_p, log_q = losses.join_bins(logprobs.double(), p_rest.double().log(), log_q_support, bins.log_q_rest)
+    # Dense reference: the same bins built by hand.
+    log_qz = z.log_softmax(-1)
+    for row in range(n):
+        ids = support[row][valid[row]].tolist()
+        in_top = set(top.indices[row].tolist())
+        p_ref = [sum(math.exp(teacher[row, t].item()) for t in in_top if mapping[t] == s) for s in ids]
+        ref_p = torch.tensor(p_ref + [1 - sum(p_ref)], dtype=torch.float64)
+        q_ref = log_qz[row, ids].exp()
+        ref_q = torch.cat([q_ref, (1 - q_ref.sum()).view(1)])
+        got_p = log_p[row][torch.isfinite(log_p[row])].exp()
+        got_q = log_q[row][torch.isfinite(log_q[row])].exp()
+        torch.testing.assert_close(got_p, ref_p, rtol=2e-3, atol=2e-3)  # fp32 projection of fp64 teacher
+        torch.testing.assert_close(got_q, ref_q)
+        fkl = (ref_p * (ref_p.log() - ref_q.log())).sum()
+        torch.testing.assert_close(losses.forward_kl(log_p[row : row + 1], log_q[row : row + 1])[0], fkl, rtol=5e-3, atol=5e-3)
+
+
+def test_bits_per_byte():
+    assert xt.bits_per_byte(8 * math.log(2), 8) == pytest.approx(1.0)
+    assert xt.bits_per_byte(3.0, 0) == pytest.approx(3.0 / math.log(2))  # no bytes: guarded, not a division by 0
+
+
+# ---------------------------------------------------------------------------------------------------- ULD
+def _dense_uld(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Reference: both full distributions sorted, the shorter padded with zeros, L1 per row."""
+    width = max(p.shape[-1], q.shape[-1])
+    ps = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
+    qs = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[-1]))
+    return (ps - qs).abs().sum(-1)
+
+
+@pytest.mark.parametrize("vt,vs", [(7, 5), (5, 7), (6, 6)])
+def test_uld_equals_dense_when_k_covers_both_vocabularies(vt, vs):
+    torch.manual_seed(vt * 10 + vs)
+    n = 4
+    p = torch.randn(n, vt, dtype=torch.float64).mul(2).softmax(-1)
+    z = torch.randn(n, vs, dtype=torch.float64, requires_grad=True)
+    k = max(vt, vs)
+    log_p_sorted = torch.nn.functional.pad(p.sort(-1, descending=True).values.log(), (0, k - vt), value=-math.inf)
+    log_q_sorted, log_q_rest = losses.student_sorted_bins(z, k)
+    log_p, log_q = losses.join_bins(log_p_sorted, torch.full((n,), -math.inf, dtype=torch.float64), log_q_sorted, log_q_rest)
+    got = losses.uld_distance(log_p, log_q)
+    want = _dense_uld(p, z.softmax(-1))
+    torch.testing.assert_close(got, want)
+    (g_got,) = torch.autograd.grad(got.sum(), z)
+    (g_want,) = torch.autograd.grad(_dense_uld(p, z.softmax(-1)).sum(), z)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_uld_on_top_k_bins_is_the_tail_lumped_lower_bound():
+    torch.manual_seed(3)
+    n, vt, vs, k = 5, 11, 9, 3
+    p = torch.randn(n, vt, dtype=torch.float64).mul(2).softmax(-1)
+    z = torch.randn(n, vs, dtype=torch.float64)
+    q = z.softmax(-1)
+    top_p = p.sort(-1, descending=True).values
+    top_q = q.sort(-1, descending=True).values
+    log_q_sorted, log_q_rest = losses.student_sorted_bins(z, k)
+    log_p, log_q = losses.join_bins(top_p[:, :k].log(), (1 - top_p[:, :k].sum(-1)).log(), log_q_sorted, log_q_rest)
+    got = losses.uld_distance(log_p, log_q)
+    want = (top_p[:, :k] - top_q[:, :k]).abs().sum(-1) + (top_p[:, k:].sum(-1) - top_q[:, k:].sum(-1)).abs()
+    torch.testing.assert_close(got, want)
+    assert (got <= _dense_uld(p, q) + 1e-12).all()

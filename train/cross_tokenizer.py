@@ -1,0 +1,421 @@
+"""Cross-tokenizer distillation from a cache: a student with its own vocabulary learns from cached teacher top-k.
+
+A cache holds the teacher's token ids. For a student of another tokenizer this module
+
+1. rebuilds each cached sequence's text from its ids, with the byte offset where every teacher token starts
+   (:class:`TokenPieces`: the bytes each id adds to running text);
+2. re-tokenizes that text with the student's tokenizer, special tokens kept as tokens (:class:`Retokenizer`);
+3. aligns positions: the student's prediction of the token starting at byte ``b`` sees the same text as the
+   teacher's prediction of the token starting at ``b``. Where both tokenizations start a token at ``b`` the
+   teacher's distribution is used; elsewhere the student has only its own next token (CE);
+4. moves the teacher's probability onto student ids: a teacher id and a student id that stand for the same bytes
+   are the same event (:func:`build_vocab_map`, built once per tokenizer pair and kept on disk,
+   :func:`load_vocab_map`); special tokens match by content, else by role (eos/bos/pad/unk). The teacher's mass on
+   ids without a student counterpart joins its tail (:func:`project_topk`), so every bin loss runs unchanged on
+   the student-side support plus the rest bin.
+
+Offsets are in bytes of UTF-8 text, not characters: a byte-level token may hold part of a character, and a
+sequence cut by packing may start or end inside one (such bytes reach the student as U+FFFD but keep their byte
+positions). Bits per byte (:func:`bits_per_byte`) is the metric that means the same under both tokenizers.
+
+What matches: GOLD (TRL, trl/experimental/gold) maps ids whose vocabulary *strings* are equal, so GPT-2's "Ġthe"
+and SentencePiece's "▁the" never match; matching the bytes they decode to does. Decoders understood: ByteLevel
+(GPT-2, Llama 3, Qwen, SmolLM), and SentencePiece-style Metaspace/Replace with ByteFallback (Llama 2, Mistral).
+A SentencePiece tokenizer adds one leading space per text run it encodes (its dummy prefix): those tokens then
+start one byte early and do not align; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cache.format import atomic_write_bytes, tail_mass
+from cache.manifest import CacheError, tokenizer_fingerprint
+
+VOCAB_MAP_DIR = "vocab_maps"  # inside the cache directory: one file per student tokenizer
+VOCAB_MAP_VERSION = 1
+_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_ROLES = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-character alphabet for the 256 bytes, inverted (what ByteLevel tokens are spelled in)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def _decoder_steps(decoder: Optional[dict]) -> list[dict]:
+    if decoder is None:
+        return []
+    if decoder["type"] == "Sequence":
+        return [step for d in decoder["decoders"] for step in _decoder_steps(d)]
+    return [decoder]
+
+
+@dataclass(frozen=True)
+class TokenPieces:
+    """What each id of one tokenizer stands for in running text.
+
+    - ``pieces[i]``: the bytes token i adds when it occurs mid-text (special tokens: their content).
+    - ``lengths`` [V] int64: ``len(pieces[i])``.
+    - ``special`` [V] bool: control tokens (eos, chat markers): not text, never matched to a text token.
+    - ``byte_fallback`` [V] bool: SentencePiece ``<0xNN>`` tokens (a student id with the same bytes wins over them).
+    - ``fingerprint``: the tokenizer's sha256 from :func:`cache.manifest.tokenizer_fingerprint`.
+    """
+
+    pieces: list[bytes]
+    lengths: np.ndarray
+    special: np.ndarray
+    byte_fallback: np.ndarray
+    fingerprint: str
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def text_bytes(self, ids: np.ndarray) -> np.ndarray:
+        """Bytes of text each token in ``ids`` stands for: its piece length, 0 for special tokens."""
+        ids = np.asarray(ids)
+        return np.where(self.special[ids], 0, self.lengths[ids])
+
+    @classmethod
+    def of(cls, tokenizer) -> "TokenPieces":
+        if not getattr(tokenizer, "is_fast", False):
+            raise CacheError(f"--cross-tokenizer needs fast tokenizers (tokenizers library); {_name(tokenizer)} is not")
+        steps = _decoder_steps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
+        byte_level, byte_fallback, replacements = False, False, []
+        for step in steps:
+            kind = step["type"]
+            if kind == "ByteLevel":
+                byte_level = True
+            elif kind == "ByteFallback":
+                byte_fallback = True
+            elif kind == "Replace":
+                replacements.append((step["pattern"]["String"], step["content"]))
+            elif kind == "Metaspace":
+                replacements.append((step["replacement"], " "))
+            elif kind not in ("Fuse", "Strip"):  # Strip only trims the start/end of a whole decoded text
+                raise CacheError(
+                    f"--cross-tokenizer: {_name(tokenizer)} has a {kind} decoder, which is not supported "
+                    "(supported: ByteLevel, Metaspace, Replace, ByteFallback, Fuse, Strip)"
+                )
+        vocab = tokenizer.get_vocab()
+        size = max(vocab.values()) + 1
+        tokens = [""] * size
+        for token, index in vocab.items():
+            tokens[index] = token
+        added = {index: tok for index, tok in tokenizer.added_tokens_decoder.items()}
+        decode_byte = _byte_decoder() if byte_level else None
+        pieces, special, fallback = [], np.zeros(size, bool), np.zeros(size, bool)
+        for index, token in enumerate(tokens):
+            if index in added:
+                pieces.append(added[index].content.encode())
+                special[index] = bool(added[index].special)
+                continue
+            if decode_byte is not None:
+                pieces.append(bytes(decode_byte[c] for c in token) if all(c in decode_byte for c in token) else token.encode())
+                continue
+            match = _FALLBACK_PIECE.fullmatch(token) if byte_fallback else None
+            if match:
+                pieces.append(bytes([int(match.group(1), 16)]))
+                fallback[index] = True
+                continue
+            for pattern, content in replacements:
+                token = token.replace(pattern, content)
+            pieces.append(token.encode())
+        lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=size)
+        return cls(pieces, lengths, special, fallback, tokenizer_fingerprint(tokenizer)["sha256"])
+
+
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+# --------------------------------------------------------------------------------------- vocab map
+def build_vocab_map(teacher_tok, student_tok, teacher: TokenPieces, student: TokenPieces) -> np.ndarray:
+    """[V_teacher] int64: the student id standing for the same event as each teacher id, -1 where none does.
+
+    Text tokens match on their bytes (:attr:`TokenPieces.pieces`); where several student ids have the same bytes,
+    a regular token wins over a byte-fallback one, then the smallest id. Special tokens match special tokens only:
+    by content, else by role (the teacher's eos to the student's eos, likewise bos, pad, unk).
+    """
+    by_bytes: dict[bytes, int] = {}
+    for index in np.lexsort((np.arange(student.vocab_size), student.byte_fallback)):  # regular first, then id
+        piece = student.pieces[index]
+        if not student.special[index] and piece and piece not in by_bytes:
+            by_bytes[piece] = int(index)
+    student_specials = {student.pieces[i]: int(i) for i in np.flatnonzero(student.special)[::-1]}
+    roles = {getattr(teacher_tok, r, None): getattr(student_tok, r, None) for r in reversed(_ROLES)}
+    mapping = np.full(teacher.vocab_size, -1, dtype=np.int64)
+    for index, piece in enumerate(teacher.pieces):
+        if teacher.special[index]:
+            found = student_specials.get(piece, roles.get(index))
+        else:
+            found = by_bytes.get(piece) if piece else None
+        if found is not None and found < student.vocab_size:
+            mapping[index] = found
+    return mapping
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """The teacher → student id map of one tokenizer pair (see :func:`build_vocab_map`)."""
+
+    mapping: np.ndarray  # [V_teacher] int64, -1: no student id
+    teacher_fingerprint: str
+    student_fingerprint: str
+
+    @property
+    def matched(self) -> int:
+        return int((self.mapping >= 0).sum())
+
+
+def vocab_map_path(directory: Path, teacher: TokenPieces, student: TokenPieces) -> Path:
+    return Path(directory) / f"{teacher.fingerprint[:16]}-{student.fingerprint[:16]}.npz"
+
+
+def _read_vocab_map(path: Path, teacher: TokenPieces, student: TokenPieces) -> Optional[VocabMap]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            header = json.loads(str(f["header"]))
+            mapping = f["mapping"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # missing, truncated or not ours: rebuilt
+    ok = (
+        header == {"version": VOCAB_MAP_VERSION, "teacher": teacher.fingerprint, "student": student.fingerprint}
+        and mapping.dtype == np.int64 and mapping.shape == (teacher.vocab_size,)
+        and mapping.min(initial=-1) >= -1 and mapping.max(initial=-1) < student.vocab_size
+    )  # fmt: skip
+    return VocabMap(mapping, teacher.fingerprint, student.fingerprint) if ok else None
+
+
+def load_vocab_map(directory: Optional[Path], teacher_tok, student_tok, teacher: TokenPieces, student: TokenPieces) -> VocabMap:
+    """The pair's map from ``directory`` (keyed by both fingerprints), built and written there if absent or bad.
+
+    An unwritable directory (a read-only cache) only costs rebuilding the map next time.
+    """
+    path = None if directory is None else vocab_map_path(directory, teacher, student)
+    if path is not None:
+        found = _read_vocab_map(path, teacher, student)
+        if found is not None:
+            return found
+    mapping = build_vocab_map(teacher_tok, student_tok, teacher, student)
+    if path is not None:
+        header = json.dumps({"version": VOCAB_MAP_VERSION, "teacher": teacher.fingerprint, "student": student.fingerprint})
+        buffer = io.BytesIO()
+        np.savez(buffer, header=np.array(header), mapping=mapping)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as error:
+            print(f"--cross-tokenizer: could not keep the vocabulary map in {path.parent} ({error})", file=sys.stderr)
+    return VocabMap(mapping, teacher.fingerprint, student.fingerprint)
+
+
+# --------------------------------------------------------------------------------------- alignment
+def _text_and_byte_starts(data: bytes) -> tuple[str, np.ndarray]:
+    """``data`` as text for a tokenizer, and the byte offset of each character (plus the end).
+
+    Invalid UTF-8 (a character cut by the sequence boundary) becomes U+FFFD, one character per invalid byte, so
+    every other character keeps its byte position.
+    """
+    text = data.decode("utf-8", errors="surrogateescape")
+    codes = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    widths = np.select(
+        [codes < 0x80, codes < 0x800, (codes >= 0xDC80) & (codes <= 0xDCFF), codes < 0x10000], [1, 2, 1, 3], 4
+    )
+    starts = np.zeros(len(codes) + 1, dtype=np.int64)
+    np.cumsum(widths, out=starts[1:])
+    if (codes >= 0xDC80).any():
+        text = re.sub("[\udc80-\udcff]", "\ufffd", text)
+    return text, starts
+
+
+@dataclass
+class StudentSequence:
+    """One cached sequence as the student sees it (M student tokens).
+
+    - ``input_ids`` [M] int64; ``starts`` [M] int64: byte offset where each token starts (-1: inside a character
+      another token starts, e.g. the second byte token of a split character; such a token never aligns).
+    - ``target_mask`` [M-1] bool: which next-token targets are trained (the cached loss_mask of the teacher token
+      holding the target's first byte).
+    - ``teacher_pos`` [M-1] int64: the cached teacher position whose distribution predicts the same target from
+      the same text, -1 where the teacher starts no token at the target's first byte.
+    - ``target_bytes`` [M-1] int64: bytes of text each target stands for (0 for special tokens): bits per byte.
+    """
+
+    input_ids: np.ndarray
+    starts: np.ndarray
+    target_mask: np.ndarray
+    teacher_pos: np.ndarray
+    target_bytes: np.ndarray
+
+
+class Retokenizer:
+    """Cached teacher sequences → :class:`StudentSequence` (text rebuilt, re-tokenized, aligned)."""
+
+    def __init__(self, student_tok, teacher: TokenPieces, student: TokenPieces, vocab_map: VocabMap):
+        self.student_tok = student_tok
+        self.teacher, self.student = teacher, student
+        self.mapping = vocab_map.mapping
+
+    def sequences(self, input_ids: np.ndarray, loss_mask: np.ndarray) -> list[StudentSequence]:
+        """``input_ids`` [B, L] teacher ids, ``loss_mask`` [B, L] (the cache's per-token mask) → B sequences."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        loss_mask = np.asarray(loss_mask, dtype=bool)
+        plans, texts = [], []
+        for ids in input_ids:
+            plan = self._runs(ids)
+            for run in plan:
+                if run[0] == "text":
+                    texts.append(run[3])
+            plans.append(plan)
+        encoded = iter(self._encode(texts))
+        out = []
+        for ids, mask, plan in zip(input_ids, loss_mask, plans):
+            s_ids, s_starts = [], []
+            for run in plan:
+                if run[0] == "special":
+                    s_ids.append(np.array([run[2]], dtype=np.int64))
+                    s_starts.append(np.array([run[1]], dtype=np.int64))
+                else:
+                    got_ids, got_starts = next(encoded)
+                    s_ids.append(got_ids)
+                    s_starts.append(np.where(got_starts >= 0, got_starts + run[1], -1))
+            out.append(self._align(ids, mask, np.concatenate(s_ids), np.concatenate(s_starts)))
+        return out
+
+    def _runs(self, ids: np.ndarray) -> list[tuple]:
+        """The sequence as runs: ("special", byte start, student id) for a special token with a student
+        counterpart, ("text", byte start, None, bytes) for maximal stretches of everything else."""
+        pieces, special, mapping = self.teacher.pieces, self.teacher.special, self.mapping
+        starts = np.concatenate([[0], np.cumsum(self.teacher.lengths[ids])[:-1]])
+        runs, pending, pending_start = [], [], 0
+        for i, token in enumerate(ids):
+            if special[token] and mapping[token] >= 0:
+                if pending:
+                    runs.append(("text", pending_start, None, b"".join(pending)))
+                    pending = []
+                runs.append(("special", int(starts[i]), int(mapping[token])))
+                continue
+            if not pending:
+                pending_start = int(starts[i])
+            pending.append(pieces[token])
+        if pending:
+            runs.append(("text", pending_start, None, b"".join(pending)))
+        return runs
+
+    def _encode(self, texts: list[bytes]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Student ids of each text run and the byte offset (within the run) where each starts (-1: no start)."""
+        if not texts:
+            return []
+        decoded = [_text_and_byte_starts(t) for t in texts]
+        enc = self.student_tok(
+            [d[0] for d in decoded], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        out = []
+        for data, (_, char_bytes), ids, offsets in zip(texts, decoded, enc["input_ids"], enc["offset_mapping"]):
+            ids = np.asarray(ids, dtype=np.int64)
+            lengths = self.student.lengths[ids]
+            spelled = b"".join(self.student.pieces[i] for i in ids)
+            prefix = len(spelled) - len(data)  # a SentencePiece dummy prefix: spaces the text does not have
+            if prefix >= 0 and spelled.endswith(data) and spelled[:prefix] == b" " * prefix:
+                ends = np.cumsum(lengths) - prefix
+                starts = ends - lengths
+                # Exact: the pieces tile the text. An empty token (or one all prefix) is not "the" token starting there.
+                starts = np.where((lengths > 0) & (ends > 0), np.maximum(starts, 0), -1).astype(np.int64)
+            else:
+                # The pieces do not spell the run (a dummy-prefix space, U+FFFD for cut characters): the student's
+                # character offsets say where each token starts; a start that is not past the previous one is no
+                # start of its own (a character split over several tokens).
+                chars = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]
+                starts = char_bytes[chars]
+                repeated = np.zeros(len(starts), dtype=bool)
+                repeated[1:] = starts[1:] <= np.maximum.accumulate(starts)[:-1]
+                starts = np.where(repeated, -1, starts)
+            out.append((ids, starts))
+        return out
+
+    def _align(self, ids: np.ndarray, mask: np.ndarray, s_ids: np.ndarray, s_starts: np.ndarray) -> StudentSequence:
+        t_len = self.teacher.lengths[ids]
+        t_starts = np.concatenate([[0], np.cumsum(t_len)[:-1]])
+        total = int(t_len.sum())
+        # Each student token's first byte lies in teacher token `holder` (a split-character token: its predecessor's).
+        located = np.maximum.accumulate(np.where(s_starts >= 0, s_starts, 0))
+        holder = np.searchsorted(t_starts, located, side="right") - 1
+        # A token's text runs to the next distinct start; the tokens of a split character after the first add none.
+        boundaries = np.append(np.unique(located), total)
+        ends = boundaries[np.searchsorted(boundaries, located, side="right")]
+        span = np.where(s_starts >= 0, np.maximum(ends - located, 0), 0)
+        text = ~self.teacher.special[ids[holder]]
+        exact = (s_starts >= 0) & (t_starts[holder] == s_starts) & (t_len[holder] > 0) & (holder >= 1)
+        target_exact = exact[1:]
+        teacher_pos = np.where(target_exact, holder[1:] - 1, -1)
+        return StudentSequence(
+            input_ids=s_ids,
+            starts=s_starts,
+            target_mask=mask[holder[1:]],
+            teacher_pos=teacher_pos.astype(np.int64),
+            target_bytes=(span * text)[1:].astype(np.int64),
+        )
+
+
+# ------------------------------------------------------------------------------------- projection
+def project_topk(topk_ids: Tensor, topk_logprobs: Tensor, mapping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The teacher's top-k moved onto student ids: ``(support_ids, logprobs, p_rest, matched)``.
+
+    ``topk_ids`` [N, k] teacher ids, ``topk_logprobs`` [N, k] (as cached), ``mapping`` [V_teacher] long
+    (:attr:`VocabMap.mapping`, on the same device). Teacher ids with the same student id pool their probability
+    into one column; ids without one join the tail: ``p_rest = tail_mass(topk_logprobs) + Σ unmatched p``.
+
+    Returns ``support_ids`` [N, k] long (student ids, the largest pooled mass first), ``logprobs`` [N, k] float32
+    (``-inf`` for empty columns, whose id repeats the row's first column so that it names no new student token:
+    a bin loss sees an empty bin, see :func:`train.losses.first_occurrence`), ``p_rest`` [N] float32 and
+    ``matched`` [N] bool: rows where at least one teacher id has a student counterpart. A row without any has
+    only the rest bin: no KD signal on the projected bins (its first column is a stand-in id; do not use it).
+    """
+    mapped = mapping[topk_ids.long()]
+    lp = topk_logprobs.float()
+    p = lp.exp()
+    keys, order = mapped.sort(dim=-1, stable=True)
+    p_sorted = p.gather(-1, order)
+    new_group = torch.ones_like(keys, dtype=torch.bool)
+    new_group[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    slot = new_group.long().cumsum(-1) - 1
+    pooled = torch.zeros_like(p).scatter_add_(-1, slot, p_sorted)
+    slot_key = torch.full_like(keys, -1).scatter_(-1, slot, keys)  # unused slots stay -1
+    valid = slot_key >= 0
+    unmatched = torch.where(valid, 0.0, pooled).sum(-1)
+    pooled = torch.where(valid, pooled, -1.0)  # below every real mass: empty slots sort last
+    pooled, by_mass = pooled.sort(dim=-1, descending=True)
+    slot_key = slot_key.gather(-1, by_mass)
+    valid = valid.gather(-1, by_mass)
+    matched = valid[:, 0]
+    filler = torch.where(matched, slot_key[:, 0], torch.zeros_like(slot_key[:, 0]))
+    support_ids = torch.where(valid, slot_key, filler.unsqueeze(-1))
+    logprobs = torch.where(valid, pooled.clamp_min(0.0).log(), torch.full_like(pooled, float("-inf")))
+    p_rest = tail_mass(topk_logprobs) + unmatched
+    return support_ids, logprobs, p_rest.float(), matched
+
+
+# -------------------------------------------------------------------------------------------- metric
+def bits_per_byte(nll_nats: float, n_bytes: float) -> float:
+    """Bits per byte of text: total negative log-likelihood (nats) over the bytes the predicted tokens stand for.
+
+    Tokenizer-independent: a student of another vocabulary predicts the same bytes with other tokens.
+    """
+    return float(nll_nats) / (max(float(n_bytes), 1.0) * math.log(2.0))
