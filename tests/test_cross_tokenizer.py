@@ -206,6 +206,7 @@ def test_identical_tokenizers_align_every_position(teacher_tok, pieces):
     seq = _retokenize(teacher_tok, teacher_tok, (teacher, teacher), same, ids)
     np.testing.assert_array_equal(seq.input_ids, ids)
     np.testing.assert_array_equal(seq.teacher_pos, np.arange(len(ids) - 1))
+    np.testing.assert_array_equal(seq.teacher_last, np.arange(len(ids) - 1))
     np.testing.assert_array_equal(seq.target_bytes, teacher.text_bytes(ids[1:]))
 
 
@@ -311,3 +312,86 @@ def test_uld_on_top_k_bins_is_the_tail_lumped_lower_bound():
     want = (top_p[:, :k] - top_q[:, :k]).abs().sum(-1) + (top_p[:, k:].sum(-1) - top_q[:, k:].sum(-1)).abs()
     torch.testing.assert_close(got, want)
     assert (got <= _dense_uld(p, q) + 1e-12).all()
+
+
+# ------------------------------------------------------------------------------------------ batches
+def _reader_batch(small_cache):
+    from train.reader import CacheReader
+
+    return next(iter(CacheReader(small_cache, 6, shuffle=False, prefetch=0)))
+
+
+def test_student_batches_with_the_teachers_tokenizer_are_the_cached_batch(small_cache, teacher_tok):
+    from cache.manifest import load_cache
+
+    info = load_cache(small_cache)
+    batch = _reader_batch(small_cache)
+    out = xt.student_batches(info, teacher_tok)(batch)
+    assert (small_cache / xt.VOCAB_MAP_DIR).is_dir()  # the map is kept with the cache
+    torch.testing.assert_close(out["input_ids"], batch["input_ids"])
+    torch.testing.assert_close(out["target_mask"], batch["target_mask"])
+    mask = batch["target_mask"]
+    assert torch.equal(out["aligned"], mask) and torch.equal(out["matched"], mask)
+    # Same support (ordered by mass, as cached), same log-probs up to fp32 rounding of exp/log, same tail.
+    assert torch.equal(out["topk_ids"][mask].sort(-1).values, batch["topk_ids"][mask].sort(-1).values)
+    torch.testing.assert_close(
+        out["topk_logprobs"][mask].sort(-1).values, batch["topk_logprobs"][mask].float().sort(-1).values, rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(out["p_rest"][mask], losses.tail_mass(batch["topk_logprobs"][mask]))
+    torch.testing.assert_close(out["target_logprob"][mask], batch["target_logprob"][mask].float(), rtol=0, atol=1e-3)
+
+
+def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces):
+    from cache.manifest import load_cache
+
+    _, student = pieces
+    batch = _reader_batch(small_cache)
+    out = xt.student_batches(load_cache(small_cache), student_tok)(batch)
+    b, m = out["input_ids"].shape
+    assert b == 6 and out["topk_ids"].shape == (b, m - 1, 8)
+    matched, aligned, trained = out["matched"], out["aligned"], out["target_mask"]
+    assert (matched <= aligned).all() and (aligned <= trained).all()
+    # The student's whole-word tokens start where the teacher's shorter ones do: (nearly) every student target
+    # aligns, and the teacher's extra boundaries inside words have no student counterpart.
+    assert aligned.sum() / trained.sum() > 0.5 and trained.sum() < batch["target_mask"].sum()
+    ids, lp = out["topk_ids"][matched], out["topk_logprobs"][matched]
+    assert (ids >= 0).all() and (ids < student.vocab_size).all()
+    torch.testing.assert_close(lp.exp().sum(-1) + out["p_rest"][matched], torch.ones(len(ids)), rtol=0, atol=2e-3)
+    # Empty columns repeat an id listed before them in the row: no student token is claimed for them.
+    empty = torch.isneginf(lp)
+    first = losses.first_occurrence(ids.long())
+    assert (~first <= empty).all() and (first | empty).all()
+    # Bytes: every trained student target's text is counted once; the same text as the teacher's targets.
+    t_bytes = xt.TokenPieces.of(_teacher_tok_of(small_cache)).text_bytes(batch["input_ids"][:, 1:].numpy())
+    s_first = np.array([student.lengths[i] for i in out["input_ids"][:, 0].tolist()])
+    t_first = xt.TokenPieces.of(_teacher_tok_of(small_cache)).lengths[batch["input_ids"][:, 0].numpy()]
+    diff = (out["target_bytes"] * trained).sum(-1).numpy() - (t_bytes * batch["target_mask"].numpy()).sum(-1)
+    assert (np.abs(diff) <= np.abs(s_first - t_first) + 1).all()  # only the first token (not a target) differs
+    # The teacher's log-prob of the student's target: its projected column, else its text's along the teacher's
+    # own tokens (the product of their cached target log-probs), capped by the rest bin that holds it.
+    retok = xt.student_batches(load_cache(small_cache), student_tok).retokenizer
+    mask0 = np.concatenate([[False], batch["target_mask"][0].numpy()])
+    seq = retok.sequences(batch["input_ids"][:1].numpy(), mask0[None])[0]
+    checked = 0
+    for j in np.flatnonzero(out["matched"][0].numpy()):
+        g = int(out["input_ids"][0, j + 1])
+        row_ids, row_lp = out["topk_ids"][0, j], out["topk_logprobs"][0, j]
+        if (row_ids == g).any():
+            want = row_lp[row_ids == g].max()
+        elif seq.teacher_last[j] >= 0:
+            chain = batch["target_logprob"][0, seq.teacher_pos[j] : seq.teacher_last[j] + 1].double().sum()
+            want = torch.minimum(chain.float(), out["p_rest"][0, j].log())
+            checked += seq.teacher_last[j] > seq.teacher_pos[j]
+        else:
+            want = torch.tensor(float("-inf"))
+        torch.testing.assert_close(out["target_logprob"][0, j], want.float(), rtol=0, atol=1e-4)
+    assert checked >= 3  # multi-token chains were exercised
+    assert torch.isfinite(out["target_logprob"][matched]).float().mean() > 0.9
+
+
+def _teacher_tok_of(cache):
+    from transformers import AutoTokenizer
+
+    from cache.format import TOKENIZER_DIR
+
+    return AutoTokenizer.from_pretrained(cache / TOKENIZER_DIR)

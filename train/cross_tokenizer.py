@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cache.format import atomic_write_bytes, tail_mass
-from cache.manifest import CacheError, tokenizer_fingerprint
+from cache.format import TOKENIZER_DIR, atomic_write_bytes, tail_mass
+from cache.manifest import CacheError, CacheInfo, tokenizer_fingerprint
 
 VOCAB_MAP_DIR = "vocab_maps"  # inside the cache directory: one file per student tokenizer
 VOCAB_MAP_VERSION = 1
@@ -255,6 +255,10 @@ class StudentSequence:
       holding the target's first byte).
     - ``teacher_pos`` [M-1] int64: the cached teacher position whose distribution predicts the same target from
       the same text, -1 where the teacher starts no token at the target's first byte.
+    - ``teacher_last`` [M-1] int64: where the target's bytes end on a teacher token boundary, the teacher
+      position predicting the last teacher token inside them (== ``teacher_pos`` when one teacher token spells
+      the target), else -1. The teacher's probability of the target's text is the product of its cached
+      ``target_logprob`` over ``teacher_pos..teacher_last``.
     - ``target_bytes`` [M-1] int64: bytes of text each target stands for (0 for special tokens): bits per byte.
     """
 
@@ -262,6 +266,7 @@ class StudentSequence:
     starts: np.ndarray
     target_mask: np.ndarray
     teacher_pos: np.ndarray
+    teacher_last: np.ndarray
     target_bytes: np.ndarray
 
 
@@ -363,13 +368,18 @@ class Retokenizer:
         span = np.where(s_starts >= 0, np.maximum(ends - located, 0), 0)
         text = ~self.teacher.special[ids[holder]]
         exact = (s_starts >= 0) & (t_starts[holder] == s_starts) & (t_len[holder] > 0) & (holder >= 1)
-        target_exact = exact[1:]
-        teacher_pos = np.where(target_exact, holder[1:] - 1, -1)
+        teacher_pos = np.where(exact, holder - 1, -1)[1:]
+        # Where the target's text ends: on a teacher boundary, the teacher token starting there is `after`.
+        bounds = np.append(t_starts, total)
+        after = np.minimum(np.searchsorted(bounds, located + span), len(bounds) - 1)
+        closes = exact & (span > 0) & (bounds[after] == located + span) & (after - 2 >= holder - 1)
+        teacher_last = np.where(closes, after - 2, -1)[1:]
         return StudentSequence(
             input_ids=s_ids,
             starts=s_starts,
             target_mask=mask[holder[1:]],
             teacher_pos=teacher_pos.astype(np.int64),
+            teacher_last=teacher_last.astype(np.int64),
             target_bytes=(span * text)[1:].astype(np.int64),
         )
 
@@ -410,6 +420,110 @@ def project_topk(topk_ids: Tensor, topk_logprobs: Tensor, mapping: Tensor) -> tu
     logprobs = torch.where(valid, pooled.clamp_min(0.0).log(), torch.full_like(pooled, float("-inf")))
     p_rest = tail_mass(topk_logprobs) + unmatched
     return support_ids, logprobs, p_rest.float(), matched
+
+
+# ------------------------------------------------------------------------------------------- batches
+class StudentBatches:
+    """A reader batch in the teacher's tokens → the same keys in the student's tokens, ready for the bin losses.
+
+    Out, for B sequences of at most M student tokens (shorter ones padded with ``pad_id``, untrained):
+
+    - ``input_ids`` [B, M] int64, ``target_mask`` [B, M-1] bool, ``seq_ids`` [B] (as the reader's);
+    - ``aligned`` [B, M-1] bool: trained targets where the teacher starts a token at the same byte;
+    - ``matched`` [B, M-1] bool: aligned, and some of the teacher's top-k has a student id (projected losses
+      train there; elsewhere the student gets CE);
+    - ``topk_ids`` [B, M-1, k] int32, ``topk_logprobs`` [B, M-1, k] float32, ``p_rest`` [B, M-1] float32: the
+      teacher's top-k projected onto student ids (:func:`project_topk`; empty columns repeat a listed id with
+      -inf), meaningful where ``matched``;
+    - ``teacher_topk_logprobs`` [B, M-1, k] float16: the teacher's own top-k log-probs as cached (sorted, in its
+      vocabulary), for ULD, which needs no mapping; meaningful where ``aligned``;
+    - ``target_logprob`` [B, M-1] float32: the teacher's log-prob of the student's target: its projected column,
+      else that of its text along the teacher's tokens (:attr:`StudentSequence.teacher_last`), capped at the rest
+      bin, else -inf;
+    - ``target_bytes`` [B, M-1] int64: bytes of text per target (bits per byte).
+    """
+
+    def __init__(self, retokenizer: Retokenizer, pad_id: int):
+        self.retokenizer = retokenizer
+        self.mapping = torch.from_numpy(retokenizer.mapping)
+        self.pad_id = int(pad_id)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        input_ids = batch["input_ids"].numpy()
+        target_mask = batch["target_mask"].numpy()
+        b, _ = input_ids.shape
+        loss_mask = np.concatenate([np.zeros((b, 1), dtype=bool), target_mask], axis=1)  # nothing predicts token 0
+        seqs = self.retokenizer.sequences(input_ids, loss_mask)
+        m = max(len(s.input_ids) for s in seqs)
+        k = batch["topk_ids"].shape[-1]
+        ids = np.full((b, m), self.pad_id, dtype=np.int64)
+        trained = np.zeros((b, m - 1), dtype=bool)
+        teacher_pos = np.full((b, m - 1), -1, dtype=np.int64)
+        teacher_last = np.full((b, m - 1), -1, dtype=np.int64)
+        target_bytes = np.zeros((b, m - 1), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            n = len(seq.input_ids)
+            ids[row, :n] = seq.input_ids
+            trained[row, : n - 1] = seq.target_mask
+            teacher_pos[row, : n - 1] = seq.teacher_pos
+            teacher_last[row, : n - 1] = seq.teacher_last
+            target_bytes[row, : n - 1] = seq.target_bytes
+        aligned = trained & (teacher_pos >= 0)
+        rows, cols = np.nonzero(aligned)
+        t_rows, t_pos = torch.from_numpy(rows), torch.from_numpy(teacher_pos[rows, cols])
+        support, logprobs, p_rest, matched = project_topk(
+            batch["topk_ids"][t_rows, t_pos], batch["topk_logprobs"][t_rows, t_pos], self.mapping
+        )
+        # The teacher's probability of the student's own next token g (ATKD needs it): g's projected column; else
+        # the probability of g's text along the teacher's own tokens of it (the product of their cached
+        # target log-probs, exact from the cache), at most the rest bin that then holds it; else 0.
+        g = torch.from_numpy(ids[rows, cols + 1])
+        in_support = (support == g.unsqueeze(-1)) & torch.isfinite(logprobs)
+        column_lp = torch.where(in_support, logprobs, float("-inf")).amax(-1)
+        cumulative = torch.nn.functional.pad(batch["target_logprob"].double().cumsum(-1), (1, 0))  # [B, L]
+        last = torch.from_numpy(teacher_last[rows, cols])
+        chain = cumulative[t_rows, last.clamp_min(0) + 1] - cumulative[t_rows, t_pos]
+        chain = torch.where(last >= 0, chain, float("-inf")).float()
+        chain = torch.minimum(chain, p_rest.log())
+        target_lp = torch.where(in_support.any(-1), column_lp, chain)
+
+        def scatter(values: Tensor, shape, fill, dtype) -> Tensor:
+            out = torch.full(shape, fill, dtype=dtype)
+            out[torch.from_numpy(rows), torch.from_numpy(cols)] = values.to(dtype)
+            return out
+
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "target_mask": torch.from_numpy(trained),
+            "aligned": torch.from_numpy(aligned),
+            "matched": scatter(matched, (b, m - 1), False, torch.bool),
+            "topk_ids": scatter(support, (b, m - 1, k), 0, torch.int32),
+            "topk_logprobs": scatter(logprobs, (b, m - 1, k), float("-inf"), torch.float32),
+            "p_rest": scatter(p_rest, (b, m - 1), 1.0, torch.float32),
+            "teacher_topk_logprobs": scatter(
+                batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), torch.float16
+            ),
+            "target_logprob": scatter(target_lp, (b, m - 1), float("-inf"), torch.float32),
+            "target_bytes": torch.from_numpy(target_bytes),
+            "seq_ids": batch["seq_ids"],
+        }
+
+
+def student_batches(info: CacheInfo, student_tok) -> StudentBatches:
+    """:class:`StudentBatches` for a cache and a student tokenizer: the teacher's tokenizer from the copy kept with
+    the cache, the vocabulary map from (or into) the cache's :data:`VOCAB_MAP_DIR`."""
+    from transformers import AutoTokenizer
+
+    teacher_dir = info.root / TOKENIZER_DIR
+    if not teacher_dir.exists():
+        raise CacheError(f"{teacher_dir}: --cross-tokenizer needs the copy of the teacher tokenizer kept with the cache")
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher, student = TokenPieces.of(teacher_tok), TokenPieces.of(student_tok)
+    if teacher.fingerprint != info.manifest.tokenizer["sha256"]:
+        raise CacheError(f"{teacher_dir}: this tokenizer is not the one the manifest of {info.root} names")
+    vocab_map = load_vocab_map(info.root / VOCAB_MAP_DIR, teacher_tok, student_tok, teacher, student)
+    pad = next((i for i in (student_tok.pad_token_id, student_tok.eos_token_id) if i is not None), 0)
+    return StudentBatches(Retokenizer(student_tok, teacher, student, vocab_map), pad)
 
 
 # -------------------------------------------------------------------------------------------- metric
