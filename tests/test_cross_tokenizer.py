@@ -332,10 +332,14 @@ def test_student_batches_with_the_teachers_tokenizer_are_the_cached_batch(small_
     torch.testing.assert_close(out["target_mask"], batch["target_mask"])
     mask = batch["target_mask"]
     assert torch.equal(out["aligned"], mask) and torch.equal(out["matched"], mask)
-    # Same support (ordered by mass, as cached), same log-probs up to fp32 rounding of exp/log, same tail.
-    assert torch.equal(out["topk_ids"][mask].sort(-1).values, batch["topk_ids"][mask].sort(-1).values)
+    assert torch.equal(out["same_token"], mask)
+    # Same support (ordered by mass, as cached), same log-probs up to fp32 rounding of exp/log, same tail; the
+    # extra column (for a student token the teacher spells with several) stays empty.
+    ids, lp = out["topk_ids"][mask], out["topk_logprobs"][mask]
+    assert torch.isneginf(lp[:, 8]).all() and torch.equal(ids[:, 8], ids[:, 0])
+    assert torch.equal(ids[:, :8].sort(-1).values, batch["topk_ids"][mask].sort(-1).values)
     torch.testing.assert_close(
-        out["topk_logprobs"][mask].sort(-1).values, batch["topk_logprobs"][mask].float().sort(-1).values, rtol=0, atol=1e-5
+        lp[:, :8].sort(-1).values, batch["topk_logprobs"][mask].float().sort(-1).values, rtol=0, atol=1e-5
     )
     torch.testing.assert_close(out["p_rest"][mask], losses.tail_mass(batch["topk_logprobs"][mask]))
     torch.testing.assert_close(out["target_logprob"][mask], batch["target_logprob"][mask].float(), rtol=0, atol=1e-3)
@@ -348,9 +352,10 @@ def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces)
     batch = _reader_batch(small_cache)
     out = xt.student_batches(load_cache(small_cache), student_tok)(batch)
     b, m = out["input_ids"].shape
-    assert b == 6 and out["topk_ids"].shape == (b, m - 1, 8)
+    assert b == 6 and out["topk_ids"].shape == (b, m - 1, 9)
     matched, aligned, trained = out["matched"], out["aligned"], out["target_mask"]
-    assert (matched <= aligned).all() and (aligned <= trained).all()
+    assert (matched <= aligned).all() and (aligned <= trained).all() and (out["same_token"] <= aligned).all()
+    assert 0 < out["same_token"].sum() < aligned.sum()
     # The student's whole-word tokens start where the teacher's shorter ones do: (nearly) every student target
     # aligns, and the teacher's extra boundaries inside words have no student counterpart.
     assert aligned.sum() / trained.sum() > 0.5 and trained.sum() < batch["target_mask"].sum()
@@ -367,25 +372,36 @@ def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces)
     t_first = xt.TokenPieces.of(_teacher_tok_of(small_cache)).lengths[batch["input_ids"][:, 0].numpy()]
     diff = (out["target_bytes"] * trained).sum(-1).numpy() - (t_bytes * batch["target_mask"].numpy()).sum(-1)
     assert (np.abs(diff) <= np.abs(s_first - t_first) + 1).all()  # only the first token (not a target) differs
-    # The teacher's log-prob of the student's target: its projected column, else its text's along the teacher's
-    # own tokens (the product of their cached target log-probs), capped by the rest bin that holds it.
+    # A student token the teacher spells with several tokens gets the teacher's probability of its text along
+    # them (the product of their cached target log-probs), moved out of the first one's share; the teacher's
+    # log-prob of the target is its column.
     retok = xt.student_batches(load_cache(small_cache), student_tok).retokenizer
-    mask0 = np.concatenate([[False], batch["target_mask"][0].numpy()])
-    seq = retok.sequences(batch["input_ids"][:1].numpy(), mask0[None])[0]
+    proj = xt.student_batches(load_cache(small_cache), student_tok).mapping
     checked = 0
-    for j in np.flatnonzero(out["matched"][0].numpy()):
-        g = int(out["input_ids"][0, j + 1])
-        row_ids, row_lp = out["topk_ids"][0, j], out["topk_logprobs"][0, j]
-        if (row_ids == g).any():
-            want = row_lp[row_ids == g].max()
-        elif seq.teacher_last[j] >= 0:
-            chain = batch["target_logprob"][0, seq.teacher_pos[j] : seq.teacher_last[j] + 1].double().sum()
-            want = torch.minimum(chain.float(), out["p_rest"][0, j].log())
-            checked += seq.teacher_last[j] > seq.teacher_pos[j]
-        else:
-            want = torch.tensor(float("-inf"))
-        torch.testing.assert_close(out["target_logprob"][0, j], want.float(), rtol=0, atol=1e-4)
-    assert checked >= 3  # multi-token chains were exercised
+    for row in range(b):
+        mask0 = np.concatenate([[False], batch["target_mask"][row].numpy()])
+        seq = retok.sequences(batch["input_ids"][row : row + 1].numpy(), mask0[None])[0]
+        for j in np.flatnonzero(out["matched"][row].numpy()):
+            g = int(out["input_ids"][row, j + 1])
+            row_ids, row_lp = out["topk_ids"][row, j], out["topk_logprobs"][row, j]
+            t, last = seq.teacher_pos[j], seq.teacher_last[j]
+            want = torch.where(row_ids == g, row_lp, -math.inf).max()
+            if torch.isneginf(want) and last == t:  # one teacher token spells g, outside the top-k: its cached value
+                want = torch.minimum(batch["target_logprob"][row, t].float(), out["p_rest"][row, j].log())
+            assert torch.equal(out["target_logprob"][row, j], want)
+            if last <= t:
+                continue
+            cached_ids = batch["topk_ids"][row, t].long()
+            if (proj[cached_ids] == g).any():
+                continue  # the teacher has a token for g's text itself: its own probability stands
+            chain = batch["target_logprob"][row, t : last + 1].double().sum().exp()
+            got = row_lp[row_ids == g].exp().sum()
+            first = batch["input_ids"][row, t + 1]
+            in_top = cached_ids == first
+            share = batch["topk_logprobs"][row, t].float().exp()[in_top].sum() if in_top.any() else 1.0
+            torch.testing.assert_close(got.double(), torch.minimum(chain, torch.tensor(float(share))).double(), rtol=1e-3, atol=1e-4)
+            checked += 1
+    assert checked >= 3  # multi-token spellings were exercised
     assert torch.isfinite(out["target_logprob"][matched]).float().mean() > 0.9
 
 

@@ -410,16 +410,21 @@ def project_topk(topk_ids: Tensor, topk_logprobs: Tensor, mapping: Tensor) -> tu
     slot_key = torch.full_like(keys, -1).scatter_(-1, slot, keys)  # unused slots stay -1
     valid = slot_key >= 0
     unmatched = torch.where(valid, 0.0, pooled).sum(-1)
-    pooled = torch.where(valid, pooled, -1.0)  # below every real mass: empty slots sort last
-    pooled, by_mass = pooled.sort(dim=-1, descending=True)
-    slot_key = slot_key.gather(-1, by_mass)
-    valid = valid.gather(-1, by_mass)
-    matched = valid[:, 0]
-    filler = torch.where(matched, slot_key[:, 0], torch.zeros_like(slot_key[:, 0]))
-    support_ids = torch.where(valid, slot_key, filler.unsqueeze(-1))
-    logprobs = torch.where(valid, pooled.clamp_min(0.0).log(), torch.full_like(pooled, float("-inf")))
+    logprobs = torch.where(valid, pooled.log(), float("-inf"))
+    support_ids, logprobs, matched = _canonical(slot_key, logprobs)
     p_rest = tail_mass(topk_logprobs) + unmatched
     return support_ids, logprobs, p_rest.float(), matched
+
+
+def _canonical(ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Columns by mass, largest first, and every empty column (-inf) given the first column's id, so that it names
+    no student token of its own; ``(ids, logprobs, any column non-empty)``. Rows with no mass get id 0."""
+    logprobs, order = logprobs.sort(dim=-1, descending=True)
+    ids = ids.gather(-1, order)
+    valid = torch.isfinite(logprobs)
+    matched = valid[:, 0]
+    filler = torch.where(matched, ids[:, 0], torch.zeros_like(ids[:, 0]))
+    return torch.where(valid, ids, filler.unsqueeze(-1)), logprobs, matched
 
 
 # ------------------------------------------------------------------------------------------- batches
@@ -432,9 +437,10 @@ class StudentBatches:
     - ``aligned`` [B, M-1] bool: trained targets where the teacher starts a token at the same byte;
     - ``matched`` [B, M-1] bool: aligned, and some of the teacher's top-k has a student id (projected losses
       train there; elsewhere the student gets CE);
-    - ``topk_ids`` [B, M-1, k] int32, ``topk_logprobs`` [B, M-1, k] float32, ``p_rest`` [B, M-1] float32: the
-      teacher's top-k projected onto student ids (:func:`project_topk`; empty columns repeat a listed id with
-      -inf), meaningful where ``matched``;
+    - ``topk_ids`` [B, M-1, k+1] int32, ``topk_logprobs`` [B, M-1, k+1] float32, ``p_rest`` [B, M-1] float32:
+      the teacher's top-k projected onto student ids (:func:`project_topk`; empty columns repeat a listed id with
+      -inf), plus a column for the student's own next token where the teacher spells it with several tokens
+      (its probability along them, taken from its first token's share); meaningful where ``matched``;
     - ``teacher_topk_logprobs`` [B, M-1, k] float16: the teacher's own top-k log-probs as cached (sorted, in its
       vocabulary), for ULD, which needs no mapping; meaningful where ``aligned``;
     - ``target_logprob`` [B, M-1] float32: the teacher's log-prob of the student's target: its projected column,
@@ -474,18 +480,40 @@ class StudentBatches:
         support, logprobs, p_rest, matched = project_topk(
             batch["topk_ids"][t_rows, t_pos], batch["topk_logprobs"][t_rows, t_pos], self.mapping
         )
-        # The teacher's probability of the student's own next token g (ATKD needs it): g's projected column; else
-        # the probability of g's text along the teacher's own tokens of it (the product of their cached
-        # target log-probs, exact from the cache), at most the rest bin that then holds it; else 0.
+        # The student's own next token g, where the teacher spells its text with several tokens (a coarser student):
+        # the teacher's probability of that text along its own tokens is exact from the cache (the product of
+        # their cached target log-probs). It is part of the mass of the teacher's first token u of it, which the
+        # exact-match map gives to u's student twin (a prefix of g the student seldom emits there) or to the
+        # tail: move that share to g, in a column of its own. (A g spelled by one teacher token is u's twin.)
         g = torch.from_numpy(ids[rows, cols + 1])
-        in_support = (support == g.unsqueeze(-1)) & torch.isfinite(logprobs)
-        column_lp = torch.where(in_support, logprobs, float("-inf")).amax(-1)
+        valid = torch.isfinite(logprobs)
+        in_support = ((support == g.unsqueeze(-1)) & valid).any(-1)
         cumulative = torch.nn.functional.pad(batch["target_logprob"].double().cumsum(-1), (1, 0))  # [B, L]
         last = torch.from_numpy(teacher_last[rows, cols])
-        chain = cumulative[t_rows, last.clamp_min(0) + 1] - cumulative[t_rows, t_pos]
-        chain = torch.where(last >= 0, chain, float("-inf")).float()
-        chain = torch.minimum(chain, p_rest.log())
-        target_lp = torch.where(in_support.any(-1), column_lp, chain)
+        chain = (cumulative[t_rows, last.clamp_min(0) + 1] - cumulative[t_rows, t_pos]).exp().float()
+        twin = self.mapping[torch.from_numpy(input_ids[rows, teacher_pos[rows, cols] + 1])]
+        holder = (support == twin.unsqueeze(-1)) & valid & (twin >= 0).unsqueeze(-1)
+        has_holder = holder.any(-1)
+        mass = logprobs.exp()
+        available = torch.where(has_holder, torch.where(holder, mass, 0.0).sum(-1), p_rest)
+        split = (last > t_pos) & ~in_support
+        share = torch.where(split, torch.minimum(chain, available), 0.0)
+        mass = mass - torch.where(holder, share.unsqueeze(-1), 0.0)
+        p_rest = torch.where(has_holder, p_rest, (p_rest - share).clamp_min(0.0))
+        extra_lp = torch.where(split & (share > 0), share.log(), float("-inf"))
+        support, logprobs, matched = _canonical(
+            torch.cat([support, g.unsqueeze(-1)], dim=-1),
+            torch.cat([torch.where(valid & (mass > 0), mass.log(), float("-inf")), extra_lp.unsqueeze(-1)], dim=-1),
+        )
+        # The teacher's log-prob of g (ATKD needs it): its column; else, where one teacher token spells g, that
+        # token's cached log-prob (it lies in the tail); else 0 (g's share of the tail is unknown).
+        column = support == g.unsqueeze(-1)
+        single = (last == t_pos) & (twin == g)
+        spelled = torch.minimum(batch["target_logprob"][t_rows, t_pos].float(), p_rest.log())
+        target_lp = torch.where(
+            column.any(-1), torch.where(column, logprobs, float("-inf")).amax(-1),
+            torch.where(single, spelled, float("-inf")),
+        )  # fmt: skip
 
         def scatter(values: Tensor, shape, fill, dtype) -> Tensor:
             out = torch.full(shape, fill, dtype=dtype)
@@ -497,8 +525,9 @@ class StudentBatches:
             "target_mask": torch.from_numpy(trained),
             "aligned": torch.from_numpy(aligned),
             "matched": scatter(matched, (b, m - 1), False, torch.bool),
-            "topk_ids": scatter(support, (b, m - 1, k), 0, torch.int32),
-            "topk_logprobs": scatter(logprobs, (b, m - 1, k), float("-inf"), torch.float32),
+            "same_token": scatter(twin == g, (b, m - 1), False, torch.bool),
+            "topk_ids": scatter(support, (b, m - 1, k + 1), 0, torch.int32),
+            "topk_logprobs": scatter(logprobs, (b, m - 1, k + 1), float("-inf"), torch.float32),
             "p_rest": scatter(p_rest, (b, m - 1), 1.0, torch.float32),
             "teacher_topk_logprobs": scatter(
                 batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), torch.float16

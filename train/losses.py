@@ -458,7 +458,9 @@ def atkd_bins(
     log_p_support, log_p_rest = teacher_bin_logprobs(teacher_logprobs, p_rest, dtype=student.log_q_rest.dtype)
     support_ids = support_ids.long()
     target_ids = target_ids.long()
-    in_support = support_ids == target_ids.unsqueeze(-1)  # [N, k]
+    # g's bin is the first column holding g: a later column repeating an id is an empty bin (a projected support,
+    # train/cross_tokenizer.py, fills its unused columns so).
+    in_support = (support_ids == target_ids.unsqueeze(-1)) & first_occurrence(support_ids)  # [N, k]
     outside = ~in_support.any(-1)  # [N]
     log_p_g = teacher_target_logprob.to(log_p_support.dtype)
     log_p_extra = log_p_g.masked_fill(~outside, NEG_INF)
