@@ -411,3 +411,39 @@ def _teacher_tok_of(cache):
     from cache.format import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(cache / TOKENIZER_DIR)
+
+
+# ------------------------------------------------------------------------------------------- loss pieces
+def test_repeated_columns_are_empty_bins_and_the_loss_is_the_loss_without_them():
+    """A projected row [a, b, a(empty)] gives every bin loss the value of the row [a, b] (float64)."""
+    torch.manual_seed(1)
+    z = torch.randn(4, 10, dtype=torch.float64)
+    ids = torch.tensor([[3, 7, 3], [1, 2, 1], [5, 6, 5], [0, 9, 0]])
+    lp = torch.tensor([[-0.5, -2.0, -math.inf]] * 4, dtype=torch.float64)
+    rest = (1 - lp.exp().sum(-1)).log()
+    target = torch.tensor([3, 4, 6, 9])
+    full = losses.student_bins(z, ids, target)
+    log_p, log_q = losses.join_bins(lp, rest, xt.empty_repeats(full.log_q_support, ids), full.log_q_rest)
+    short = losses.student_bins(z, ids[:, :2], target)
+    log_p2, log_q2 = losses.join_bins(lp[:, :2], rest, short.log_q_support, short.log_q_rest)
+    torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(4, dtype=torch.float64))
+    for f in (losses.forward_kl, losses.reverse_kl, losses.js_divergence, losses.skew_forward_kl, losses.skew_reverse_kl):
+        torch.testing.assert_close(f(log_p, log_q), f(log_p2, log_q2))
+    # ATKD: the target's bin is the first column holding it, whether or not a repeat follows.
+    atkd_full = losses.student_bins(z, ids, target, include_target=True)
+    atkd_full = atkd_full._replace(log_q_support=xt.empty_repeats(atkd_full.log_q_support, ids))
+    atkd_short = losses.student_bins(z, ids[:, :2], target, include_target=True)
+    t_lp = torch.tensor([-0.5, -1.5, -2.0, -1.0], dtype=torch.float64)
+    a = losses.atkd_terms(*losses.atkd_bins(atkd_full, ids, target, lp, t_lp, rest.exp()))
+    b = losses.atkd_terms(*losses.atkd_bins(atkd_short, ids[:, :2], target, lp[:, :2], t_lp, rest.exp()))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_mixed_loss_is_kd_where_aligned_and_ce_elsewhere():
+    ce = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    kd_positions = torch.tensor([True, False, True, False])
+    got = xt.mixed_loss(torch.tensor(0.5), kd_positions.sum(), ce, kd_positions)
+    assert got.item() == pytest.approx((2 * 0.5 + 2.0 + 4.0) / 4)
+    everywhere = torch.ones(4, dtype=torch.bool)
+    assert xt.mixed_loss(torch.tensor(0.5), everywhere.sum(), ce, everywhere).item() == pytest.approx(0.5)

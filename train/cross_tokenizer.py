@@ -43,6 +43,7 @@ from torch import Tensor
 
 from cache.format import TOKENIZER_DIR, atomic_write_bytes, tail_mass
 from cache.manifest import CacheError, CacheInfo, tokenizer_fingerprint
+from train.losses import first_occurrence
 
 VOCAB_MAP_DIR = "vocab_maps"  # inside the cache directory: one file per student tokenizer
 VOCAB_MAP_VERSION = 1
@@ -553,6 +554,32 @@ def student_batches(info: CacheInfo, student_tok) -> StudentBatches:
     vocab_map = load_vocab_map(info.root / VOCAB_MAP_DIR, teacher_tok, student_tok, teacher, student)
     pad = next((i for i in (student_tok.pad_token_id, student_tok.eos_token_id) if i is not None), 0)
     return StudentBatches(Retokenizer(student_tok, teacher, student, vocab_map), pad)
+
+
+# ------------------------------------------------------------------------------------- loss pieces
+def empty_repeats(log_q_support: Tensor, support_ids: Tensor) -> Tensor:
+    """The student's support log-probs with every column that repeats an earlier id of its row set to -inf.
+
+    A projected support fills unused columns with a repeat (:func:`project_topk`): the id's mass is its first
+    column's, and counted once in the rest bin and the log-normalizer (:func:`train.losses.student_bins`); the
+    repeat is an empty bin on both sides. ``log_q_support`` [N, m] may have columns beyond ``support_ids`` [N, k]
+    (ATKD's target column): those are left as they are.
+    """
+    k = support_ids.shape[-1]
+    repeat = ~first_occurrence(support_ids.long())
+    head = log_q_support[:, :k].masked_fill(repeat, float("-inf"))
+    return torch.cat([head, log_q_support[:, k:]], dim=-1) if log_q_support.shape[-1] > k else head
+
+
+def mixed_loss(kd: Tensor, n_kd: Tensor, ce: Tensor, kd_positions: Tensor) -> Tensor:
+    """``(n_kd·kd + Σ_{elsewhere} ce) / N``: the distillation term ``kd`` (a mean over the ``n_kd`` positions with
+    teacher signal) and the student's own cross-entropy ``ce`` [N] at the other positions, one mean over all N.
+
+    With every position aligned (identical tokenizers) this is ``kd`` itself.
+    """
+    n = kd_positions.numel()
+    ce_elsewhere = torch.where(kd_positions, torch.zeros_like(ce), ce).sum()
+    return (n_kd.to(kd.dtype) * kd + ce_elsewhere.to(kd.dtype)) / max(n, 1)
 
 
 # -------------------------------------------------------------------------------------------- metric
