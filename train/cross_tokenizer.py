@@ -436,6 +436,8 @@ class StudentBatches:
 
     - ``input_ids`` [B, M] int64, ``target_mask`` [B, M-1] bool, ``seq_ids`` [B] (as the reader's);
     - ``aligned`` [B, M-1] bool: trained targets where the teacher starts a token at the same byte;
+    - ``same_token`` [B, M-1] bool: aligned, and the teacher's own next token is the student's (same bytes
+      start and end there): a stricter alignment, where both tokenizations cut the text alike;
     - ``matched`` [B, M-1] bool: aligned, and some of the teacher's top-k has a student id (projected losses
       train there; elsewhere the student gets CE);
     - ``topk_ids`` [B, M-1, k+1] int32, ``topk_logprobs`` [B, M-1, k+1] float32, ``p_rest`` [B, M-1] float32:
