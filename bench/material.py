@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         "what",
         nargs="?",
         default="all",
-        choices=["all", "teacher", "student", *CORPORA],
-        help="print only this path (default: all, as 'name<TAB>path' lines)",
+        choices=["all", "teacher", "student", *CORPORA, GPT2_TOKENIZER_NAME],
+        help=f"print only this path (default: all but {GPT2_TOKENIZER_NAME}, as 'name<TAB>path' lines)",
     )
     parser.add_argument(
         "--layers",
@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.what == "all":
         for name, path in paths.items():
             print(f"{name}\t{path()}")
+    elif args.what == GPT2_TOKENIZER_NAME:  # not in "all": it needs a package the other material does not
+        print(gpt2_tokenizer_dir())
     else:
         print(paths[args.what]())
     if args.verify:
