@@ -447,3 +447,25 @@ def test_mixed_loss_is_kd_where_aligned_and_ce_elsewhere():
     assert got.item() == pytest.approx((2 * 0.5 + 2.0 + 4.0) / 4)
     everywhere = torch.ones(4, dtype=torch.bool)
     assert xt.mixed_loss(torch.tensor(0.5), everywhere.sum(), ce, everywhere).item() == pytest.approx(0.5)
+
+
+def test_uld_on_the_unmatched_part_equals_golds_dense_term():
+    """GOLD's hybrid unmatched term, dense in float64: teacher probs over teacher ids without a student
+    counterpart and student probs over student ids no teacher id maps to, each sorted, zero-padded, L1."""
+    torch.manual_seed(5)
+    n, vt, vs = 4, 9, 8
+    mapping = torch.tensor([0, 1, -1, 2, -1, 3, -1, -1, 4])
+    p = torch.randn(n, vt, dtype=torch.float64).mul(2).softmax(-1)
+    z = torch.randn(n, vs, dtype=torch.float64, requires_grad=True)
+    student_unmatched = torch.ones(vs, dtype=torch.bool)
+    student_unmatched[mapping[mapping >= 0]] = False
+    # Dense reference.
+    u = p[:, mapping < 0]
+    v = z.softmax(-1)[:, student_unmatched]
+    want = _dense_uld(u, v)
+    # Ours from a top-k cache that holds the whole teacher vocabulary (k = V_t): matched columns set to -inf.
+    top = p.log().sort(-1, descending=True)
+    unmatched_cols = mapping[top.indices] < 0
+    got = losses.uld_unmatched(top.values.masked_fill(~unmatched_cols, -math.inf), z, student_unmatched)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(*(torch.autograd.grad(x.sum(), z)[0] for x in (got, _dense_uld(u, z.softmax(-1)[:, student_unmatched]))))

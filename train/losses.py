@@ -409,6 +409,26 @@ def uld_distance(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
+def uld_unmatched(log_p_unmatched: Tensor, student_logits: Tensor, student_unmatched: Tensor) -> Tensor:
+    """ULD on the part of the vocabularies without an exact match (GOLD's hybrid loss), per position [N].
+
+    ``log_p_unmatched`` [N, k]: the teacher's top-k log-probs with the ids that have a student counterpart set to
+    -inf; ``student_logits`` [N, V]; ``student_unmatched`` [V] bool: student ids no teacher id maps to. Both sides
+    are probabilities over the full vocabulary (not renormalized over their part, as in GOLD), each sorted
+    descending and compared rank by rank over the k ranks: ``Σ_{r<=k} |u_(r) - v_(r)|``. With k covering both
+    parts this is GOLD's unmatched term exactly; the matched part is left to the projected bin loss.
+    """
+    k = log_p_unmatched.shape[-1]
+    dtype = _compute_dtype(student_logits, log_p_unmatched)
+    log_q = torch.log_softmax(student_logits.to(dtype), dim=-1).masked_fill(~student_unmatched.to(torch.bool), NEG_INF)
+    m = min(k, log_q.shape[-1])
+    v = log_q.topk(m, dim=-1).values.exp()
+    u = log_p_unmatched.to(dtype).sort(dim=-1, descending=True).values.exp()
+    if m < k:
+        v = torch.cat([v, v.new_zeros(v.shape[0], k - m)], dim=-1)
+    return (u - v).abs().sum(-1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # ATKD (Zhong et al. 2024, "Revisiting Knowledge Distillation for Autoregressive Language Models").
 # Reading of the official code (WHU-ZQH/ATKD, distill/distill_trainer.py, method `atkd` and `get_tckd_nckd`):
