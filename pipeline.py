@@ -44,7 +44,7 @@ def _run_cache_teacher(config) -> None:
 
     try:
         cache_teacher(config)
-    except (CacheError, ValueError, FileNotFoundError) as e:
+    except (CacheError, ValueError, FileNotFoundError, ImportError) as e:  # ImportError: vLLM not installed
         _fail(e)
 
 

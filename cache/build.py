@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +36,8 @@ from cache.manifest import (
     shard_name,
     tokenizer_fingerprint,
 )
-from cache.models import check_model_path, load_tokenizer
-from cache.teacher import id_list, invalid_rows
+from cache.models import check_model_path, load_config, load_tokenizer
+from cache.teacher import check_seq_len, id_list, invalid_rows
 from cache.options import option
 
 
@@ -50,23 +51,45 @@ class CacheConfig:
     )
     out: Path = option(help="Cache directory to create (or resume).")
     top_k: int = option(64, "Teacher log-probabilities kept per position (the support).")
-    seq_len: int = option(1024, "Tokens per packed sequence (documents joined with EOS).")
+    seq_len: int = option(
+        1024, "Tokens per packed sequence (documents joined with EOS); at most the teacher's context (both backends)."
+    )
     text_field: str = option("text", "Record field holding plain text.")
     messages_field: str = option("messages", "Record field holding chat messages; only assistant tokens are trained.")
     split: str = option("train", "Split to read from a DatasetDict directory.")
     backend: str = option("auto", "hf | vllm | auto (vLLM when CUDA and vllm are present, else HF).")
     batch_size: int = option(8, "Sequences per teacher forward (HF backend).")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
+    dtype: str = option(
+        "auto", "Teacher weights, both backends: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
+    )
     device: str = option("auto", "HF backend device: auto | cpu | cuda | cuda:N.")
     revision: str | None = option(None, "Hub revision of the teacher.")
     trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
-    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per teacher).")
+    # vLLM engine settings: recorded in the manifest's backend, not part of the cache identity (they schedule
+    # the same computation), except --vllm-arg, which may change the numbers (quantization, kv_cache_dtype).
+    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per pipeline stage).")
+    pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size (stages per teacher).")
+    gpu_memory_utilization: float | None = option(
+        None, "vLLM: share of GPU memory (on CPU: of RAM) the engine reserves. Default 0.9 on CUDA; on CPU the "
+        "teacher's weights x2 plus 2 GiB, at most half the free RAM.",
+    )  # fmt: skip
+    enforce_eager: bool = option(False, "vLLM: no torch.compile / CUDA graphs (starts faster, may score slower).")
+    max_num_seqs: int | None = option(None, "vLLM: most sequences in one engine step (vLLM's default if unset).")
+    max_num_batched_tokens: int | None = option(None, "vLLM: most tokens in one engine step (vLLM's default if unset).")
+    vllm_args: list[str] = option(
+        help="vLLM: KEY=VALUE passed to vllm.LLM (repeat; VALUE read as JSON if it parses). Part of the cache identity.",
+        flag="--vllm-arg", default_factory=list,
+    )  # fmt: skip
     shard_tokens: int = option(1 << 20, "Tokens per shard file: the unit of crash-safety and resume.")
     row_group_tokens: int = option(1 << 16, "Tokens per Parquet row group: bounds reader memory.")
     max_tokens: int | None = option(None, "Stop after this many tokens of the stream.")
     max_sequences: int | None = option(None, "Stop after this many sequences.")
-    worker_index: int = option(0, "This writer's index when several write one cache (one per GPU/node).")
-    num_workers: int = option(1, "Number of writers sharing the cache; each takes every n-th shard.")
+    worker_index: int | None = option(
+        None, "This writer's index when several write one cache (default: RANK, else SLURM_PROCID, else 0)."
+    )
+    num_workers: int | None = option(
+        None, "Writers sharing the cache, each takes every n-th shard (default: WORLD_SIZE, else SLURM_NTASKS, else 1)."
+    )
     overwrite: bool = option(False, "Delete an existing cache at --out instead of resuming it.")
     progress: bool = option(True, "Show a progress bar.")
     support: str = option(
@@ -89,9 +112,14 @@ class CacheConfig:
             raise ValueError("--num-samples must be >= 1 and --sample-temperature > 0")
         if self.backend not in ("auto", "hf", "vllm"):
             raise ValueError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
-        for name in ("batch_size", "shard_tokens", "row_group_tokens"):
+        for name in ("batch_size", "shard_tokens", "row_group_tokens", "tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
     def rows_per_shard(self) -> int:
@@ -100,6 +128,42 @@ class CacheConfig:
     @property
     def row_group_rows(self) -> int:
         return max(1, min(self.rows_per_shard, self.row_group_tokens // self.seq_len))
+
+
+# (index, count) variables of launchers that start one process per task; torchrun's first, since under
+# `srun torchrun` they name the process while SLURM's name the node.
+LAUNCHER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def launcher_worker(env=None) -> tuple[int, int, str] | None:
+    """(worker index, number of workers, source) from the launcher's environment, or None if none is set."""
+    env = os.environ if env is None else env
+    for index_var, count_var in LAUNCHER_ENV:
+        if index_var in env and count_var in env:
+            try:
+                return int(env[index_var]), int(env[count_var]), f"{index_var}/{count_var}"
+            except ValueError:
+                raise ValueError(
+                    f"{index_var}={env[index_var]!r} / {count_var}={env[count_var]!r} are not integers; "
+                    "unset them or pass --worker-index and --num-workers"
+                ) from None
+    return None
+
+
+def with_workers(config: CacheConfig, env=None) -> CacheConfig:
+    """Fill an unset --worker-index / --num-workers from the launcher (srun, torchrun), else 0 / 1."""
+    if config.worker_index is not None and config.num_workers is not None:
+        return config
+    found = launcher_worker(env)
+    index, count = (found[0], found[1]) if found else (0, 1)
+    resolved = replace(
+        config,
+        worker_index=index if config.worker_index is None else config.worker_index,
+        num_workers=count if config.num_workers is None else config.num_workers,
+    )
+    if found:
+        _log(f"worker {resolved.worker_index} of {resolved.num_workers} (from {found[2]})")
+    return resolved
 
 
 def _without_path(d: dict) -> dict:
@@ -118,9 +182,15 @@ def resolve_backend(name: str, support: str = "topk") -> str:
     return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
 
 
+def teacher_dtype(dtype: str, backend: str, device: str = "auto") -> str:
+    """The one dtype rule of both backends: ``dtype``, or for auto bfloat16 on CUDA and float32 on CPU (vLLM
+    runs where torch sees CUDA, HF on ``device``)."""
+    return str(resolve_dtype(dtype, resolve_device(device if backend == "hf" else "auto"))).removeprefix("torch.")
+
+
 def make_backend(config: CacheConfig, backend: str):
     if backend == "vllm":
-        from cache.vllm_backend import VLLMTeacher
+        from cache.vllm_backend import VLLMTeacher, parse_vllm_args
 
         if config.support != "topk":
             raise ValueError("--support sampled needs the full softmax: use --backend hf")
@@ -129,9 +199,15 @@ def make_backend(config: CacheConfig, backend: str):
             k=config.top_k,
             seq_len=config.seq_len,
             tensor_parallel_size=config.tensor_parallel_size,
-            dtype="bfloat16" if config.dtype == "auto" else config.dtype,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            dtype=teacher_dtype(config.dtype, backend, config.device),
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
+            llm_kwargs=parse_vllm_args(config.vllm_args),
         )
     from cache.hf_backend import HFTeacher
 
@@ -286,6 +362,7 @@ def cache_teacher(config: CacheConfig) -> Manifest:
     """Build (or resume, or finish) the cache described by ``config``; return its final manifest.
 
     One writer per (out, worker index): a second one is refused while the first runs (cache/lock.py)."""
+    config = with_workers(config)
     config.validate()
     check_model_path(config.teacher, "--teacher")
     what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
@@ -308,13 +385,16 @@ def _build(config: CacheConfig) -> Manifest:
         max_tokens=config.max_tokens,
         max_sequences=config.max_sequences,
     )
+    teacher_config = load_config(
+        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    check_seq_len(config.seq_len, teacher_config, config.teacher)
     # Resolve "auto" now: a resume on another device must not silently mix float32 and bf16 numbers.
-    if backend_name == "vllm":
-        dtype_for_identity = "bfloat16" if config.dtype == "auto" else config.dtype
-    else:
-        dtype_for_identity = str(resolve_dtype(config.dtype, resolve_device(config.device))).removeprefix("torch.")
     fresh = Manifest(
-        teacher=teacher_identity(config.teacher, config.revision, dtype_for_identity, config.trust_remote_code),
+        teacher=teacher_identity(
+            config.teacher, config.revision, teacher_dtype(config.dtype, backend_name, config.device),
+            config.trust_remote_code,
+        ),
         backend={"name": backend_name},
         tokenizer=tokenizer_fingerprint(tokenizer),
         k=config.top_k,
@@ -338,6 +418,10 @@ def _build(config: CacheConfig) -> Manifest:
     # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
     # make it depend on where a run was interrupted.
     fresh.teacher["backend"] = backend_name
+    if backend_name == "vllm" and config.vllm_args:  # may change the numbers (quantization, ...): identity
+        from cache.vllm_backend import parse_vllm_args
+
+        fresh.teacher["vllm_args"] = parse_vllm_args(config.vllm_args)
     manifest = _prepare_output(config, fresh)
     if manifest.complete:
         _log(f"{config.out}: cache already complete ({len(manifest.shards)} shards); nothing to do")
@@ -350,19 +434,12 @@ def _build(config: CacheConfig) -> Manifest:
 
     done = {s.block: s for s in manifest.shards}
     teacher = None  # loaded lazily: a finished or mismatched run never pays for the model
+    load_seconds = score_seconds = 0.0
     stream_hash = hashlib.sha256()
     num_sequences = 0
     scored_tokens = 0
     planned = config.max_tokens or (config.max_sequences * config.seq_len if config.max_sequences else None)
-    bar = tqdm(
-        total=planned // config.num_workers if planned else None,
-        initial=manifest.total_tokens,  # resumed shards count as done but not towards the rate
-        unit="tok",
-        unit_scale=True,
-        desc=f"caching (worker {config.worker_index}/{config.num_workers})",
-        disable=not config.progress,
-        dynamic_ncols=True,
-    )
+    bar = None  # made once the teacher is ready, so its rate counts scoring only
     try:
         for block, input_ids, loss_mask in _blocks(iter_sequences(spec, tokenizer), config.rows_per_shard):
             block_tokens_sha = tokens_sha256(input_ids)
@@ -379,12 +456,26 @@ def _build(config: CacheConfig) -> Manifest:
                     )
                 continue
             if teacher is None:
+                _log(f"loading teacher {config.teacher} ({backend_name} backend) ...")
+                loading = time.perf_counter()
                 teacher = make_backend(config, backend_name)
-                described = teacher.describe()
-                manifest.backend = described["backend"]
+                load_seconds = time.perf_counter() - loading
+                _log(f"teacher ready in {load_seconds:.1f} s")
+                manifest.backend = teacher.describe()["backend"]
+                bar = tqdm(
+                    total=planned // config.num_workers if planned else None,
+                    initial=manifest.total_tokens,  # resumed shards count as done but not towards the rate
+                    unit="tok",
+                    unit_scale=True,
+                    desc=f"caching (worker {config.worker_index}/{config.num_workers})",
+                    disable=not config.progress,
+                    dynamic_ncols=True,
+                )
+            scoring = time.perf_counter()
             scores = teacher.score(
                 input_ids, progress=lambda n: bar.update(n * config.seq_len), first_seq_id=first_seq
             )
+            score_seconds += time.perf_counter() - scoring
             rows = CacheRows(
                 seq_ids=np.arange(first_seq, first_seq + len(input_ids), dtype=np.int64),
                 input_ids=input_ids,
@@ -424,7 +515,10 @@ def _build(config: CacheConfig) -> Manifest:
             scored_tokens += int(input_ids.size)
             bar.set_postfix(shards=len(manifest.shards), refresh=False)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        if teacher is not None and hasattr(teacher, "close"):
+            teacher.close()  # the engine's processes too, on errors and Ctrl-C
     if num_sequences == 0:
         raise CacheError(f"{config.data}: the dataset produced no token sequences")
     manifest.stream = {"num_sequences": num_sequences, "sha256": stream_hash.hexdigest()}
@@ -435,8 +529,9 @@ def _build(config: CacheConfig) -> Manifest:
     tokens, size = manifest.total_tokens, manifest.total_bytes
     _log(
         f"done: {len(manifest.shards)} shards, {tokens:,} tokens, {size / 2**20:.1f} MiB, "
-        f"{size / max(tokens, 1):.1f} B/token; scored {scored_tokens:,} tokens this run in {elapsed:.1f} s "
-        f"({scored_tokens / max(elapsed, 1e-9):,.0f} tok/s)"
+        f"{size / max(tokens, 1):.1f} B/token; scored {scored_tokens:,} tokens this run in {score_seconds:.1f} s "
+        f"of teacher time ({scored_tokens / max(score_seconds, 1e-9):,.0f} tok/s); teacher load "
+        f"{load_seconds:.1f} s; {elapsed:.1f} s in all"
     )
     return manifest
 

@@ -118,6 +118,9 @@ class HFTeacher:
             "backend": {"name": "hf", "version": f"transformers {transformers.__version__}", "device": self.device.type},
         }
 
+    def close(self) -> None:
+        self.model = None
+
     def _support(self, lp: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, t, V] log-probs → (ids, log-probs or log-weights) [b, t, k], sorted descending."""
         if self.support == "topk":

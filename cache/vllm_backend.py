@@ -41,9 +41,20 @@ another module does not matter):
   = False``, ``detokenize: bool = True``. ``vllm/v1/engine/processor.py`` (later ``input_processor.py``):
   a request asking for more prompt logprobs than ``model_config.max_logprobs`` (default 20) is rejected
   ("Requested prompt logprobs of N, which is greater than max allowed: M"); we set max_logprobs = k.
-- ``vllm/config`` (ModelConfig): a ``max_model_len`` above the length derived from the model's config is
-  rejected ("User-specified max_model_len (X) is greater than the derived max_model_len ...") unless
-  VLLM_ALLOW_LONG_MAX_MODEL_LEN=1; we translate that into a clear error about ``seq_len``.
+- ``vllm/config/model.py`` (``_get_and_verify_max_len``): a ``max_model_len`` above the length derived
+  from the model's config (smallest of the context keys, times a rope ``factor`` except for su, longrope,
+  llama3 and the yarn types; also capped by the tokenizer's ``model_max_length``) is rejected unless
+  VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. ``vllm/v1/engine/input_processor.py`` (``_validate_prompt_len``)
+  rejects a prompt as long as ``max_model_len`` ("plus the number of requested output tokens (at least
+  1)"), so a prompt filling the context needs ``max_model_len = context + 1``: we set that variable while
+  the engine starts and apply our own context rule (``cache.teacher.check_seq_len``) instead.
+- ``vllm/entrypoints/common/offline.py`` (``_run_engine``): ``use_tqdm`` may be a tqdm factory; its bar
+  gets ``update(1)`` per finished request (and vLLM reads ``format_dict["elapsed"]``): our progress hook.
+- ``vllm/v1/engine/core_client.py`` (``MPClient.shutdown``): stops the engine processes (SIGTERM, then a
+  kill after 5 s); at interpreter exit the same runs from a finalizer, late, and ends in "force killing".
+- ``vllm/v1/worker/cpu_worker.py``: on CPU ``gpu_memory_utilization`` x the node's RAM is what the worker
+  reserves (weights, activations, KV cache) and must be free at start, else "Available memory on node 0
+  ... is less than desired CPU memory utilization"; the 0.9 default fails on any machine in use.
 - ``vllm/outputs.py``: ``RequestOutput`` has ``request_id``, ``prompt``, ``prompt_token_ids``,
   ``prompt_logprobs``, ``outputs``, ``finished`` and ``num_cached_tokens``.
   ``vllm/entrypoints/llm.py``: ``LLM.generate`` returns finished outputs sorted by their integer request
@@ -54,6 +65,11 @@ another module does not matter):
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -86,19 +102,15 @@ def _is_flat(prompt_logprobs: Any) -> bool:
     )
 
 
-def _flat_request(
-    pl: Any, targets: np.ndarray, k: int, label: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FlatLogprobs of one request → (topk_ids [L-1, k] int64, topk_lp [L-1, k] f32, target_lp [L-1])."""
-    n_pos = targets.shape[0]  # L - 1
-    width = k + 1
-    starts = np.asarray(pl.start_indices, dtype=np.int64)
-    ends = np.asarray(pl.end_indices, dtype=np.int64)
-    if starts.shape != ends.shape or starts.shape[0] != n_pos + 1:
+def _flat_span(pl: Any, n_pos: int, width: int, label: str) -> tuple[int, int]:
+    """Check one FlatLogprobs' block layout; return the [start, stop) of its entries in the flat lists."""
+    if len(pl.start_indices) != n_pos + 1 or len(pl.end_indices) != n_pos + 1:
         raise ValueError(
-            f"{label}: prompt_logprobs has {starts.shape[0]} positions ({ends.shape[0]} end indices), "
-            f"expected one per prompt token ({n_pos + 1})"
+            f"{label}: prompt_logprobs has {len(pl.start_indices)} positions ({len(pl.end_indices)} end "
+            f"indices), expected one per prompt token ({n_pos + 1})"
         )
+    starts = np.fromiter(pl.start_indices, np.int64, count=n_pos + 1)
+    ends = np.fromiter(pl.end_indices, np.int64, count=n_pos + 1)
     if ends[0] != starts[0]:
         raise ValueError(f"{label}: prompt position 0 should be empty, it has {ends[0] - starts[0]} entries")
     sizes = ends[1:] - starts[1:]
@@ -112,40 +124,52 @@ def _flat_request(
     if n_pos and not (starts[1:] == base + width * np.arange(n_pos)).all():
         raise ValueError(f"{label}: prompt logprob blocks are not contiguous in the flat lists")
     stop = base + n_pos * width
+    for name in ("token_ids", "logprobs", "ranks"):
+        if len(getattr(pl, name)) < stop:
+            raise ValueError(f"{label}: FlatLogprobs.{name} has {len(getattr(pl, name))} entries, indices need {stop}")
+    return base, stop
 
-    def column(values: list, dtype, name: str) -> np.ndarray:
-        if len(values) < stop:
-            raise ValueError(f"{label}: FlatLogprobs.{name} has {len(values)} entries, indices need {stop}")
-        part = values if (base == 0 and len(values) == stop) else values[base:stop]
-        try:
-            # fromiter is ~3x faster than asarray for a list of Python ints; asarray is as fast for floats.
-            if dtype == np.int64:
-                flat = np.fromiter(part, dtype=np.int64, count=n_pos * width)
-            else:
-                flat = np.asarray(part, dtype=dtype)
-            return flat.reshape(n_pos, width)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{label}: FlatLogprobs.{name} is not numeric ({e})") from None
 
-    ids = column(pl.token_ids, np.int64, "token_ids")
-    lps = column(pl.logprobs, np.float32, "logprobs")
-    ranks = column(pl.ranks, np.int64, "ranks")
+def _flat_column(pls: Sequence[Any], spans: Sequence[tuple[int, int]], name: str, dtype, labels: Sequence[str]):
+    """One flat list of every request, converted in a single pass (no per-request arrays)."""
+    parts = []
+    for pl, (base, stop) in zip(pls, spans):
+        values = getattr(pl, name)
+        parts.append(values if base == 0 and len(values) == stop else values[base:stop])
+    count = sum(stop - base for base, stop in spans)
+    try:
+        # fromiter over the chained lists is the fastest list -> array path measured (bench/bench_vllm_convert.py).
+        return np.fromiter(itertools.chain.from_iterable(parts), dtype=dtype, count=count)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{labels[0]}..{labels[-1]}: FlatLogprobs.{name} is not numeric ({e})") from None
 
-    bad = np.flatnonzero(ids[:, 0] != targets)
+
+def _flat_requests(
+    pls: Sequence[Any], targets: np.ndarray, k: int, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FlatLogprobs of R requests → (topk_ids [R, L-1, k] int32, topk_lp [R, L-1, k] f32, target_lp [R, L-1]).
+
+    Token ids and log-probs are converted; the ranks only validate, so only each request's first position
+    is read (the converter relies on the layout, actual token then ranks 1..k, which those entries show).
+    """
+    r, n_pos = targets.shape
+    width = k + 1
+    spans = [_flat_span(pl, n_pos, width, label) for pl, label in zip(pls, labels)]
+    ids = _flat_column(pls, spans, "token_ids", np.int32, labels).reshape(r, n_pos, width)
+    lps = _flat_column(pls, spans, "logprobs", np.float32, labels).reshape(r, n_pos, width)
+    bad = np.argwhere(ids[:, :, 0] != targets)
     if bad.size:
-        i = int(bad[0])
+        j, i = (int(v) for v in bad[0])
         raise ValueError(
-            f"{label}, prompt position {i + 1}: vLLM's actual token is {int(ids[i, 0])} but "
-            f"input_ids[{i + 1}] is {int(targets[i])} (outputs out of order, or a different prompt?)"
+            f"{labels[j]}, prompt position {i + 1}: vLLM's actual token is {int(ids[j, i, 0])} but "
+            f"input_ids[{i + 1}] is {int(targets[j, i])} (outputs out of order, or a different prompt?)"
         )
-    expected_ranks = np.arange(1, k + 1, dtype=np.int64)
-    bad = np.flatnonzero((ranks[:, 1:] != expected_ranks).any(axis=1))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"{label}, prompt position {i + 1}: top-k ranks are {ranks[i, 1:].tolist()}, expected 1..{k}"
-        )
-    return ids[:, 1:], lps[:, 1:], lps[:, 0]
+    expected_ranks = list(range(1, k + 1))
+    for pl, (base, _), label in zip(pls, spans, labels):
+        ranks = pl.ranks[base + 1 : base + width]
+        if n_pos and ranks != expected_ranks:
+            raise ValueError(f"{label}, prompt position 1: top-k ranks are {list(ranks)}, expected 1..{k}")
+    return ids[:, :, 1:], lps[:, :, 1:], lps[:, :, 0]
 
 
 def _dict_request(
@@ -226,20 +250,22 @@ def prompt_logprobs_to_scores(
     topk_ids = np.empty((b, length - 1, k), np.int32)
     topk_lp = np.empty((b, length - 1, k), np.float32)
     target_lp = np.empty((b, length - 1), np.float32)
+    labels = [_request_label(request_ids, r) for r in range(b)]
+    targets = input_ids[:, 1:].astype(np.int64)
     for r, pl in enumerate(prompt_logprobs_per_request):
-        label = _request_label(request_ids, r)
-        targets = input_ids[r, 1:].astype(np.int64)
         if pl is None:
             raise ValueError(
-                f"{label}: no prompt_logprobs (SamplingParams.prompt_logprobs unset, or prefix caching on?)"
+                f"{labels[r]}: no prompt_logprobs (SamplingParams.prompt_logprobs unset, or prefix caching on?)"
             )
+    if all(_is_flat(pl) for pl in prompt_logprobs_per_request):  # what vLLM returns: one pass over all
+        topk_ids[:], topk_lp[:], target_lp[:] = _flat_requests(prompt_logprobs_per_request, targets, k, labels)
+        return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, target_logprob=target_lp)
+    for r, pl in enumerate(prompt_logprobs_per_request):
         if _is_flat(pl):
-            ids, lps, tgt = _flat_request(pl, targets, k, label)
+            ids, lps, tgt = (a[0] for a in _flat_requests([pl], targets[r : r + 1], k, labels[r : r + 1]))
         else:
-            ids, lps, tgt = _dict_request(pl, targets, k, label)
-        topk_ids[r] = ids
-        topk_lp[r] = lps
-        target_lp[r] = tgt
+            ids, lps, tgt = _dict_request(pl, targets[r], k, labels[r])
+        topk_ids[r], topk_lp[r], target_lp[r] = ids, lps, tgt
     return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, target_logprob=target_lp)
 
 
@@ -261,12 +287,198 @@ def _vocab_size(llm: Any) -> int | None:
         return None
 
 
+# LLM arguments this backend sets itself: the cache is only right with these values, or they have options.
+_OWN_ARGS = {
+    "model": "--teacher",
+    "revision": "--revision",
+    "trust_remote_code": "--trust-remote-code",
+    "dtype": "--dtype",
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "pipeline_parallel_size": "--pipeline-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "enforce_eager": "--enforce-eager",
+    "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "max_model_len": "--seq-len",
+    "max_logprobs": "--top-k",
+    "logprobs_mode": None,
+    "enable_prefix_caching": None,
+}
+
+# On CPU vLLM reserves gpu_memory_utilization x the node's RAM and refuses to start when that is more than
+# is free (its 0.9 default fails on any machine in use); we take this share of the free RAM instead.
+CPU_FREE_RAM_SHARE = 0.5
+
+
+def parse_vllm_args(items: Sequence[str]) -> dict:
+    """``["KEY=VALUE", ...]`` → kwargs for ``vllm.LLM``; VALUE is read as JSON when it parses (numbers, true,
+    {"a": 1}), else kept as a string."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--vllm-arg {item!r}: expected KEY=VALUE, e.g. --vllm-arg kv_cache_dtype=fp8")
+        if key in _OWN_ARGS:
+            own = _OWN_ARGS[key]
+            raise ValueError(
+                f"--vllm-arg {key}: set by cache-teacher itself"
+                + (f"; use {own}" if own else " (the cache is only right with its value)")
+            )
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _ram_available_and_total() -> tuple[int, int]:
+    """Bytes of RAM available (as the kernel estimates it, page cache counted free) and in total."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+
+
+def default_gpu_memory_utilization(on_cuda: bool) -> float:
+    """vLLM's own 0.9 on a GPU; on CPU a share of the RAM that is free now (see CPU_FREE_RAM_SHARE)."""
+    if on_cuda:
+        return 0.9
+    available, total = _ram_available_and_total()
+    return round(max(0.01, CPU_FREE_RAM_SHARE * available / total), 3)
+
+
+class EngineStartError(ValueError):
+    """vLLM's engine did not start; the message gives vLLM's root cause and the option to change."""
+
+
+# Root-cause patterns → the option that usually fixes them.
+_START_HINTS = (
+    (("memory", "kv cache", "cache blocks", "out of memory", "oom"),
+     "lower --max-num-seqs / --max-num-batched-tokens or --seq-len, or change --gpu-memory-utilization{now}"
+     " (on CPU it is the share of the node's RAM that vLLM reserves; VLLM_CPU_KVCACHE_SPACE=GiB sets the KV"
+     " cache directly)"),
+    (("max_model_len", "max_position_embeddings", "context length"), "use a smaller --seq-len"),
+    (("tensor parallel", "tensor_parallel", "world size", "world_size", "pipeline parallel", "number of gpus"),
+     "check --tensor-parallel-size / --pipeline-parallel-size against the devices you have"),
+    (("dtype", "bfloat16", "float16"), "choose another --dtype"),
+    (("trust_remote_code", "remote code"), "pass --trust-remote-code if you trust the model's code"),
+)
+
+
+def _root_cause(log_lines: Sequence[str]) -> str | None:
+    """The last 'SomeError: message' line of the engine's log, other than vLLM's generic wrapper."""
+    import re
+
+    pattern = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+    for line in reversed(log_lines):
+        found = pattern.search(line.rstrip())
+        if found and "Engine core initialization failed" not in found.group(2):
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2).strip()}"
+    return None
+
+
+def explain_start_failure(error: BaseException, log_lines: Sequence[str], gpu_memory_utilization: float) -> str:
+    """One short message for an engine that did not start: vLLM's root cause and what to change."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    # The engine runs in another process: its exception reaches us only as a generic RuntimeError whose
+    # cause is in the log it printed; errors raised here (config validation) carry it in their text.
+    cause = _root_cause(log_lines) if "Engine core initialization failed" in text else None
+    if cause is None:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        cause = next((line for line in lines if "Value error" in line or "Error" in line), first)
+        cause = cause.removeprefix("Value error, ")
+    low = cause.lower()
+    hint = next(
+        (h for keys, h in _START_HINTS if any(key in low for key in keys)),
+        "see vLLM's log above; --vllm-arg KEY=VALUE passes any other engine setting",
+    )
+    return f"the vLLM engine did not start: {cause}\n  what to change: " + hint.format(
+        now=f" (now {gpu_memory_utilization})"
+    )
+
+
+class _StderrTee:
+    """Copy file descriptor 2 (ours and the engine processes' it spawns) to the terminal and keep its last
+    lines: vLLM reports an engine's failure to start only in that log."""
+
+    def __init__(self, keep: int = 400):
+        import collections
+
+        self.lines = collections.deque(maxlen=keep)
+        self._saved = None
+
+    def __enter__(self):
+        import threading
+
+        sys.stderr.flush()
+        read_end, write_end = os.pipe()
+        self._saved = os.dup(2)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        terminal = self._saved
+
+        def pump():
+            # Runs until every process holding the pipe (the engine's included) has exited or closed it.
+            pending = b""
+            with os.fdopen(read_end, "rb", buffering=0) as source:
+                while chunk := source.read(65536):
+                    try:
+                        os.write(terminal, chunk)
+                    except OSError:
+                        pass
+                    pending += chunk
+                    *done, pending = pending.split(b"\n")
+                    self.lines.extend(line.decode(errors="replace") for line in done)
+            if pending:
+                self.lines.append(pending.decode(errors="replace"))
+            os.close(terminal)
+
+        self._thread = threading.Thread(target=pump, name="vllm-stderr", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)  # our own stderr is the terminal again; the engine keeps the pipe
+        return False
+
+    def recent(self, wait: float = 2.0) -> list[str]:
+        """The kept lines, after giving a failed engine a moment to finish its traceback."""
+        self._thread.join(timeout=wait)
+        return list(self.lines)
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the duration (the engine processes spawned meanwhile inherit them)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 class VLLMTeacher:
-    """Teacher backed by a vLLM ``LLM`` engine (CUDA only); implements :class:`cache.teacher.TeacherBackend`.
+    """Teacher backed by a vLLM ``LLM`` engine; implements :class:`cache.teacher.TeacherBackend`.
 
     Each sequence is one prompt scored with ``prompt_logprobs=k`` and ``max_tokens=1``; vLLM batches and
-    schedules the prompts itself. The engine holds up to ``seq_len + 1`` tokens per request (the prompt
-    plus the one generated token).
+    schedules the prompts itself. vLLM wants room for the generated token (``max_model_len = seq_len + 1``)
+    although that token is never run through the model: an L-token prompt's logprobs need only L
+    positions. So ``seq_len`` may equal the teacher's context, and the caller checks that it does not
+    exceed it (``cache.teacher.check_seq_len``; cache-teacher does, for both backends), while vLLM's own
+    check, which would count the extra token, is told to allow it. Call :meth:`close` (or use it as a
+    context manager) to shut the engine's processes down.
     """
 
     def __init__(
@@ -276,34 +488,54 @@ class VLLMTeacher:
         seq_len: int,
         tensor_parallel_size: int = 1,
         dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
         max_entries_per_call: int = DEFAULT_MAX_ENTRIES_PER_CALL,
         llm_kwargs: dict | None = None,
+        pipeline_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
     ):
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         if int(seq_len) != seq_len or seq_len < 2:
             raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
         vllm, LLM, SamplingParams, TokensPrompt = import_vllm()
+        self.llm = None
         self._vllm_version = str(getattr(vllm, "__version__", "unknown"))
         self._tokens_prompt = TokensPrompt
         self.name = str(model)
         self.k = int(k)
         self.seq_len = int(seq_len)
-        self.tensor_parallel_size = int(tensor_parallel_size)
         self.dtype = dtype
         self.revision = revision
         self.max_entries_per_call = int(max_entries_per_call)
+        extra = dict(llm_kwargs or {})
+        clash = sorted(set(extra) & set(_OWN_ARGS))
+        if clash:
+            raise ValueError(f"llm_kwargs may not set {clash}: this backend sets them")
+        # What the manifest records about the engine (none of it changes the numbers but llm_kwargs): the
+        # options as given, so that reruns write the same bytes ("auto" depends on the RAM free at start).
+        self.engine = {
+            "tensor_parallel_size": int(tensor_parallel_size),
+            "pipeline_parallel_size": int(pipeline_parallel_size),
+            "gpu_memory_utilization": "auto" if gpu_memory_utilization is None else float(gpu_memory_utilization),
+            "enforce_eager": bool(enforce_eager),
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "llm_kwargs": extra,
+        }
         kwargs = dict(
             model=self.name,
             revision=revision,
             trust_remote_code=trust_remote_code,
             dtype=dtype,
-            tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=int(tensor_parallel_size),
+            pipeline_parallel_size=int(pipeline_parallel_size),
+            enforce_eager=bool(enforce_eager),
             seed=seed,
             # vLLM rejects requests asking for more logprobs than this (default 20).
             max_logprobs=self.k,
@@ -314,19 +546,28 @@ class VLLMTeacher:
             # Cached prefix positions are not recomputed and would get no prompt logprobs.
             enable_prefix_caching=False,
         )
-        kwargs.update(llm_kwargs or {})
+        if gpu_memory_utilization is None:
+            import torch
+
+            gpu_memory_utilization = default_gpu_memory_utilization(torch.cuda.is_available())
+            print(f"vLLM: gpu_memory_utilization {gpu_memory_utilization} (auto)", file=sys.stderr, flush=True)
+        kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization = float(gpu_memory_utilization)
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)
+        if max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
+        kwargs.update(extra)
+        self._stderr = _StderrTee()
         try:
-            self.llm = LLM(**kwargs)
-        except Exception as e:  # vLLM raises pydantic ValidationError / ValueError from its config
-            text = str(e)
-            if "max_model_len" in text and ("greater than" in text or "exceeds" in text):
-                raise ValueError(
-                    f"seq_len + 1 = {self.seq_len + 1} tokens exceeds the context length of teacher "
-                    f"{self.name!r}; use a smaller --seq-len (vLLM said: {text.splitlines()[0]})"
-                ) from e
-            raise
+            with self._stderr, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
+                self.llm = LLM(**kwargs)
+        except Exception as e:  # config validation (ValueError, pydantic) or the engine process dying
+            raise EngineStartError(
+                explain_start_failure(e, self._stderr.recent(), self.gpu_memory_utilization)
+            ) from e
         vocab = _vocab_size(self.llm)
         if vocab is not None and self.k > vocab:
+            self.close()
             raise ValueError(f"k = {self.k} exceeds the teacher's vocabulary size {vocab}")
         # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
         self.sampling_params = SamplingParams(
@@ -339,12 +580,30 @@ class VLLMTeacher:
     def describe(self) -> dict:
         return {
             "teacher": {"name_or_path": self.name, "revision": self.revision, "dtype": self.dtype},
-            "backend": {
-                "name": "vllm",
-                "version": self._vllm_version,
-                "tensor_parallel_size": self.tensor_parallel_size,
-            },
+            "backend": {"name": "vllm", "version": self._vllm_version, **self.engine},
         }
+
+    def close(self) -> None:
+        """Shut the engine's processes down now (vLLM otherwise force-kills them at interpreter exit)."""
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        shutdown = getattr(core, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        del llm, engine, core
+        import gc
+
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
     def _sequences_per_call(self, length: int) -> int:
         return max(1, self.max_entries_per_call // max(1, (length - 1) * (self.k + 1)))
@@ -352,7 +611,10 @@ class VLLMTeacher:
     def score(
         self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
     ) -> TeacherScores:
-        """Score ``input_ids`` [B, L] (L <= seq_len); returns scores in input order."""
+        """Score ``input_ids`` [B, L] (L <= seq_len); returns scores in input order. ``progress(n)`` is
+        called as vLLM finishes requests (n of them at a time)."""
+        if self.llm is None:
+            raise RuntimeError("this VLLMTeacher is closed")
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}")
@@ -366,11 +628,12 @@ class VLLMTeacher:
         topk_lp = np.empty((b, length - 1, k), np.float32)
         target_lp = np.empty((b, length - 1), np.float32)
         step = self._sequences_per_call(length)
+        counter = _request_counter(progress) if progress is not None else False
         for start in range(0, b, step):
             stop = min(b, start + step)
             rows = input_ids[start:stop]
             prompts = [self._tokens_prompt(prompt_token_ids=row.tolist()) for row in rows]
-            outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=False)
+            outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=counter)
             if len(outputs) != len(prompts):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
             for j, out in enumerate(outputs):
@@ -390,6 +653,20 @@ class VLLMTeacher:
             topk_ids[start:stop] = scores.topk_ids
             topk_lp[start:stop] = scores.topk_logprobs
             target_lp[start:stop] = scores.target_logprob
-            if progress is not None:
-                progress(stop - start)
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, target_logprob=target_lp)
+
+
+def _request_counter(progress: Callable[[int], None]):
+    """A tqdm factory for ``LLM.generate(use_tqdm=...)`` that reports finished requests to ``progress``
+    and draws nothing (vLLM reads its rate fields, so it stays a real tqdm, writing to nowhere)."""
+    import functools
+    import io
+
+    from tqdm import tqdm
+
+    class RequestCounter(tqdm):
+        def update(self, n=1):
+            progress(int(n))
+            return super().update(n)
+
+    return functools.partial(RequestCounter, file=io.StringIO(), mininterval=3600)

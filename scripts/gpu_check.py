@@ -1,35 +1,37 @@
 #!/usr/bin/env python
-"""HF-vs-vLLM teacher parity and throughput, on a CUDA machine with the [vllm] extra installed.
+"""Stage one on a GPU machine: HF backend throughput and the writer's share of the time, and, where vLLM is
+installed, HF-vs-vLLM parity and throughput. It also runs on CPU (``--device cpu``, ``--build-teacher tiny``).
 
-    python scripts/gpu_check.py --teacher MODEL_DIR --data corpus.jsonl --k 64 --seq-len 1024 \\
-        --num-seqs 64 --out gpu_check_out [--via-pipeline]
+    python scripts/gpu_check.py --out gpu_check_out                        # a ~1B Llama, random weights
+    python scripts/gpu_check.py --out o --teacher MODEL_DIR --data corpus.jsonl --num-seqs 64
+    python scripts/gpu_check.py --out o --build-teacher tiny --seq-len 128 --num-seqs 8 --device cpu
 
-Both backends score the same packed token sequences (cache.data, exactly as `pipeline cache-teacher`
-builds them). HF runs first and is freed before vLLM starts (vLLM reserves --gpu-memory-utilization of
-the GPU). Reported, over all L-1 positions of every sequence:
+A GPU machine may have no model hub and no vLLM: without ``--teacher`` the script builds a Llama from a
+config with random weights (``--build-teacher 1b``: Llama-3.2-1B's shape, 1.24B parameters; ``tiny`` for a
+smoke run) into OUT/teacher, and without ``--data`` it scores random token ids. Steps:
 
-- top1_agreement: fraction of positions whose top-1 id is the same in both backends;
-- topk_overlap: mean |HF top-k ∩ vLLM top-k| / k;
-- logprob_abs_diff_{max,mean}: |Δ log-prob| over the ids both top-k lists share;
-- target_abs_diff_{max,mean}: |Δ target_logprob| (the actual next token, in or out of the top-k);
-- throughput of each backend's score() in tokens/s (model loading and one warm-up batch excluded).
+1. ``hf``: the HF backend's ``score()`` in tokens/s at ``--seq-len`` (default 2048; load and one warm-up
+   batch excluded), then ``cache.format.write_shard`` on those scores: the writer's share of
+   score + write time (the writer runs on the host while a GPU would wait).
+2. ``vllm`` (only where vllm imports): the same sequences through the vLLM backend, its tokens/s and its
+   parity with HF: top-1 agreement, top-k overlap, |Δ log-prob| on shared ids, |Δ target log-prob|.
+3. ``--via-pipeline``: `pipeline cache-teacher` with each available backend, caches compared as stored.
 
-With --via-pipeline the script also runs `pipeline cache-teacher` with --backend hf and --backend vllm
-into OUT/cache_hf and OUT/cache_vllm and compares the two caches the same way (values as stored,
-float16), with end-to-end wall time and bytes per token.
-
-Results: a printed table and OUT/gpu_check.json. Exit status 1 when parity is below the thresholds
-(--min-top1, --min-overlap, --max-mean-diff; defaults are rough bf16-vs-bf16 expectations, not a spec).
+Each result is appended to OUT/gpu_check.jsonl as soon as it exists (a late failure loses nothing); one
+table is printed at the end. Exit 1 when a parity figure is below its threshold (--min-top1,
+--min-overlap, --max-mean-diff; rough bf16 expectations, not a spec).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,26 +41,43 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# Shapes of the teachers --build-teacher makes (random weights). "1b" is Llama-3.2-1B's config.
+TEACHER_SHAPES = {
+    "1b": dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+}  # fmt: skip
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher model: local HF directory or hub id")
-    p.add_argument("--data", required=True, help="dataset path (any format `pipeline cache-teacher` reads)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (gpu_check.jsonl, built teacher, caches)")
+    p.add_argument("--teacher", default=None, help="teacher: local HF directory or hub id (default: build one)")
+    p.add_argument("--build-teacher", choices=sorted(TEACHER_SHAPES), default="1b",
+                   help="shape of the random-weight Llama built when --teacher is not given (default 1b)")  # fmt: skip
+    p.add_argument("--data", default=None, help="dataset (any format cache-teacher reads); default: random token ids")
     p.add_argument("--k", type=int, default=64, help="top-k support size (default 64)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed sequence (default 1024)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--num-seqs", type=int, default=64, help="sequences to score (default 64)")
-    p.add_argument("--out", required=True, type=Path, help="output directory for gpu_check.json (and caches)")
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype for both backends (default bfloat16)")
+    p.add_argument("--device", default="auto", help="HF backend device: auto (CUDA if present) | cpu | cuda:N")
+    p.add_argument("--dtype", default="auto", help="both backends: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--hf-batch-size", type=int, default=8, help="sequences per HF forward (default 8)")
-    p.add_argument("--hf-device", default="cuda", help="HF backend device (default cuda)")
+    p.add_argument("--shard-rows", type=int, default=16, help="sequences per shard in the writer step (default 16)")
+    p.add_argument("--backends", default="hf,vllm", help="comma list; vllm is skipped where it does not import")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM tensor parallel size")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM memory fraction")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM memory share (default: ours)")
+    p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile / CUDA graphs")
     p.add_argument("--text-field", default="text")
     p.add_argument("--messages-field", default="messages")
     p.add_argument("--split", default="train")
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--via-pipeline", action="store_true", help="also compare two caches built by the CLI")
+    p.add_argument("--via-pipeline", action="store_true", help="also compare caches built by the CLI")
     p.add_argument("--min-top1", type=float, default=0.97, help="fail below this top-1 agreement")
     p.add_argument("--min-overlap", type=float, default=0.95, help="fail below this mean top-k overlap")
     p.add_argument("--max-mean-diff", type=float, default=0.05, help="fail above this mean |Δ logprob|")
@@ -114,34 +133,70 @@ def verdict(parity: dict, args) -> list[str]:
     return problems
 
 
-def print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{title}")
-    print("-" * (width + 24))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value:>20}")
+class Results:
+    """Append-only JSONL: each step's record is on disk (flushed) the moment it exists."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+
+    def add(self, step: str, **values) -> dict:
+        record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **values}
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+        print(f"[{step}] " + ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not isinstance(v, dict)),
+              flush=True)  # fmt: skip
+        return record
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------
-# In-process run of both backends.
+# Steps.
 
 
-def build_sequences(args):
+def build_teacher(shape: str, out: Path, dtype: str) -> tuple[Path, int, float]:
+    """A Llama with random weights from a config (no hub), saved where both backends can load it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    start = time.perf_counter()
+    directory = out / f"teacher_{shape}"
+    config = LlamaConfig(**TEACHER_SHAPES[shape])
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if dtype in ("auto", "bfloat16") else torch.float32)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory)
+    del model
+    gc.collect()
+    return directory, params, time.perf_counter() - start
+
+
+def build_sequences(args, teacher: str) -> np.ndarray:
+    """Token sequences exactly as cache-teacher packs them, or random ids when there is no --data."""
+    if args.data is None:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(teacher, trust_remote_code=args.trust_remote_code).vocab_size
+        return np.random.default_rng(0).integers(0, vocab, size=(args.num_seqs, args.seq_len), dtype=np.int32)
     from transformers import AutoTokenizer
 
     from cache.data import DataSpec, iter_sequences
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.teacher, revision=args.revision, trust_remote_code=args.trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(teacher, revision=args.revision, trust_remote_code=args.trust_remote_code)
     spec = DataSpec(
-        path=args.data,
-        seq_len=args.seq_len,
-        text_field=args.text_field,
-        messages_field=args.messages_field,
-        split=args.split,
-        max_sequences=args.num_seqs,
-    )
+        path=args.data, seq_len=args.seq_len, text_field=args.text_field, messages_field=args.messages_field,
+        split=args.split, max_sequences=args.num_seqs,
+    )  # fmt: skip
     pairs = list(iter_sequences(spec, tokenizer))
     if not pairs:
         raise SystemExit(f"{args.data}: produced no token sequences")
@@ -149,73 +204,102 @@ def build_sequences(args):
 
 
 def timed_score(teacher, input_ids: np.ndarray) -> tuple[object, float]:
-    warm = input_ids[: min(2, len(input_ids))]
-    teacher.score(warm)  # compile / cudagraph / allocator warm-up, not timed
+    teacher.score(input_ids[: min(2, len(input_ids))])  # compile / cudagraph / allocator warm-up, not timed
+    sync()
     start = time.perf_counter()
     scores = teacher.score(input_ids)
+    sync()
     return scores, time.perf_counter() - start
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def free_cuda() -> None:
     gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def run_in_process(args, input_ids: np.ndarray) -> dict:
+def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, int]:
+    """Write the scores as cache-teacher would (shards of shard_rows sequences); seconds and bytes."""
+    from cache.format import CacheRows, write_shard
+
+    rows = CacheRows(
+        seq_ids=np.arange(len(input_ids), dtype=np.int64),
+        input_ids=input_ids,
+        loss_mask=np.ones_like(input_ids, dtype=bool),
+        topk_ids=scores.topk_ids,
+        topk_logprobs=scores.topk_logprobs,
+        target_logprob=scores.target_logprob,
+    )
+    total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        for i, s in enumerate(range(0, len(input_ids), shard_rows)):
+            path = Path(tmp) / f"{i:08d}.parquet"
+            write_shard(rows.slice(s, s + shard_rows), path, shard_rows)
+            total += path.stat().st_size
+        seconds = time.perf_counter() - start
+    return seconds, total
+
+
+def step_hf(args, teacher: str, input_ids: np.ndarray, results: Results):
     from cache.hf_backend import HFTeacher
 
-    tokens = int(input_ids.size)
+    start = time.perf_counter()
     hf = HFTeacher(
-        args.teacher,
-        k=args.k,
-        batch_size=args.hf_batch_size,
-        dtype=args.dtype,
-        device=args.hf_device,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
-    hf_desc = hf.describe()
-    hf_scores, hf_s = timed_score(hf, input_ids)
+        teacher, k=args.k, batch_size=args.hf_batch_size, dtype=args.dtype, device=args.device,
+        revision=args.revision, trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    load_s = time.perf_counter() - start
+    described = hf.describe()
+    scores, score_s = timed_score(hf, input_ids)
+    hf.close()
     del hf
     free_cuda()
+    write_s, nbytes = time_writer(scores, input_ids, args.shard_rows)
+    tokens = int(input_ids.size)
+    results.add(
+        "hf", device=described["backend"]["device"], dtype=described["teacher"]["dtype"], load_s=load_s,
+        tokens=tokens, score_s=score_s, tokens_per_s=tokens / score_s, write_s=write_s,
+        write_tokens_per_s=tokens / write_s, writer_share=write_s / (score_s + write_s),
+        bytes_per_token=nbytes / tokens,
+    )  # fmt: skip
+    return scores
 
+
+def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Results) -> list[str]:
+    from cache.build import teacher_dtype
     from cache.vllm_backend import VLLMTeacher
 
-    vl = VLLMTeacher(
-        args.teacher,
-        k=args.k,
-        seq_len=args.seq_len,
-        tensor_parallel_size=args.tensor_parallel_size,
-        dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        revision=args.revision,
-        trust_remote_code=args.trust_remote_code,
-    )
-    vl_desc = vl.describe()
-    vl_scores, vl_s = timed_score(vl, input_ids)
-
-    parity = compare(
-        hf_scores.topk_ids, hf_scores.topk_logprobs, hf_scores.target_logprob,
-        vl_scores.topk_ids, vl_scores.topk_logprobs, vl_scores.target_logprob,
-    )  # fmt: skip
-    return {
-        "sequences": int(input_ids.shape[0]),
-        "tokens": tokens,
-        "hf": {"describe": hf_desc, "seconds": hf_s, "tokens_per_s": tokens / hf_s},
-        "vllm": {"describe": vl_desc, "seconds": vl_s, "tokens_per_s": tokens / vl_s},
-        "parity": parity,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Through the CLI: two caches, compared as stored.
+    dtype = teacher_dtype(args.dtype, "vllm")
+    start = time.perf_counter()
+    with VLLMTeacher(
+        teacher, k=args.k, seq_len=args.seq_len, tensor_parallel_size=args.tensor_parallel_size, dtype=dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        revision=args.revision, trust_remote_code=args.trust_remote_code,
+    ) as vl:  # fmt: skip
+        load_s = time.perf_counter() - start
+        scores, score_s = timed_score(vl, input_ids)
+    tokens = int(input_ids.size)
+    record = {"load_s": load_s, "tokens": tokens, "score_s": score_s, "tokens_per_s": tokens / score_s, "dtype": dtype}
+    problems = []
+    if hf_scores is not None:
+        parity = compare(
+            hf_scores.topk_ids, hf_scores.topk_logprobs, hf_scores.target_logprob,
+            scores.topk_ids, scores.topk_logprobs, scores.target_logprob,
+        )  # fmt: skip
+        record.update(parity)
+        problems = [f"in-process: {p}" for p in verdict(parity, args)]
+    results.add("vllm", **record)
+    return problems
 
 
 def read_cache(root: Path):
@@ -232,18 +316,22 @@ def read_cache(root: Path):
     return info, CacheRows(**{f: getattr(rows, f)[order] for f in CacheRows.__dataclass_fields__})
 
 
-def run_pipeline(args, backend: str) -> tuple[Path, float]:
+def run_pipeline(args, teacher: str, backend: str) -> tuple[Path, float]:
     out = args.out / f"cache_{backend}"
     cmd = [
         sys.executable, str(REPO / "pipeline.py"), "cache-teacher",
-        "--teacher", args.teacher, "--data", args.data, "--out", str(out),
+        "--teacher", teacher, "--data", args.data, "--out", str(out),
         "--top-k", str(args.k), "--seq-len", str(args.seq_len), "--backend", backend,
         "--max-sequences", str(args.num_seqs), "--dtype", args.dtype,
-        "--batch-size", str(args.hf_batch_size), "--device", args.hf_device,
+        "--batch-size", str(args.hf_batch_size), "--device", args.device,
         "--tensor-parallel-size", str(args.tensor_parallel_size),
         "--text-field", args.text_field, "--messages-field", args.messages_field, "--split", args.split,
         "--overwrite", "--no-progress",
     ]  # fmt: skip
+    if args.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.enforce_eager:
+        cmd += ["--enforce-eager"]
     if args.revision:
         cmd += ["--revision", args.revision]
     if args.trust_remote_code:
@@ -254,94 +342,90 @@ def run_pipeline(args, backend: str) -> tuple[Path, float]:
     return out, time.perf_counter() - start
 
 
-def run_via_pipeline(args) -> dict:
-    result = {}
+def step_pipeline(args, teacher: str, backends: list[str], results: Results) -> list[str]:
     caches = {}
-    for backend in ("hf", "vllm"):
-        out, seconds = run_pipeline(args, backend)
+    for backend in backends:
+        out, seconds = run_pipeline(args, teacher, backend)
         info, rows = read_cache(out)
         caches[backend] = rows
-        result[backend] = {
-            "cache": str(out),
-            "wall_seconds_incl_load": seconds,
-            "tokens": info.num_tokens,
-            "bytes_per_token": info.num_bytes / max(info.num_tokens, 1),
-            "backend": info.manifest.backend,
-        }
+        results.add(
+            f"pipeline_{backend}", cache=str(out), wall_s_incl_load=seconds, tokens=info.num_tokens,
+            bytes_per_token=info.num_bytes / max(info.num_tokens, 1), backend=info.manifest.backend,
+        )  # fmt: skip
+    if len(caches) < 2:
+        return []
     a, b = caches["hf"], caches["vllm"]
     if not (np.array_equal(a.seq_ids, b.seq_ids) and np.array_equal(a.input_ids, b.input_ids)):
         raise SystemExit("the two caches hold different token sequences; cannot compare them")
-    result["parity"] = compare(
-        a.topk_ids, a.topk_logprobs, a.target_logprob, b.topk_ids, b.topk_logprobs, b.target_logprob
-    )
-    return result
+    parity = compare(a.topk_ids, a.topk_logprobs, a.target_logprob, b.topk_ids, b.topk_logprobs, b.target_logprob)
+    results.add("pipeline_parity", **parity)
+    return [f"pipeline caches: {p}" for p in verdict(parity, args)]
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
-def parity_rows(parity: dict) -> list[tuple[str, str]]:
-    return [
-        ("positions compared", f"{parity['positions']:,}"),
-        ("top-1 id agreement", f"{parity['top1_agreement']:.4%}"),
-        ("top-k id overlap", f"{parity['topk_overlap']:.4%}"),
-        ("max |Δ logprob| shared", f"{parity['logprob_abs_diff_max']:.4f}"),
-        ("mean |Δ logprob| shared", f"{parity['logprob_abs_diff_mean']:.5f}"),
-        ("max |Δ target_logprob|", f"{parity['target_abs_diff_max']:.4f}"),
-        ("mean |Δ target_logprob|", f"{parity['target_abs_diff_mean']:.5f}"),
-    ]
+TABLE = (
+    ("hf", "tokens_per_s", "HF score() tokens/s", "{:,.0f}"),
+    ("hf", "writer_share", "writer share of score+write", "{:.1%}"),
+    ("hf", "write_tokens_per_s", "writer tokens/s", "{:,.0f}"),
+    ("hf", "bytes_per_token", "bytes/token", "{:.1f}"),
+    ("hf", "load_s", "HF load s", "{:.1f}"),
+    ("vllm", "tokens_per_s", "vLLM score() tokens/s", "{:,.0f}"),
+    ("vllm", "load_s", "vLLM engine start s", "{:.1f}"),
+    ("vllm", "top1_agreement", "top-1 id agreement", "{:.4%}"),
+    ("vllm", "topk_overlap", "top-k id overlap", "{:.4%}"),
+    ("vllm", "logprob_abs_diff_max", "max |Δ logprob| shared", "{:.4f}"),
+    ("vllm", "target_abs_diff_max", "max |Δ target_logprob|", "{:.4f}"),
+    ("pipeline_parity", "top1_agreement", "caches: top-1 agreement", "{:.4%}"),
+    ("pipeline_parity", "topk_overlap", "caches: top-k overlap", "{:.4%}"),
+)
+
+
+def print_table(title: str, results: Results) -> None:
+    by_step = {r["step"]: r for r in results.records}
+    rows = [(label, fmt.format(by_step[s][key])) for s, key, label, fmt in TABLE if key in by_step.get(s, {})]
+    if "hf" in by_step and "vllm" in by_step:
+        rows.append(("vLLM / HF speed", f"{by_step['vllm']['tokens_per_s'] / by_step['hf']['tokens_per_s']:.2f}x"))
+    width = max([len(name) for name, _ in rows] + [10])
+    print(f"\n{title}\n" + "-" * (width + 22))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>20}")
 
 
 def main(argv=None) -> int:
+    import torch
+
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    try:
-        import torch
-
-        report["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA"
-        report["torch"] = torch.__version__
-    except ImportError:
-        report["device"] = "unknown"
-    report["python"] = platform.python_version()
-    if report["device"] == "no CUDA":
-        print("warning: no CUDA device visible; the vLLM backend will not start", file=sys.stderr)
-
-    input_ids = build_sequences(args)
-    inproc = run_in_process(args, input_ids)
-    report["in_process"] = inproc
-    print_table(
-        f"HF vs vLLM, {inproc['sequences']} sequences x {args.seq_len} tokens, k={args.k} ({report['device']})",
-        parity_rows(inproc["parity"])
-        + [
-            ("HF score() tokens/s", f"{inproc['hf']['tokens_per_s']:,.0f}"),
-            ("vLLM score() tokens/s", f"{inproc['vllm']['tokens_per_s']:,.0f}"),
-            ("vLLM / HF speed-up", f"{inproc['vllm']['tokens_per_s'] / inproc['hf']['tokens_per_s']:.2f}x"),
-        ],
-    )
-    problems = [f"in-process: {p}" for p in verdict(inproc["parity"], args)]
-
+    results = Results(args.out / "gpu_check.jsonl")
+    on_cuda = torch.cuda.is_available()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if "vllm" in backends and importlib.util.find_spec("vllm") is None:
+        print("note: vllm is not installed here; the vLLM steps are skipped", file=sys.stderr)
+        backends.remove("vllm")
+    results.add(
+        "machine", device=torch.cuda.get_device_name(0) if on_cuda else f"CPU ({platform.processor() or 'unknown'})",
+        torch=torch.__version__, python=platform.python_version(), args={k: str(v) for k, v in vars(args).items()},
+    )  # fmt: skip
+    teacher = args.teacher
+    if teacher is None:
+        path, params, seconds = build_teacher(args.build_teacher, args.out, args.dtype)
+        teacher = str(path)
+        results.add("build_teacher", shape=args.build_teacher, params=params, seconds=seconds, path=teacher)
+    input_ids = build_sequences(args, teacher)
+    problems: list[str] = []
+    hf_scores = step_hf(args, teacher, input_ids, results) if "hf" in backends else None
+    if "vllm" in backends:
+        problems += step_vllm(args, teacher, input_ids, hf_scores, results)
     if args.via_pipeline:
+        if args.data is None:
+            raise SystemExit("--via-pipeline needs --data (the CLI reads a dataset)")
         free_cuda()
-        piped = run_via_pipeline(args)
-        report["via_pipeline"] = piped
-        print_table(
-            "Caches written by `pipeline cache-teacher` (stored float16 values)",
-            parity_rows(piped["parity"])
-            + [
-                ("HF wall s (incl. load)", f"{piped['hf']['wall_seconds_incl_load']:.1f}"),
-                ("vLLM wall s (incl. load)", f"{piped['vllm']['wall_seconds_incl_load']:.1f}"),
-                ("HF bytes/token", f"{piped['hf']['bytes_per_token']:.1f}"),
-                ("vLLM bytes/token", f"{piped['vllm']['bytes_per_token']:.1f}"),
-            ],
-        )
-        problems += [f"pipeline caches: {p}" for p in verdict(piped["parity"], args)]
-
-    report["problems"] = problems
-    report["ok"] = not problems
-    path = args.out / "gpu_check.json"
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"\nwrote {path}")
+        problems += step_pipeline(args, teacher, backends, results)
+    results.add("verdict", problems=problems, ok=not problems)
+    print_table(f"{input_ids.shape[0]} sequences x {args.seq_len} tokens, k={args.k}, teacher {teacher}", results)
+    print(f"\nresults: {results.path}")
     for p in problems:
         print(f"PARITY BELOW THRESHOLD: {p}", file=sys.stderr)
     return 0 if not problems else 1

@@ -9,6 +9,7 @@ form; in the dict form a duplicated key keeps its first slot and takes the top-k
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import types
@@ -19,6 +20,7 @@ import pytest
 
 from cache.teacher import TeacherScores
 from cache.vllm_backend import (
+    EngineStartError,
     VLLMNotInstalledError,
     VLLMTeacher,
     prompt_logprobs_to_scores,
@@ -329,12 +331,15 @@ class _FakeVLLM:
                 if fail_with:
                     raise ValueError(fail_with)
                 fake.llm_kwargs = kwargs
+                fake.env_at_start = dict(os.environ)
                 self.llm_engine = types.SimpleNamespace(
                     model_config=types.SimpleNamespace(get_vocab_size=lambda: fake.vocab)
                 )
 
             def generate(self, prompts, sampling_params, use_tqdm=True):
                 fake.calls.append((len(prompts), sampling_params, use_tqdm))
+                # As vLLM's LLM._run_engine: a tqdm from the factory, updated as requests finish.
+                bar = use_tqdm(total=len(prompts), desc="Processed prompts", dynamic_ncols=True) if callable(use_tqdm) else None
                 k = sampling_params.kwargs["prompt_logprobs"]
                 outs = []
                 for i, prompt in enumerate(prompts):
@@ -348,6 +353,11 @@ class _FakeVLLM:
                             outputs=[],
                         )
                     )
+                    if bar is not None:
+                        bar.format_dict["elapsed"]  # noqa: B018  (vLLM reads it for its rate postfix)
+                        bar.update(1)
+                if bar is not None:
+                    bar.close()
                 return outs[::-1] if reverse else outs
 
         class SamplingParams:
@@ -375,25 +385,39 @@ class _FakeVLLM:
 def test_vllm_teacher_scores_with_fake_engine(monkeypatch):
     fake = _FakeVLLM(vocab=30).install(monkeypatch)
     k, seq_len = 5, 12
-    teacher = VLLMTeacher("org/teacher", k=k, seq_len=seq_len, tensor_parallel_size=2, revision="abc")
+    teacher = VLLMTeacher(
+        "org/teacher", k=k, seq_len=seq_len, tensor_parallel_size=2, revision="abc", gpu_memory_utilization=0.5,
+        max_num_seqs=4, llm_kwargs={"kv_cache_dtype": "fp8"},
+    )  # fmt: skip
     kw = fake.llm_kwargs
     assert kw["model"] == "org/teacher" and kw["revision"] == "abc"
     assert kw["max_logprobs"] == k and kw["logprobs_mode"] == "raw_logprobs"
+    # vLLM wants room for the generated token; the context rule is ours (cache.teacher.check_seq_len).
     assert kw["max_model_len"] == seq_len + 1 and kw["enable_prefix_caching"] is False
-    assert kw["tensor_parallel_size"] == 2 and kw["dtype"] == "bfloat16"
+    assert fake.env_at_start["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] == "1"
+    assert "VLLM_ALLOW_LONG_MAX_MODEL_LEN" not in os.environ
+    assert kw["tensor_parallel_size"] == 2 and kw["pipeline_parallel_size"] == 1 and kw["dtype"] == "bfloat16"
+    assert kw["gpu_memory_utilization"] == 0.5 and kw["max_num_seqs"] == 4 and "max_num_batched_tokens" not in kw
+    assert kw["enforce_eager"] is False and kw["kv_cache_dtype"] == "fp8"
     sp = teacher.sampling_params.kwargs
     assert sp == {"max_tokens": 1, "prompt_logprobs": k, "flat_logprobs": True, "detokenize": False}
     assert teacher.describe() == {
         "teacher": {"name_or_path": "org/teacher", "revision": "abc", "dtype": "bfloat16"},
-        "backend": {"name": "vllm", "version": "0.32.0-fake", "tensor_parallel_size": 2},
-    }
+        "backend": {
+            "name": "vllm", "version": "0.32.0-fake", "tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+            "gpu_memory_utilization": 0.5, "enforce_eager": False, "max_num_seqs": 4,
+            "max_num_batched_tokens": None, "llm_kwargs": {"kv_cache_dtype": "fp8"},
+        },
+    }  # fmt: skip
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 30, size=(7, seq_len)).astype(np.int32)
     done = []
     got = teacher.score(ids, progress=done.append)
     assert_scores_equal(got, fake.reference(ids, k))
-    assert sum(done) == 7 and len(fake.calls) == 1 and fake.calls[0][2] is False
+    assert done == [1] * 7 and len(fake.calls) == 1  # progress per finished request
+    assert teacher.score(ids).topk_ids.shape == (7, seq_len - 1, k) and fake.calls[-1][2] is False
+    fake.calls.pop()
 
     # A small per-call budget splits the block into several generate() calls; the result is the same.
     teacher.max_entries_per_call = 3 * (seq_len - 1) * (k + 1)
@@ -401,7 +425,7 @@ def test_vllm_teacher_scores_with_fake_engine(monkeypatch):
     done.clear()
     got = teacher.score(ids, progress=done.append)
     assert_scores_equal(got, fake.reference(ids, k))
-    assert [c[0] for c in fake.calls] == [3, 3, 1] and done == [3, 3, 1]
+    assert [c[0] for c in fake.calls] == [3, 3, 1] and done == [1] * 7
 
     with pytest.raises(ValueError, match="seq_len"):
         teacher.score(rng.integers(0, 30, size=(2, seq_len + 1)).astype(np.int32))
@@ -422,8 +446,13 @@ def test_vllm_teacher_context_too_long_is_clear(monkeypatch):
         "config.json)."
     )
     _FakeVLLM(fail_with=message).install(monkeypatch)
-    with pytest.raises(ValueError, match=r"seq_len \+ 1 = 4097 tokens exceeds the context length"):
-        VLLMTeacher("m", k=3, seq_len=4096)
+    with pytest.raises(EngineStartError) as raised:
+        VLLMTeacher("m", k=3, seq_len=4096, gpu_memory_utilization=0.5)
+    assert str(raised.value) == (
+        "the vLLM engine did not start: User-specified max_model_len (4097) is greater than the derived "
+        "max_model_len (max_position_embeddings=2048 or model_max_length=None in model's config.json).\n"
+        "  what to change: use a smaller --seq-len"
+    )
 
 
 def test_vllm_teacher_k_above_vocab(monkeypatch):

@@ -1,0 +1,208 @@
+"""The vLLM backend against the real vLLM engine (its CPU build in CI: `.venv-vllm`, see README).
+
+Skipped where vllm is not importable. Every engine start costs tens of seconds on 2 cores, so the caches
+are built once per module and shared; all runs pass --enforce-eager (no torch.compile) except the one
+plain command, which shows the defaults work on a CPU machine with no environment variables set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (see README: the .venv-vllm command)")
+
+from cache.format import SHARD_DIR  # noqa: E402
+from cache.manifest import load_cache  # noqa: E402
+from cache.verify import verify_cache  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+K, SEQ_LEN = 8, 32
+SEQUENCES = 120
+ROWS_PER_SHARD = 2  # 60 shards: a kill lands between commits
+
+
+def _repo() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", _repo() / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def short_context_teacher(tmp_path_factory, teacher_dir) -> Path:
+    """The tiny test teacher with its context set to SEQ_LEN (same weights; default RoPE does not depend on
+    it), so every run below also shows that --seq-len equal to the model's context works."""
+    d = tmp_path_factory.mktemp("teacher_ctx") / "teacher"
+    shutil.copytree(teacher_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["max_position_embeddings"] = SEQ_LEN
+    (d / "config.json").write_text(json.dumps(config, indent=2))
+    return d
+
+
+def command(teacher: Path, data: Path, out: Path, backend: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(teacher), "--data", str(data),
+        "--out", str(out), "--top-k", str(K), "--seq-len", str(SEQ_LEN), "--backend", backend,
+        "--shard-tokens", str(SEQ_LEN * ROWS_PER_SHARD), "--row-group-tokens", str(SEQ_LEN * ROWS_PER_SHARD),
+        "--max-sequences", str(SEQUENCES), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}  # "no environment variables set"
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_repo(), env=env)
+
+
+def cache_bytes(cache_dir: Path) -> dict[str, bytes]:
+    files = sorted((cache_dir / SHARD_DIR).glob("*.parquet")) + sorted(cache_dir.glob("manifest*.json"))
+    return {f.relative_to(cache_dir).as_posix(): f.read_bytes() for f in files}
+
+
+def read_rows(cache_dir: Path):
+    return _gpu_check().read_cache(cache_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_plain(tmp_path_factory, short_context_teacher, corpus_jsonl) -> tuple[Path, subprocess.CompletedProcess]:
+    """The plain command: only the options every cache needs, vLLM's defaults (torch.compile included)."""
+    out = tmp_path_factory.mktemp("vllm_plain") / "cache"
+    done = run(command(short_context_teacher, corpus_jsonl, out, "vllm"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def vllm_eager(tmp_path_factory, short_context_teacher, corpus_jsonl) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("vllm_eager") / "cache"
+    done = run(command(short_context_teacher, corpus_jsonl, out, "vllm", "--enforce-eager"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory, short_context_teacher, corpus_jsonl) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "cache"
+    done = run(command(short_context_teacher, corpus_jsonl, out, "hf", "--batch-size", "8"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def test_plain_command_works_and_reports_load_apart(vllm_plain):
+    out, done = vllm_plain
+    manifest = load_cache(out).manifest
+    assert manifest.complete and manifest.teacher["backend"] == "vllm"
+    assert manifest.teacher["dtype"] == "float32"  # the one dtype rule: auto is float32 on CPU
+    backend = manifest.backend
+    assert backend["name"] == "vllm" and backend["version"].startswith("0.")
+    assert backend["enforce_eager"] is False and backend["gpu_memory_utilization"] == "auto"
+    assert "vLLM: gpu_memory_utilization 0." in done.stderr
+    assert "loading teacher" in done.stderr and "teacher ready in" in done.stderr
+    assert "teacher load" in done.stderr and "of teacher time" in done.stderr
+    # The engine is shut down by us, not force-killed at interpreter exit.
+    assert "force killing" not in done.stderr.lower(), done.stderr[-3000:]
+    assert verify_cache(out).ok
+
+
+def test_vllm_matches_hf(vllm_eager, hf_cache):
+    a, b = read_rows(hf_cache), read_rows(vllm_eager[0])
+    np.testing.assert_array_equal(a.seq_ids, b.seq_ids)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+    parity = _gpu_check().compare(
+        a.topk_ids, a.topk_logprobs, a.target_logprob, b.topk_ids, b.topk_logprobs, b.target_logprob
+    )
+    assert parity["positions"] == SEQUENCES * (SEQ_LEN - 1)
+    assert parity["top1_agreement"] >= 0.999, parity
+    assert parity["topk_overlap"] >= 0.999, parity
+    assert parity["logprob_abs_diff_max"] <= 0.01, parity
+    assert verify_cache(vllm_eager[0]).ok and verify_cache(hf_cache).ok
+
+
+def test_two_runs_are_byte_identical(tmp_path, vllm_eager, short_context_teacher, corpus_jsonl):
+    out = tmp_path / "cache"
+    done = run(command(short_context_teacher, corpus_jsonl, out, "vllm", "--enforce-eager"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert cache_bytes(out) == cache_bytes(vllm_eager[0])
+
+
+def _count_shards(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, vllm_eager, short_context_teacher, corpus_jsonl):
+    out = tmp_path / "cache"
+    cmd = command(short_context_teacher, corpus_jsonl, out, "vllm", "--enforce-eager")
+    # Its own session, so the kill reaches the engine's processes too, as a crashed node would.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=_repo(), start_new_session=True)
+    deadline = time.time() + 600
+    while _count_shards(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = _count_shards(out)
+    assert 2 <= done < SEQUENCES // ROWS_PER_SHARD
+    assert not load_cache(out, require_complete=False).complete
+    rerun = run(cmd)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert cache_bytes(out) == cache_bytes(vllm_eager[0])
+
+
+def test_resuming_a_vllm_cache_with_hf_is_refused(tmp_path, vllm_eager, short_context_teacher, corpus_jsonl):
+    out = tmp_path / "cache"
+    shutil.copytree(vllm_eager[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    manifest["shards"] = manifest["shards"][:3]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for shard in sorted((out / SHARD_DIR).glob("*.parquet"))[3:]:
+        shard.unlink()
+    done = run(command(short_context_teacher, corpus_jsonl, out, "hf"))
+    assert done.returncode == 2
+    assert "refusing to resume" in done.stderr and "teacher.backend: vllm != hf" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_engine_that_cannot_start_gives_root_cause_and_option(tmp_path, short_context_teacher, corpus_jsonl):
+    # On CPU, vLLM refuses to reserve more RAM than is free: ask for all of it.
+    done = run(command(short_context_teacher, corpus_jsonl, tmp_path / "c", "vllm", "--enforce-eager",
+                       "--gpu-memory-utilization", "1.0"))  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = [line for line in done.stderr.splitlines() if line.strip()][-2:]
+    assert last[0].startswith("error: the vLLM engine did not start: "), done.stderr[-3000:]
+    assert "memory" in last[0].lower()
+    assert "--gpu-memory-utilization (now 1.0)" in last[1]
+    assert "Traceback" not in "\n".join(done.stderr.splitlines()[-5:])
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_seq_len_beyond_the_context_is_refused_the_same_way(tmp_path, short_context_teacher, corpus_jsonl, backend):
+    cmd = command(short_context_teacher, corpus_jsonl, tmp_path / "c", backend)
+    cmd[cmd.index("--seq-len") + 1] = str(SEQ_LEN + 1)
+    done = run(cmd)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: --seq-len {SEQ_LEN + 1} is longer than the context of teacher {short_context_teacher} "
+        f"(max_position_embeddings = {SEQ_LEN}): use --seq-len {SEQ_LEN} or less"
+    )
