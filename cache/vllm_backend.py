@@ -305,9 +305,12 @@ _OWN_ARGS = {
     "enable_prefix_caching": None,
 }
 
-# On CPU vLLM reserves gpu_memory_utilization x the node's RAM and refuses to start when that is more than
-# is free (its 0.9 default fails on any machine in use); we take this share of the free RAM instead.
+# On CPU vLLM's worker reserves gpu_memory_utilization x the node's RAM (its weights, activations, and the
+# rest as KV cache, allocated and touched at start) and refuses to start when that is more than is free:
+# its 0.9 default fails on any machine in use. We ask for the teacher's weights (twice the files: bf16
+# checkpoints run in float32 on CPU) plus CPU_KV_HEADROOM, at most half the free RAM.
 CPU_FREE_RAM_SHARE = 0.5
+CPU_KV_HEADROOM = 2 << 30
 
 
 def parse_vllm_args(items: Sequence[str]) -> dict:
@@ -344,16 +347,30 @@ def _ram_available_and_total() -> tuple[int, int]:
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
 
 
-def default_gpu_memory_utilization(on_cuda: bool) -> float:
-    """vLLM's own 0.9 on a GPU; on CPU a share of the RAM that is free now (see CPU_FREE_RAM_SHARE)."""
+def _weight_bytes(model: str) -> int | None:
+    files = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin", ".pt")] if Path(model).is_dir() else []
+    return sum(p.stat().st_size for p in files) or None
+
+
+def default_gpu_memory_utilization(on_cuda: bool, model: str | None = None) -> float:
+    """vLLM's own 0.9 on a GPU. On CPU the share of RAM that holds the teacher plus a modest KV cache
+    (see CPU_KV_HEADROOM), at most half the RAM free now; half the free RAM when the weights are not local."""
     if on_cuda:
         return 0.9
     available, total = _ram_available_and_total()
-    return round(max(0.01, CPU_FREE_RAM_SHARE * available / total), 3)
+    wanted = CPU_FREE_RAM_SHARE * available
+    weights = _weight_bytes(model) if model else None
+    if weights is not None:
+        wanted = min(wanted, 2 * weights + CPU_KV_HEADROOM)
+    return round(max(0.01, wanted / total), 3)
 
 
 class EngineStartError(ValueError):
-    """vLLM's engine did not start; the message gives vLLM's root cause and the option to change."""
+    """vLLM's engine did not start, or died on its first work; the message gives vLLM's root cause and the
+    option to change."""
+
+# vLLM's own messages that only point at the real error elsewhere in the log.
+_WRAPPERS = ("Engine core initialization failed", "stack trace above", "See stack trace", "encountered an issue")
 
 
 # Root-cause patterns → the option that usually fixes them.
@@ -377,18 +394,20 @@ def _root_cause(log_lines: Sequence[str]) -> str | None:
     pattern = re.compile(r"\b([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
     for line in reversed(log_lines):
         found = pattern.search(line.rstrip())
-        if found and "Engine core initialization failed" not in found.group(2):
+        if found and not any(wrapper in found.group(2) for wrapper in _WRAPPERS):
             return f"{found.group(1).rsplit('.', 1)[-1]}: {found.group(2).strip()}"
     return None
 
 
-def explain_start_failure(error: BaseException, log_lines: Sequence[str], gpu_memory_utilization: float) -> str:
-    """One short message for an engine that did not start: vLLM's root cause and what to change."""
+def explain_start_failure(
+    error: BaseException, log_lines: Sequence[str], gpu_memory_utilization: float, what: str = "did not start"
+) -> str:
+    """One short message for an engine that did not start (or died): vLLM's root cause and what to change."""
     text = str(error).strip()
     first = text.splitlines()[0] if text else type(error).__name__
-    # The engine runs in another process: its exception reaches us only as a generic RuntimeError whose
-    # cause is in the log it printed; errors raised here (config validation) carry it in their text.
-    cause = _root_cause(log_lines) if "Engine core initialization failed" in text else None
+    # The engine runs in other processes: their exception reaches us only as a generic error whose cause
+    # is in the log they printed; errors raised here (config validation) carry it in their text.
+    cause = _root_cause(log_lines) if any(wrapper in text for wrapper in _WRAPPERS) else None
     if cause is None:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         cause = next((line for line in lines if "Value error" in line or "Error" in line), first)
@@ -398,7 +417,7 @@ def explain_start_failure(error: BaseException, log_lines: Sequence[str], gpu_me
         (h for keys, h in _START_HINTS if any(key in low for key in keys)),
         "see vLLM's log above; --vllm-arg KEY=VALUE passes any other engine setting",
     )
-    return f"the vLLM engine did not start: {cause}\n  what to change: " + hint.format(
+    return f"the vLLM engine {what}: {cause}\n  what to change: " + hint.format(
         now=f" (now {gpu_memory_utilization})"
     )
 
@@ -549,7 +568,7 @@ class VLLMTeacher:
         if gpu_memory_utilization is None:
             import torch
 
-            gpu_memory_utilization = default_gpu_memory_utilization(torch.cuda.is_available())
+            gpu_memory_utilization = default_gpu_memory_utilization(torch.cuda.is_available(), self.name)
             print(f"vLLM: gpu_memory_utilization {gpu_memory_utilization} (auto)", file=sys.stderr, flush=True)
         kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization = float(gpu_memory_utilization)
         if max_num_seqs is not None:
@@ -592,7 +611,9 @@ class VLLMTeacher:
         core = getattr(engine, "engine_core", None)
         shutdown = getattr(core, "shutdown", None)
         if callable(shutdown):
-            shutdown()
+            # The engine process waits up to VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS (5) for its workers; vLLM's
+            # default 5 s for the engine itself then ends in "force killing". Give it the time to exit.
+            shutdown(timeout=60)
         del llm, engine, core
         import gc
 
@@ -633,7 +654,15 @@ class VLLMTeacher:
             stop = min(b, start + step)
             rows = input_ids[start:stop]
             prompts = [self._tokens_prompt(prompt_token_ids=row.tolist()) for row in rows]
-            outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=counter)
+            try:
+                outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=counter)
+            except Exception as e:
+                if type(e).__name__ != "EngineDeadError":
+                    raise
+                # e.g. a kernel the CPU build lacks for this model's shapes: say which, not a traceback
+                raise EngineStartError(
+                    explain_start_failure(e, self._stderr.recent(), self.gpu_memory_utilization, "died")
+                ) from e
             if len(outputs) != len(prompts):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
             for j, out in enumerate(outputs):
