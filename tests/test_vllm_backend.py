@@ -501,3 +501,29 @@ def test_gpu_check_compare_metrics():
     assert got["topk_overlap"] == pytest.approx(1 - 1 / (n * p * k))
     assert got["logprob_abs_diff_max"] == pytest.approx(0.25)
     assert got["target_abs_diff_mean"] == pytest.approx(0.5)
+
+
+def test_gpu_check_runs_on_cpu_and_writes_results_as_they_come(tmp_path):
+    """The GPU script's HF part on CPU with its tiny random-weight Llama: one JSONL record per step."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "gc"
+    code = gpu_check.main([
+        "--out", str(out), "--build-teacher", "tiny", "--seq-len", "32", "--num-seqs", "4", "--k", "8",
+        "--device", "cpu", "--backends", "hf", "--shard-rows", "2",
+    ])  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == ["machine", "build_teacher", "hf", "verdict"]
+    hf = records[2]
+    assert hf["device"] == "cpu" and hf["dtype"] == "float32" and hf["tokens"] == 4 * 32
+    assert hf["tokens_per_s"] > 0 and 0 < hf["writer_share"] < 1 and hf["bytes_per_token"] > 0
+    assert records[1]["params"] == sum(
+        v for v in [512 * 64 * 2, 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64), 64]
+    )
