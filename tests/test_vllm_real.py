@@ -184,7 +184,7 @@ def test_resuming_a_vllm_cache_with_hf_is_refused(tmp_path, vllm_eager, short_co
         shard.unlink()
     done = run(command(short_context_teacher, corpus_jsonl, out, "hf"))
     assert done.returncode == 2
-    assert "refusing to resume" in done.stderr and "teacher.backend: vllm != hf" in done.stderr
+    assert "refusing to resume" in done.stderr and "teacher.backend: 'vllm' != 'hf'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
