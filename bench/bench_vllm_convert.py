@@ -34,7 +34,30 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--baseline", default=None, metavar="GIT_REV",
+        help="also time cache/vllm_backend.py as it was at this git revision (e.g. the converter before a change)",
+    )  # fmt: skip
     return p.parse_args(argv)
+
+
+def converter_at(rev: str):
+    """prompt_logprobs_to_scores as committed at ``rev`` (read with git show, imported from a temp file)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:cache/vllm_backend.py"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "vllm_backend_baseline.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("vllm_backend_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.prompt_logprobs_to_scores
 
 
 def make_arrays(requests: int, tokens: int, k: int, vocab: int, seed: int = 0):
@@ -104,6 +127,11 @@ def main(argv=None) -> None:
         np.testing.assert_array_equal(scores.topk_logprobs[r], lps[:, 1:])
         np.testing.assert_array_equal(scores.target_logprob[r], lps[:, 0])
 
+    baseline_s = None
+    if args.baseline:
+        baseline = converter_at(args.baseline)
+        baseline_s, old = best_of(args.repeats, lambda: baseline(flat, input_ids, args.k))
+        np.testing.assert_array_equal(old.topk_ids, scores.topk_ids)
     vllm_rate, ours_rate = positions / vllm_s, positions / ours_s
     both = 1 / (1 / vllm_rate + 1 / ours_rate)
     print(
@@ -119,8 +147,12 @@ def main(argv=None) -> None:
         ("ours: FlatLogprobs -> arrays (prompt_logprobs_to_scores)", ours_s),
     ):
         print(f"| {name} | {seconds:.3f} | {positions / seconds:,.0f} | {entries / seconds:,.0f} |")
+    if baseline_s is not None:
+        print(f"| ours at {args.baseline} | {baseline_s:.3f} | {positions / baseline_s:,.0f} | {entries / baseline_s:,.0f} |")
     print(f"| both, in series on one core | {vllm_s + ours_s:.3f} | {both:,.0f} | |")
     print(f"\nours / vLLM's speed: {ours_rate / vllm_rate:.2f}x")
+    if baseline_s is not None:
+        print(f"ours / ours at {args.baseline}: {baseline_s / ours_s:.2f}x")
 
 
 if __name__ == "__main__":

@@ -287,11 +287,14 @@ def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Res
     from cache.vllm_backend import VLLMTeacher
 
     dtype = teacher_dtype(args.dtype, "vllm")
+    # A teacher built here has no tokenizer; prompts are token ids and nothing is detokenized.
+    no_tokenizer = Path(teacher).is_dir() and not any(Path(teacher).glob("tokenizer*"))
     start = time.perf_counter()
     with VLLMTeacher(
         teacher, k=args.k, seq_len=args.seq_len, tensor_parallel_size=args.tensor_parallel_size, dtype=dtype,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         revision=args.revision, trust_remote_code=args.trust_remote_code,
+        llm_kwargs={"skip_tokenizer_init": True} if no_tokenizer else None,
     ) as vl:  # fmt: skip
         load_s = time.perf_counter() - start
         scores, score_s = timed_score(vl, input_ids)
