@@ -369,6 +369,7 @@ class EngineStartError(ValueError):
     """vLLM's engine did not start, or died on its first work; the message gives vLLM's root cause and the
     option to change."""
 
+
 # vLLM's own messages that only point at the real error elsewhere in the log.
 _WRAPPERS = ("Engine core initialization failed", "stack trace above", "See stack trace", "encountered an issue")
 
@@ -376,9 +377,9 @@ _WRAPPERS = ("Engine core initialization failed", "stack trace above", "See stac
 # Root-cause patterns → the option that usually fixes them.
 _START_HINTS = (
     (("memory", "kv cache", "cache blocks", "out of memory", "oom"),
-     "lower --max-num-seqs / --max-num-batched-tokens or --seq-len, or change --gpu-memory-utilization{now}"
-     " (on CPU it is the share of the node's RAM that vLLM reserves; VLLM_CPU_KVCACHE_SPACE=GiB sets the KV"
-     " cache directly)"),
+     "change --gpu-memory-utilization{now} (on CPU the share of the node's RAM that vLLM reserves;"
+     " VLLM_CPU_KVCACHE_SPACE=GiB sets its KV cache directly), or lower --max-num-seqs,"
+     " --max-num-batched-tokens or --seq-len"),
     (("max_model_len", "max_position_embeddings", "context length"), "use a smaller --seq-len"),
     (("tensor parallel", "tensor_parallel", "world size", "world_size", "pipeline parallel", "number of gpus"),
      "check --tensor-parallel-size / --pipeline-parallel-size against the devices you have"),

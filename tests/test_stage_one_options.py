@@ -130,9 +130,9 @@ def test_start_failure_names_the_engine_root_cause_and_the_option():
     assert message.splitlines() == [
         "the vLLM engine did not start: ValueError: Available memory on node 0 (11.5 GiB) is less than desired "
         "CPU memory utilization (0.9, 21.6 GiB)",
-        "  what to change: lower --max-num-seqs / --max-num-batched-tokens or --seq-len, or change "
-        "--gpu-memory-utilization (now 0.9) (on CPU it is the share of the node's RAM that vLLM reserves; "
-        "VLLM_CPU_KVCACHE_SPACE=GiB sets the KV cache directly)",
+        "  what to change: change --gpu-memory-utilization (now 0.9) (on CPU the share of the node's RAM that "
+        "vLLM reserves; VLLM_CPU_KVCACHE_SPACE=GiB sets its KV cache directly), or lower --max-num-seqs, "
+        "--max-num-batched-tokens or --seq-len",
     ]
 
 
