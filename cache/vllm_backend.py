@@ -423,54 +423,61 @@ def explain_start_failure(
     )
 
 
-class _StderrTee:
-    """Copy file descriptor 2 (ours and the engine processes' it spawns) to the terminal and keep its last
-    lines: vLLM reports an engine's failure to start only in that log."""
+class _OutputTee:
+    """Copy file descriptors 1 and 2 (ours and those of the engine processes spawned meanwhile) to where they
+    went and keep their last lines: vLLM reports an engine's failure to start only in its log, which its
+    processes write to stdout (vLLM's default log handler) and stderr (tracebacks)."""
 
-    def __init__(self, keep: int = 400):
+    def __init__(self, keep: int = 2000, fds: tuple[int, ...] = (1, 2)):
         import collections
 
         self.lines = collections.deque(maxlen=keep)
-        self._saved = None
+        self.fds = fds
+        self._saved: dict[int, int] = {}
+        self._threads = []
 
     def __enter__(self):
         import threading
 
+        sys.stdout.flush()
         sys.stderr.flush()
-        read_end, write_end = os.pipe()
-        self._saved = os.dup(2)
-        os.dup2(write_end, 2)
-        os.close(write_end)
-        terminal = self._saved
-
-        def pump():
-            # Runs until every process holding the pipe (the engine's included) has exited or closed it.
-            pending = b""
-            with os.fdopen(read_end, "rb", buffering=0) as source:
-                while chunk := source.read(65536):
-                    try:
-                        os.write(terminal, chunk)
-                    except OSError:
-                        pass
-                    pending += chunk
-                    *done, pending = pending.split(b"\n")
-                    self.lines.extend(line.decode(errors="replace") for line in done)
-            if pending:
-                self.lines.append(pending.decode(errors="replace"))
-            os.close(terminal)
-
-        self._thread = threading.Thread(target=pump, name="vllm-stderr", daemon=True)
-        self._thread.start()
+        for fd in self.fds:
+            read_end, write_end = os.pipe()
+            self._saved[fd] = os.dup(fd)
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            thread = threading.Thread(target=self._pump, args=(read_end, self._saved[fd]), daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
+    def _pump(self, read_end: int, terminal: int) -> None:
+        # Runs until every process holding the pipe (the engine's included) has exited or closed it.
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as source:
+            while chunk := source.read(65536):
+                try:
+                    os.write(terminal, chunk)
+                except OSError:
+                    pass
+                pending += chunk
+                *done, pending = pending.split(b"\n")
+                self.lines.extend(line.decode(errors="replace") for line in done)
+        if pending:
+            self.lines.append(pending.decode(errors="replace"))
+        os.close(terminal)
+
     def __exit__(self, *exc):
+        sys.stdout.flush()
         sys.stderr.flush()
-        os.dup2(self._saved, 2)  # our own stderr is the terminal again; the engine keeps the pipe
+        for fd, saved in self._saved.items():
+            os.dup2(saved, fd)  # ours go where they went again; the engine keeps the pipes
         return False
 
-    def recent(self, wait: float = 2.0) -> list[str]:
+    def recent(self, wait: float = 5.0) -> list[str]:
         """The kept lines, after giving a failed engine a moment to finish its traceback."""
-        self._thread.join(timeout=wait)
+        for thread in self._threads:
+            thread.join(timeout=wait / len(self._threads))
         return list(self.lines)
 
 
@@ -577,13 +584,13 @@ class VLLMTeacher:
         if max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
         kwargs.update(extra)
-        self._stderr = _StderrTee()
+        self._log = _OutputTee()
         try:
-            with self._stderr, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
+            with self._log, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
                 self.llm = LLM(**kwargs)
         except Exception as e:  # config validation (ValueError, pydantic) or the engine process dying
             raise EngineStartError(
-                explain_start_failure(e, self._stderr.recent(), self.gpu_memory_utilization)
+                explain_start_failure(e, self._log.recent(), self.gpu_memory_utilization)
             ) from e
         vocab = _vocab_size(self.llm)
         if vocab is not None and self.k > vocab:
@@ -662,7 +669,7 @@ class VLLMTeacher:
                     raise
                 # e.g. a kernel the CPU build lacks for this model's shapes: say which, not a traceback
                 raise EngineStartError(
-                    explain_start_failure(e, self._stderr.recent(), self.gpu_memory_utilization, "died")
+                    explain_start_failure(e, self._log.recent(), self.gpu_memory_utilization, "died")
                 ) from e
             if len(outputs) != len(prompts):
                 raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")

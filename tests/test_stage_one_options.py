@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cache.build import CacheConfig, launcher_worker, teacher_dtype, with_workers
-from cache.vllm_backend import _StderrTee, explain_start_failure, parse_vllm_args
+from cache.vllm_backend import _OutputTee, explain_start_failure, parse_vllm_args
 from pipeline import app
 
 
@@ -136,10 +136,14 @@ def test_start_failure_names_the_engine_root_cause_and_the_option():
     ]
 
 
-def test_stderr_tee_keeps_what_child_processes_print(capfd):
-    code = "import sys; print('engine log line', file=sys.stderr); print('ValueError: boom', file=sys.stderr)"
-    tee = _StderrTee()
+def test_output_tee_keeps_what_child_processes_print(capfd):
+    code = (
+        "import sys; print('engine log line'); sys.stdout.flush(); "
+        "print('ValueError: boom', file=sys.stderr)"
+    )
+    tee = _OutputTee()
     with tee:
         subprocess.run([sys.executable, "-c", code], check=True)
-    assert tee.recent()[-2:] == ["engine log line", "ValueError: boom"]
-    assert "ValueError: boom" in capfd.readouterr().err  # still shown to the user
+    assert sorted(tee.recent()[-2:]) == ["ValueError: boom", "engine log line"]
+    shown = capfd.readouterr()
+    assert "engine log line" in shown.out and "ValueError: boom" in shown.err  # still shown to the user
