@@ -87,7 +87,7 @@ def test_seq_len_beyond_context_is_refused_before_loading(tmp_path, teacher_dir,
         f"error: --seq-len 17 is longer than the context of teacher {teacher} (max_position_embeddings = 16): "
         "use --seq-len 16 or less"
     )
-    assert not (tmp_path / "a").exists()
+    assert not list((tmp_path / "a").glob("manifest*.json")) and not (tmp_path / "a" / "shards").exists()
     exact = CliRunner().invoke(app, args + ["--out", str(tmp_path / "b"), "--seq-len", "16"])
     assert exact.exit_code == 0, exact.output
 
