@@ -456,11 +456,13 @@ def _build(config: CacheConfig) -> Manifest:
                     )
                 continue
             if teacher is None:
-                _log(f"loading teacher {config.teacher} ({backend_name} backend) ...")
+                if config.progress:
+                    _log(f"loading teacher {config.teacher} ({backend_name} backend) ...")
                 loading = time.perf_counter()
                 teacher = make_backend(config, backend_name)
                 load_seconds = time.perf_counter() - loading
-                _log(f"teacher ready in {load_seconds:.1f} s")
+                if config.progress:
+                    _log(f"teacher ready in {load_seconds:.1f} s")
                 manifest.backend = teacher.describe()["backend"]
                 bar = tqdm(
                     total=planned // config.num_workers if planned else None,

@@ -91,7 +91,8 @@ def read_rows(cache_dir: Path):
 def vllm_plain(tmp_path_factory, short_context_teacher, corpus_jsonl) -> tuple[Path, subprocess.CompletedProcess]:
     """The plain command: only the options every cache needs, vLLM's defaults (torch.compile included)."""
     out = tmp_path_factory.mktemp("vllm_plain") / "cache"
-    done = run(command(short_context_teacher, corpus_jsonl, out, "vllm"))
+    plain = [arg for arg in command(short_context_teacher, corpus_jsonl, out, "vllm") if arg != "--no-progress"]
+    done = run(plain)
     assert done.returncode == 0, done.stderr[-4000:]
     return out, done
 
