@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.encodings import encoding_for
 from cache.format import CacheRows, sha256_file, tokens_sha256, write_shard
 from cache.manifest import Manifest, ShardEntry, load_cache, shard_name
 from bench.common import cpu_model
@@ -95,7 +96,7 @@ def build_cache(root: Path, sequences: int, seq_len: int, k: int, seed: int = 0)
     for block, first in enumerate(range(0, sequences, rows_per_shard)):
         rows = synthetic_rows(first, min(rows_per_shard, sequences - first), seq_len, k, rng)
         path = root / shard_name(block)
-        write_shard(rows, path, manifest.row_group_rows)
+        write_shard(rows, path, manifest.row_group_rows, encoding_for(manifest))
         manifest.shards.append(
             ShardEntry(
                 name=shard_name(block), block=block, rows=rows.num_rows, tokens=int(rows.input_ids.size),

@@ -43,7 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.format import PARQUET_WRITE_OPTIONS, CacheRows, to_table, write_shard
+from cache.encodings.exact import PARQUET_WRITE_OPTIONS, ExactEncoding
+from cache.format import CacheRows, write_shard
 from bench.common import cpu_model
 
 K_MAX = 128
@@ -113,6 +114,15 @@ def load_or_score(path: Path | None, num_sequences: int, seq_len: int) -> tuple[
         with open(path, "wb") as f:
             np.savez(f, **{name: getattr(rows, name) for name in CacheRows.__dataclass_fields__})
     return rows, f"{rate:,.0f} tokens/s on {os.cpu_count()} threads"
+
+
+def v2_encoding(rows: CacheRows) -> ExactEncoding:
+    """Format v2's encoding (fp16 log-probs, int32 ids): what this bench studies."""
+    return ExactEncoding(version=2, seq_len=rows.seq_len, k=rows.k, params={})
+
+
+def to_table(rows: CacheRows):
+    return v2_encoding(rows).encode(rows)
 
 
 def with_k(rows: CacheRows, k: int) -> CacheRows:
@@ -329,7 +339,7 @@ def section_throughput(real: CacheRows, timing: CacheRows, repeats: int, workdir
     parquet, shard, raw = time_all(
         [
             lambda: write_parquet(to_table(timing), path, PARQUET_WRITE_OPTIONS, rg),
-            lambda: write_shard(timing, workdir / "committed.parquet", rg),
+            lambda: write_shard(timing, workdir / "committed.parquet", rg, v2_encoding(timing)),
             lambda: raw_zstd_bytes(timing, level),
         ],
         repeats,

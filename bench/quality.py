@@ -45,8 +45,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from cache import read_cache
 from cache.build import CacheConfig, cache_teacher
-from cache.format import SHARD_DIR, TOKENIZER_DIR, from_record_batch, sha256_file, tail_mass, write_shard
+from cache.encodings import encoding_for
+from cache.format import SHARD_DIR, TOKENIZER_DIR, sha256_file, tail_mass, write_shard
 from cache.hf_backend import resolve_device, resolve_dtype
 from cache.manifest import CacheInfo, load_cache
 from train import losses, trainer
@@ -81,6 +83,9 @@ class Settings:
     teacher_batch_size: int = 8
     seed: int = 0
     device: str = "auto"
+    # Cache encoding of every cache (cache/encodings/). The recorded tables used "exact" (fp16, format v2's
+    # content); `--encoding compact` reruns them on the default encoding.
+    encoding: str = "exact"
 
     @property
     def train_sequences(self) -> int:
@@ -157,7 +162,9 @@ def derive_topk_cache(source: Path, out: Path, k: int) -> CacheInfo:
     over the full vocabulary (not over the support), so the first k columns ARE the teacher's top-k: the
     same ids and the same fp16 values a ``--top-k k`` run would store, and the tail mass the reader
     derives from them is the top-k one. Shards keep their names, rows and row groups (so the reader plans
-    the same chunks and batch order); their bytes and checksums are recomputed.
+    the same chunks and batch order); their bytes and checksums are recomputed. With the ``exact`` encoding
+    the shards are byte for byte those of a ``--top-k k`` run; ``compact`` re-encodes decoded values (each
+    within the encoding's error bound of the teacher's, so within twice that).
     """
     info = load_cache(source)
     m = info.manifest
@@ -167,11 +174,13 @@ def derive_topk_cache(source: Path, out: Path, k: int) -> CacheInfo:
     (out / SHARD_DIR).mkdir(parents=True)
     shutil.copytree(Path(source) / TOKENIZER_DIR, out / TOKENIZER_DIR)
     shards = []
+    sliced = dataclasses.replace(m, k=k)
+    source_encoding, encoding = encoding_for(m), encoding_for(sliced)
     for entry in info.shards:
-        rows = from_record_batch(pq.read_table(Path(source) / entry.name), m.seq_len, m.k)
+        rows = source_encoding.decode(pq.read_table(Path(source) / entry.name))
         rows = dataclasses.replace(rows, topk_ids=rows.topk_ids[..., :k], topk_logprobs=rows.topk_logprobs[..., :k])
         path = out / entry.name
-        write_shard(rows, path, m.row_group_rows)
+        write_shard(rows, path, m.row_group_rows, encoding)
         shards.append(dataclasses.replace(entry, bytes=path.stat().st_size, sha256=sha256_file(path)))
     derived = dataclasses.replace(
         m,
@@ -213,7 +222,8 @@ def build_caches(material: Material, s: Settings, root: Path, resume: bool = Fal
         cache_teacher(
             CacheConfig(
                 teacher=material.teacher, data=data, out=root / name, seq_len=s.seq_len, max_sequences=sequences,
-                batch_size=s.teacher_batch_size, device=s.device, overwrite=True, progress=False, **options,
+                batch_size=s.teacher_batch_size, device=s.device, overwrite=True, progress=False,
+                encoding=s.encoding, **options,
             )  # fmt: skip
         )
         return load_cache(root / name), time.perf_counter() - started
@@ -246,9 +256,8 @@ def sampled_support_stats(info: CacheInfo) -> dict:
     (the lightest distinct ids then became tail mass, a small bias the top-k slots were sized to avoid)."""
     m = info.manifest
     distinct, tails = [], []
-    for entry in info.shards:
-        rows = from_record_batch(pq.read_table(info.root / entry.name), m.seq_len, m.k)
-        lp = rows.topk_logprobs[rows.loss_mask[:, 1:]].astype(np.float32)
+    for rows in read_cache(info):
+        lp = rows.topk_logprobs[rows.loss_mask[:, 1:]]
         distinct.append(np.isfinite(lp).sum(-1))
         tails.append(tail_mass(lp))
     distinct, tail = np.concatenate(distinct), np.concatenate(tails)

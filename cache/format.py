@@ -1,7 +1,8 @@
-"""The cache format both stages share: shard schema, encode/decode, tail mass, durable file commits.
+"""What both stages share about a cache: the rows' in-memory form and alignment, the tail mass, durable commits.
 
-This module is the single definition of the on-disk layout (see ../shared/DESIGN.md, "Cache layout").
-Stage one encodes with :func:`to_table`; stage two decodes with :func:`from_record_batch`.
+How rows are laid out in a shard is the business of one encoding module each (cache/encodings/): the
+manifest names the encoding, and writer, reader, ``verify`` and ``inspect`` dispatch on it. See
+../shared/DESIGN.md, "Cache layout".
 
 Alignment, for a sequence of ``L`` tokens and support size ``k``:
 
@@ -18,59 +19,44 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 2  # what this version writes
-READABLE_VERSIONS = (1, 2)  # what it reads: v2 only declared the list elements non-nullable
+FORMAT_VERSION = 3  # what this version writes
+READABLE_VERSIONS = (1, 2, 3)  # v2 declared the list elements non-nullable; v3 names an encoding
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the cache
 
-# Stored precision of the teacher's log-probabilities. fp16 keeps |error| <= 2^-6 for lp in [-32, -16]
-# and finer above; the loss computes in fp32 after decode.
-LOGPROB_DTYPE = np.float16
 
-
-def _list_type(value_type: pa.DataType, version: int) -> pa.DataType:
-    # v2: non-nullable elements, so Parquet stores and decodes no definition level per value (one per row
+def list_type(value_type: pa.DataType, version: int = FORMAT_VERSION) -> pa.DataType:
+    # v2 on: non-nullable elements, so Parquet stores and decodes no definition level per value (one per row
     # remains): the same bytes within 0.01%, 1.25-1.5x faster decoding across runs (bench/RESULTS.md, "Reader").
     return pa.list_(pa.field("element", value_type, nullable=False)) if version >= 2 else pa.list_(value_type)
 
 
-def shard_schema(version: int = FORMAT_VERSION) -> pa.Schema:
-    if version not in READABLE_VERSIONS:
-        raise ValueError(f"unknown cache format version {version}")
-    columns = [("input_ids", pa.int32()), ("loss_mask", pa.bool_()), ("topk_ids", pa.int32()),
-               ("topk_logprobs", pa.float16()), ("target_logprob", pa.float16())]  # fmt: skip
-    return pa.schema(
-        [pa.field("seq_id", pa.int64(), nullable=False)]
-        + [pa.field(name, _list_type(value_type, version), nullable=False) for name, value_type in columns],
-        metadata={"kd_cache_format": str(version)},
-    )
-
-
-SHARD_SCHEMA = shard_schema()
-
-# Parquet settings, chosen by bench/bench_writer.py. Per-column options on list columns must name the
-# leaf path ("col.list.element"): the top-level name is silently ignored by pyarrow.
+# Parquet settings shared by every encoding, chosen by bench/bench_writer.py. Per-column options on list
+# columns must name the leaf path ("col.list.element"): the top-level name is silently ignored by pyarrow.
 _LEAF = "{}.list.element"
-_BYTE_STREAM_SPLIT = [_LEAF.format(c) for c in ("topk_ids", "topk_logprobs", "target_logprob")]
-PARQUET_WRITE_OPTIONS = dict(
-    compression="zstd",
-    # Top-k ids and log-prob mantissas are near-random bytes: zstd's match search finds little in them, so
-    # level 1 writes files as small as level 3's at k <= 64 (1% larger at k=128) for 1.2-1.5x less CPU
-    # (bench/RESULTS.md, "Writer and storage").
-    compression_level=1,
-    use_dictionary=False,  # dictionary pages would win over byte-stream-split and bloat random ids
-    use_byte_stream_split=_BYTE_STREAM_SPLIT,
-    write_statistics=["seq_id"],  # min/max seq_id per row group; stats on token lists cost bytes only
-    data_page_size=1 << 20,
-)
+
+
+def shard_write_options(byte_stream_split: tuple[str, ...]) -> dict:
+    """``pq.write_table`` options for a shard whose listed columns hold near-random multi-byte values."""
+    return dict(
+        compression="zstd",
+        # Top-k ids and log-prob mantissas are near-random bytes: zstd's match search finds little in them,
+        # so level 1 writes files as small as level 3's at k <= 64 (1% larger at k=128) for 1.2-1.5x less
+        # CPU (bench/RESULTS.md, "Writer and storage").
+        compression_level=1,
+        use_dictionary=False,  # dictionary pages would win over byte-stream-split and bloat random ids
+        use_byte_stream_split=[_LEAF.format(c) for c in byte_stream_split],
+        write_statistics=["seq_id"],  # min/max seq_id per row group; stats on token lists cost bytes only
+        data_page_size=1 << 20,
+    )
 
 
 @dataclass
@@ -121,11 +107,19 @@ class CacheRows:
             **{f: np.concatenate([getattr(p, f) for p in parts]) for f in CacheRows.__dataclass_fields__}
         )
 
+    def as_float32(self) -> "CacheRows":
+        """The same rows with log-probabilities as float32 (fp16-stored values widen exactly)."""
+        return replace(
+            self,
+            topk_logprobs=self.topk_logprobs.astype(np.float32, copy=False),
+            target_logprob=self.target_logprob.astype(np.float32, copy=False),
+        )
+
     def slice(self, start: int, stop: int) -> "CacheRows":
         return CacheRows(**{f: getattr(self, f)[start:stop] for f in CacheRows.__dataclass_fields__})
 
 
-def _list_array(values: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
+def list_array(values: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
     """[B, ...] numpy → a list array with one row per leading index, without per-element Python."""
     rows = values.shape[0]
     width = int(np.prod(values.shape[1:], dtype=np.int64))
@@ -134,51 +128,31 @@ def _list_array(values: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, flat, type=list_type)
 
 
-def to_table(rows: CacheRows) -> pa.Table:
-    """Encode rows for a shard. Log-probabilities are rounded to :data:`LOGPROB_DTYPE` here, once."""
-    rows.validate()
-    lists = {
-        "input_ids": rows.input_ids.astype(np.int32, copy=False),
-        "loss_mask": rows.loss_mask.astype(np.bool_, copy=False),
-        "topk_ids": rows.topk_ids.astype(np.int32, copy=False),
-        "topk_logprobs": rows.topk_logprobs.astype(LOGPROB_DTYPE),
-        "target_logprob": rows.target_logprob.astype(LOGPROB_DTYPE),
-    }
-    columns = [pa.array(rows.seq_ids.astype(np.int64, copy=False))]
-    columns += [_list_array(values, SHARD_SCHEMA.field(name).type) for name, values in lists.items()]
-    return pa.Table.from_arrays(columns, schema=SHARD_SCHEMA)
+def ragged_list_array(flat: np.ndarray, lengths: np.ndarray, list_type: pa.ListType) -> pa.ListArray:
+    """Row ``i`` holds the next ``lengths[i]`` values of ``flat``."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=list_type.value_type), type=list_type)
 
 
-def _flat_values(column: pa.Array, row_width: int, name: str) -> np.ndarray:
+def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def flat_values(column: pa.Array, row_width: int, name: str) -> np.ndarray:
     """Flattened values of a list column whose rows must all have ``row_width`` elements."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    lengths = np.diff(offsets)
+    column = _combined(column)
+    lengths = np.diff(column.offsets.to_numpy())
     if lengths.size and not (lengths == row_width).all():
         bad = int(np.flatnonzero(lengths != row_width)[0])
         raise ValueError(f"column {name!r}: row {bad} has {lengths[bad]} values, expected {row_width}")
-    values = column.flatten()  # respects slicing offsets
-    zero_copy = not pa.types.is_boolean(values.type)
-    return values.to_numpy(zero_copy_only=zero_copy)
+    return ragged_values(column)
 
 
-def from_record_batch(batch: pa.RecordBatch | pa.Table, seq_len: int, k: int) -> CacheRows:
-    """Decode shard rows to numpy (zero-copy views where the arrow buffers allow)."""
-    b = batch.num_rows
-    col = batch.column
-    return CacheRows(
-        seq_ids=col("seq_id").to_numpy(),
-        input_ids=_flat_values(col("input_ids"), seq_len, "input_ids").reshape(b, seq_len),
-        loss_mask=_flat_values(col("loss_mask"), seq_len, "loss_mask").reshape(b, seq_len),
-        topk_ids=_flat_values(col("topk_ids"), (seq_len - 1) * k, "topk_ids").reshape(b, seq_len - 1, k),
-        topk_logprobs=_flat_values(col("topk_logprobs"), (seq_len - 1) * k, "topk_logprobs").reshape(
-            b, seq_len - 1, k
-        ),
-        target_logprob=_flat_values(col("target_logprob"), seq_len - 1, "target_logprob").reshape(
-            b, seq_len - 1
-        ),
-    )
+def ragged_values(column: pa.Array) -> np.ndarray:
+    """All values of a list column, rows concatenated (zero-copy where the type allows)."""
+    values = _combined(column).flatten()  # respects slicing offsets
+    return values.to_numpy(zero_copy_only=not pa.types.is_boolean(values.type))
 
 
 def tail_mass(topk_logprobs):
@@ -222,11 +196,12 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
     commit_file(tmp, final)
 
 
-def write_shard(rows: CacheRows, final: Path, row_group_rows: int) -> None:
-    """Write one shard durably. A crash leaves either no ``final`` or a complete one, never a short one."""
+def write_shard(rows: CacheRows, final: Path, row_group_rows: int, encoding) -> None:
+    """Write one shard durably in ``encoding`` (a :class:`cache.encodings.Encoding`). A crash leaves either
+    no ``final`` or a complete one, never a short one."""
     tmp = temp_path_for(final)
-    table = to_table(rows)
-    pq.write_table(table, tmp, row_group_size=row_group_rows, **PARQUET_WRITE_OPTIONS)
+    table = encoding.encode(rows)
+    pq.write_table(table, tmp, row_group_size=row_group_rows, **encoding.write_options)
     commit_file(tmp, final)
 
 

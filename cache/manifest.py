@@ -19,7 +19,9 @@ class CacheError(Exception):
 
 
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
-IDENTITY_FIELDS = ("format_version", "teacher", "tokenizer", "k", "support", "sampling", "seq_len", "packing", "data")
+IDENTITY_FIELDS = (
+    "format_version", "encoding", "teacher", "tokenizer", "k", "support", "sampling", "seq_len", "packing", "data",
+)  # fmt: skip
 
 # Written by `pipeline distill` into final/: which cache and run made that model. A cache whose teacher
 # directory has one copies it into its manifest's `lineage` (teacher-assistant chains).
@@ -57,6 +59,9 @@ class Manifest:
     data_path: str = ""
     logprob_dtype: str = "float16"
     format_version: int = FORMAT_VERSION
+    # How shards store the rows: {"name": <a cache.encodings encoding>, **its parameters}. Format v1 and
+    # v2 manifests have no such entry: theirs is "exact".
+    encoding: dict = field(default_factory=lambda: {"name": "exact"})
     shards: list[ShardEntry] = field(default_factory=list)
     complete: bool = False
     # Set when complete: total sequences in the stream and the sha256 over all their tokens.
@@ -83,7 +88,14 @@ class Manifest:
         for shard in raw["shards"]:
             if not is_shard_name(shard.name):
                 raise ValueError(f"shard name {shard.name!r} is not a file name inside {SHARD_DIR}/")
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
+        from cache.encodings import encoding_for
+
+        try:
+            encoding_for(manifest).validate()
+        except (ValueError, KeyError) as e:
+            raise CacheError(f"cache encoding {manifest.encoding.get('name')!r}: {e}") from e
+        return manifest
 
     def save(self, cache_dir: Path) -> None:
         atomic_write_bytes(cache_dir / manifest_name(self.worker_index, self.num_workers), self.to_json().encode())
@@ -129,8 +141,13 @@ def identity_diff(a: dict, b: dict) -> list[str]:
                 out[f"{prefix}{key}"] = value
         return out
 
+    def shown(value) -> str:  # a table in the identity (the compact encoding's id order) is named by its hash
+        text = repr(value)
+        return text if len(text) <= 80 else f"<{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+
     fa, fb = flat(a), flat(b)
-    return [f"{key}: {fa.get(key)!r} != {fb.get(key)!r}" for key in sorted(set(fa) | set(fb)) if fa.get(key) != fb.get(key)]
+    keys = sorted(set(fa) | set(fb))
+    return [f"{key}: {shown(fa.get(key))} != {shown(fb.get(key))}" for key in keys if fa.get(key) != fb.get(key)]
 
 
 def read_manifest(path: Path) -> Manifest:

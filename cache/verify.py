@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache.format import SHARD_DIR, TOKENIZER_DIR, from_record_batch, sha256_file, shard_schema, tail_mass
+from cache.encodings import Encoding, encoding_for
+from cache.format import SHARD_DIR, TOKENIZER_DIR, sha256_file, tail_mass
 from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache, tokenizer_fingerprint
 from cache.teacher import id_list, invalid_rows
 
 # fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
 # by that much; anything beyond is a broken teacher or a broken file.
 _MASS_TOLERANCE = 2e-3
-# |stored target_logprob - stored top-k logprob| for the same token: both are fp16 roundings of one
-# value, so they agree to within one fp16 step at |lp| < 64.
+# |stored target_logprob - stored top-k logprob| for the same token: fp16 roundings of one value agree to
+# within one fp16 step at |lp| < 64; a quantizing encoding adds its own error bound.
 _TARGET_TOLERANCE = 0.07
 
 
@@ -33,16 +34,19 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
+def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encoding) -> list[str]:
+    """Decoded-value bounds every encoding must meet: ids in the vocabulary and unique per position,
+    log-probs <= 0 and sorted, support mass <= 1 (tail mass in [0, 1]), target consistent with the support."""
     m = info.manifest
     vocab = m.tokenizer["vocab_size"]
     problems = []
     table = pq.read_table(path)
-    if table.schema.remove_metadata() != shard_schema(m.format_version).remove_metadata():
-        return [f"{path}: schema differs from format v{m.format_version}: {table.schema}"]
+    if table.schema.remove_metadata() != encoding.schema.remove_metadata():
+        return [f"{path}: schema differs from format v{m.format_version} ({encoding.name}): {table.schema}"]
     if table.num_rows != shard.rows:
         problems.append(f"{path}: {table.num_rows} rows, manifest says {shard.rows}")
-    rows = from_record_batch(table, m.seq_len, m.k)
+    problems += [f"{path}: {p}" for p in encoding.check(table)]
+    rows = encoding.decode(table)
     expected_ids = np.arange(shard.first_seq_id, shard.last_seq_id + 1)
     if not np.array_equal(rows.seq_ids, expected_ids):
         problems.append(f"{path}: seq_ids are not {shard.first_seq_id}..{shard.last_seq_id} in order")
@@ -60,6 +64,9 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
         unsorted = (np.nan_to_num(np.diff(lp, axis=-1), nan=0.0) > 0).any()
     if unsorted:
         problems.append(f"{path}: topk_logprobs not sorted descending")
+    ids_sorted = np.sort(rows.topk_ids, axis=-1)
+    if (ids_sorted[..., 1:] == ids_sorted[..., :-1]).any():
+        problems.append(f"{path}: a position lists the same topk id twice")
     mass = np.exp(lp).sum(-1)
     if (mass > 1 + _MASS_TOLERANCE).any():
         problems.append(f"{path}: support mass up to {mass.max():.4f} > 1 (tail mass would be negative)")
@@ -69,7 +76,7 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path) -> list[str]:
     hit = rows.topk_ids == targets
     in_topk = hit.any(-1)
     gap = np.abs(np.where(hit, lp, 0).sum(-1) - rows.target_logprob.astype(np.float32))[in_topk]
-    if gap.size and gap.max() > _TARGET_TOLERANCE:
+    if gap.size and gap.max() > _TARGET_TOLERANCE + encoding.error_bound():
         problems.append(f"{path}: target_logprob disagrees with the top-k entry of the same token by {gap.max():.3f}")
     return problems
 
@@ -107,6 +114,7 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
         return report
     if not info.complete:
         report.warnings.append(f"{info.root}: cache is not complete (a run is in progress or was interrupted)")
+    encoding = encoding_for(info.manifest)
     listed = set()
     for shard in info.shards:
         path = info.root / shard.name
@@ -123,7 +131,7 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
             continue
         if check_values:
             try:
-                report.problems.extend(_check_rows(shard, info, path))
+                report.problems.extend(_check_rows(shard, info, path, encoding))
             except Exception as e:  # a file that passes sha256 but cannot be decoded is still named
                 report.problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
                 continue
@@ -143,6 +151,7 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
     m = info.manifest
     lines = [
         f"cache: {info.root}  (format v{m.format_version}, {'complete' if info.complete else 'INCOMPLETE'})",
+        f"encoding: {encoding_for(m).describe()}",
         f"teacher: {m.teacher.get('name_or_path')}  dtype={m.teacher.get('dtype')}  backend={m.backend}",
         f"tokenizer: vocab {m.tokenizer['vocab_size']}  sha256 {m.tokenizer['sha256'][:16]}…",
         f"support: {m.support}{' ' + str(m.sampling) if m.sampling else ''}  k={m.k}  seq_len={m.seq_len}  packing={m.packing}",
@@ -160,7 +169,7 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
                          f"{', ...' if len(info.shards) > 8 else ''})")  # fmt: skip
     if position is not None and not 0 <= position <= m.seq_len - 2:
         raise CacheError(f"--position {position} is outside [0, {m.seq_len - 2}] (sequences of {m.seq_len} tokens)")
-    rows = from_record_batch(pq.read_table(info.root / shard.name), m.seq_len, m.k)
+    rows = encoding_for(m).decode(pq.read_table(info.root / shard.name))
     row = seq - shard.first_seq_id
     mask = rows.loss_mask[row, 1:]
     if position is None:

@@ -313,15 +313,12 @@ def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Res
 
 
 def read_cache(root: Path):
-    import pyarrow.parquet as pq
-
-    from cache.format import CacheRows, from_record_batch
+    from cache import read_all
+    from cache.format import CacheRows
     from cache.manifest import load_cache
 
     info = load_cache(root)
-    k, seq_len = info.manifest.k, info.manifest.seq_len
-    parts = [from_record_batch(pq.read_table(root / s.name), seq_len, k) for s in info.shards]
-    rows = CacheRows.concat(parts)
+    rows = read_all(info)
     order = np.argsort(rows.seq_ids, kind="stable")
     return info, CacheRows(**{f: getattr(rows, f)[order] for f in CacheRows.__dataclass_fields__})
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench import quality
 from cache.build import CacheConfig, cache_teacher
-from cache.format import from_record_batch
+from cache.encodings import encoding_for
 from cache.manifest import load_cache
 from tests.conftest import make_corpus, one_torch_thread
 
@@ -71,7 +71,7 @@ def test_quick_mode_exits_nonzero_when_kd_does_not_beat_ce(quick):
 def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_jsonl):
     """Slicing the sorted top-64 gives exactly what the teacher's own top-8 run stores (ids and values)."""
     common = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), seq_len=32, max_sequences=12, progress=False,
-                  shard_tokens=32 * 5)  # fmt: skip
+                  shard_tokens=32 * 5, encoding="exact")  # fmt: skip
     cache_teacher(CacheConfig(out=tmp_path / "top64", top_k=64, **common))
     cache_teacher(CacheConfig(out=tmp_path / "top8", top_k=8, **common))
     derived = quality.derive_topk_cache(tmp_path / "top64", tmp_path / "derived8", 8)
@@ -79,7 +79,7 @@ def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_j
     assert derived.manifest.identity() == direct.manifest.identity()
     assert [s.rows for s in derived.shards] == [s.rows for s in direct.shards]
     for a, b in zip(derived.shards, direct.shards):
-        ra, rb = (from_record_batch(pq.read_table(c.root / s.name), 32, 8) for c, s in ((derived, a), (direct, b)))
+        ra, rb = (encoding_for(c.manifest).decode(pq.read_table(c.root / s.name)) for c, s in ((derived, a), (direct, b)))
         for field in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob"):
             np.testing.assert_array_equal(getattr(ra, field), getattr(rb, field))
     assert [s.sha256 for s in derived.shards] == [s.sha256 for s in direct.shards]  # even the bytes

@@ -18,7 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from cache.build import CacheConfig, cache_teacher
-from cache.format import SHARD_DIR, from_record_batch, tail_mass
+from cache import read_all as read_rows
+from cache.format import SHARD_DIR, tail_mass
 from cache.manifest import CacheError, load_cache
 from cache.verify import verify_cache
 from pipeline import app
@@ -37,13 +38,7 @@ def config(teacher, data, out, **kw) -> CacheConfig:
 
 def read_all(cache_dir: Path):
     info = load_cache(cache_dir)
-    parts = [
-        from_record_batch(pq.read_table(cache_dir / s.name), info.manifest.seq_len, info.manifest.k)
-        for s in info.shards
-    ]
-    from cache.format import CacheRows
-
-    return info, CacheRows.concat(parts)
+    return info, read_rows(info)
 
 
 def cache_bytes(cache_dir: Path) -> dict[str, bytes]:
@@ -217,15 +212,17 @@ def test_verify_detects_corruption_and_names_the_file(tmp_path, teacher_dir, cor
 
 
 def test_verify_checks_values_not_just_checksums(tmp_path, teacher_dir, corpus_jsonl):
-    """A shard rewritten with unsorted log-probs and a matching manifest checksum is still caught."""
+    """A shard rewritten with unsorted log-probs and a matching manifest checksum is still caught (the
+    exact encoding stores any values; the compact one cannot even encode them)."""
+    from cache.encodings import encoding_for
     from cache.format import sha256_file, write_shard
 
     out = tmp_path / "cache"
-    cache_teacher(config(teacher_dir, corpus_jsonl, out, max_sequences=6))
+    cache_teacher(config(teacher_dir, corpus_jsonl, out, max_sequences=6, encoding="exact"))
     info, rows = read_all(out)
     rows.topk_logprobs = rows.topk_logprobs[..., ::-1].copy()  # ascending: broken
     path = out / info.shards[0].name
-    write_shard(rows, path, info.manifest.row_group_rows)
+    write_shard(rows, path, info.manifest.row_group_rows, encoding_for(info.manifest))
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0].update(sha256=sha256_file(path), bytes=path.stat().st_size)
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -278,37 +275,44 @@ def test_cli_cache_teacher_inspect_and_errors(tmp_path, teacher_dir, corpus_json
     assert bad_k.exit_code == 2 and "--top-k" in bad_k.output
 
 
-def test_format_v1_caches_still_read_verify_and_train(tmp_path, reference_cache, teacher_dir, corpus_jsonl):
-    """v2 only made the list elements non-nullable: a v1 cache (nullable elements, version 1 in its
-    manifest) decodes to the same arrays, verifies, and feeds the reader; resuming it is refused."""
-    from cache.format import PARQUET_WRITE_OPTIONS, SHARD_SCHEMA, sha256_file, shard_schema
+@pytest.mark.parametrize("version", [1, 2])
+def test_format_v1_and_v2_caches_still_read_verify_and_train(tmp_path, teacher_dir, corpus_jsonl, version):
+    """v2 only made the list elements non-nullable and v3 named the encoding: a v1/v2 cache (version in its
+    manifest, no encoding entry) decodes to the arrays of a v3 ``exact`` cache, verifies, and feeds the
+    reader; resuming it is refused."""
+    from cache.encodings.exact import PARQUET_WRITE_OPTIONS, shard_schema
+    from cache.format import sha256_file
     from train.reader import CacheReader
 
-    assert all(not SHARD_SCHEMA.field(c).type.value_field.nullable for c in ("topk_ids", "topk_logprobs"))
-    info, rows = read_all(reference_cache)
-    old = tmp_path / "v1"
+    exact = tmp_path / "exact"
+    cache_teacher(config(teacher_dir, corpus_jsonl, exact, max_sequences=12, encoding="exact"))
+    info, rows = read_all(exact)
+    assert info.manifest.format_version == 3 and info.manifest.encoding == {"name": "exact"}
+    old = tmp_path / f"v{version}"
     (old / SHARD_DIR).mkdir(parents=True)
-    manifest = json.loads((reference_cache / "manifest.json").read_text())
-    manifest["format_version"] = 1
+    manifest = json.loads((exact / "manifest.json").read_text())
+    manifest["format_version"] = version
+    del manifest["encoding"]
     for entry in manifest["shards"]:
-        table = pq.read_table(reference_cache / entry["name"]).cast(shard_schema(1))
+        table = pq.read_table(exact / entry["name"]).cast(shard_schema(version))
         pq.write_table(table, old / entry["name"], row_group_size=info.manifest.row_group_rows, **PARQUET_WRITE_OPTIONS)
         entry.update(sha256=sha256_file(old / entry["name"]), bytes=(old / entry["name"]).stat().st_size)
     (old / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(reference_cache / "tokenizer", old / "tokenizer")
-    assert pq.read_schema(old / manifest["shards"][0]["name"]).field("topk_ids").type.value_field.nullable
+    shutil.copytree(exact / "tokenizer", old / "tokenizer")
+    nullable = pq.read_schema(old / manifest["shards"][0]["name"]).field("topk_ids").type.value_field.nullable
+    assert nullable == (version == 1)
 
-    v1, v1_rows = read_all(old)
-    assert v1.manifest.format_version == 1
+    got, got_rows = read_all(old)
+    assert got.manifest.format_version == version and got.manifest.encoding == {"name": "exact"}
     for name in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "target_logprob"):
-        np.testing.assert_array_equal(getattr(v1_rows, name), getattr(rows, name))
+        np.testing.assert_array_equal(getattr(got_rows, name), getattr(rows, name))
     assert verify_cache(old).ok
     batch = next(iter(CacheReader(old, batch_size=4, shuffle=False)))
     np.testing.assert_array_equal(batch["topk_ids"].numpy(), rows.topk_ids[:4])
     with pytest.raises(CacheError, match="format_version"):
-        cache_teacher(config(teacher_dir, corpus_jsonl, old))
+        cache_teacher(config(teacher_dir, corpus_jsonl, old, max_sequences=12, encoding="exact"))
 
-    manifest["format_version"] = 3
+    manifest["format_version"] = 4
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="reads versions 1, 2"):
+    with pytest.raises(CacheError, match="reads versions 1, 2, 3"):
         load_cache(old)

@@ -290,9 +290,8 @@ def test_chat_output_trains_only_the_response_in_cache_teacher(tmp_path, tok, te
     """Chat prompts rendered with the template; the reply is appended as the assistant turn, so the cache
     built from the output trains exactly the response and its end-of-turn token."""
     from cache.build import CacheConfig, cache_teacher
-    from cache.format import CacheRows, from_record_batch
+    from cache import read_all
     from cache.manifest import load_cache
-    import pyarrow.parquet as pq
 
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     reply_text = "The old ship"
@@ -323,6 +322,6 @@ def test_chat_output_trains_only_the_response_in_cache_teacher(tmp_path, tok, te
     cache = tmp_path / "cache"
     cache_teacher(CacheConfig(teacher=str(teacher_dir), data=str(out), out=cache, top_k=4, seq_len=256, progress=False))
     info = load_cache(cache)
-    rows = CacheRows.concat([from_record_batch(pq.read_table(cache / s.name), 256, 4) for s in info.shards])
+    rows = read_all(info)
     trained = tok.decode(rows.input_ids[rows.loss_mask].tolist())
     assert trained == f"{reply_text}<|im_end|>" * 3

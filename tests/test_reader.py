@@ -9,15 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cache.format import CacheRows, from_record_batch
+from cache import read_all
+from cache.format import CacheRows
 from cache.manifest import CacheError, load_cache
 from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
 
 def all_rows(cache_dir) -> CacheRows:
-    info = load_cache(cache_dir)
-    parts = [from_record_batch(pq.read_table(cache_dir / s.name), info.manifest.seq_len, info.manifest.k) for s in info.shards]
-    return CacheRows.concat(parts)
+    return read_all(cache_dir)
 
 
 def take(reader, n):

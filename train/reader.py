@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cache.format import TOKENIZER_DIR, CacheRows, from_record_batch, sha256_file
+from cache.encodings import encoding_for
+from cache.format import TOKENIZER_DIR, CacheRows, sha256_file
 from cache.manifest import CacheError, CacheInfo, load_cache, tokenizer_fingerprint
 
 
@@ -114,7 +115,8 @@ class CacheReader:
 
     Batches are dicts of CPU tensors (pinned if ``pin_memory``):
     input_ids [B, L] int64, target_mask [B, L-1] bool (which next-token targets count),
-    topk_ids [B, L-1, k] int32, topk_logprobs [B, L-1, k] float16, target_logprob [B, L-1] float16,
+    topk_ids [B, L-1, k] int32, topk_logprobs [B, L-1, k] float16 (exact) or float32 (compact: decoded
+    values are not on the fp16 grid), target_logprob [B, L-1] float16,
     seq_ids [B] int64. ``topk_ids`` keeps the cache's int32, the largest array of a batch: indexing needs
     int64, which the consumer makes on its device at half the host copy and transfer cost.
     """
@@ -137,6 +139,7 @@ class CacheReader:
     ):
         self.info = cache if isinstance(cache, CacheInfo) else load_cache(cache)
         self.manifest = self.info.manifest
+        self.encoding = encoding_for(self.manifest)
         self.batch_size = batch_size
         self.chunks = plan_chunks(self.info) if chunks is None else chunks
         self.seed, self.shuffle, self.shuffle_rows = seed, shuffle, max(1, shuffle_rows)
@@ -203,8 +206,8 @@ class CacheReader:
         if chunk.rows != expected:  # a part of the row group (the holdout's boundary)
             table = table.slice(chunk.offset, chunk.rows)
         try:
-            return from_record_batch(table, self.manifest.seq_len, self.manifest.k)
-        except unreadable as e:
+            return self.encoding.decode(table)
+        except unreadable as e:  # a file that passed its checksum but does not decode
             raise CacheError(f"{path}: row group {chunk.row_group} does not decode ({type(e).__name__}: {e})") from e
 
     def _read_window(self, window: Window) -> "_DecodedWindow":
@@ -231,7 +234,9 @@ class CacheReader:
             taken = 0
             while taken < len(picks):
                 if batch is None:
-                    batch = _BatchBuilder(self.batch_size, self.manifest.seq_len, self.manifest.k, self.pin_memory)
+                    batch = _BatchBuilder(
+                        self.batch_size, self.manifest.seq_len, self.manifest.k, self.pin_memory, data.logprob_dtype
+                    )
                 part = picks[taken : taken + batch.free]
                 batch.add(data, part)
                 taken += len(part)
@@ -293,6 +298,7 @@ class _DecodedWindow:
 
     def __init__(self, chunks: list[CacheRows]):
         self.chunks = chunks
+        self.logprob_dtype = torch.from_numpy(np.empty(0, chunks[0].topk_logprobs.dtype)).dtype  # as decoded
         self.starts = np.cumsum([0] + [len(c.seq_ids) for c in chunks])  # window position of each chunk's row 0
 
     def locate(self, positions: np.ndarray) -> Iterator[tuple[CacheRows, np.ndarray, np.ndarray]]:
@@ -307,7 +313,7 @@ class _BatchBuilder:
     """One batch's tensors, allocated once (pinned if asked) and filled by gathering rows straight from
     the decoded chunks: one copy per value instead of gather, concatenate, convert and pin."""
 
-    def __init__(self, batch_size: int, seq_len: int, k: int, pin_memory: bool):
+    def __init__(self, batch_size: int, seq_len: int, k: int, pin_memory: bool, logprob_dtype: torch.dtype):
         def empty(shape, dtype):
             return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
 
@@ -315,7 +321,7 @@ class _BatchBuilder:
         self.input_ids = empty((batch_size, seq_len), torch.int64)
         self.target_mask = empty((batch_size, seq_len - 1), torch.bool)
         self.topk_ids = empty((batch_size, seq_len - 1, k), torch.int32)
-        self.topk_logprobs = empty((batch_size, seq_len - 1, k), torch.float16)
+        self.topk_logprobs = empty((batch_size, seq_len - 1, k), logprob_dtype)
         self.target_logprob = empty((batch_size, seq_len - 1), torch.float16)
         self.seq_ids = empty((batch_size,), torch.int64)
 

@@ -1,0 +1,315 @@
+"""The ``compact`` encoding (format v3, the default): quantized log-prob gaps and frequency-ranked ids.
+
+Per position ``t`` the stored support is the teacher's first ``n_t <= k`` entries (``n_t = k`` unless
+``min_logprob`` cut it, or a sampled support had fewer distinct draws), sorted by log-probability:
+
+- ``top_logprob`` fp16: the top-1 log-probability ``lp_1``.
+- ``gap_steps`` uint8, ``n_t - 1`` per position: with ``q_j = round((lp_1 - lp_j) / step)`` (``lp_1`` as
+  stored), the increments ``q_j - q_{j-1}`` (``q_1 = 0``). The support is sorted, so they are small
+  non-negative integers that zstd codes in ~3 bits; one of 255 or more is stored as 255 and its value
+  goes to ``gap_overflow`` (int32, in order).
+- ``log_mass_shift`` fp16: ``c_t``, added to every decoded log-prob of the position so that the decoded
+  support carries exactly the teacher's mass over it (log-sum-exp of the teacher's kept values). The tail
+  mass is then the usual ``1 - sum(exp(lp))`` of the decoded support (one definition, cache/format.py),
+  and equals the teacher's: what is lost to the quantization is how the support's mass is spread, not how
+  much of it there is. Without it, ΔKL is ~4x larger (bench/RESULTS.md, "Cache format v3").
+- ``topk_ids`` int32, ``n_t`` per position: each id's rank in a frequency table (0 = most frequent), a
+  bijection of ``[0, id_table_size)`` (ids beyond it are stored as themselves). Frequent tokens get small
+  ranks, so byte-stream-split + zstd code the high bytes in a few bits. The table is a pure function of
+  the input tokens of the cache's first block (every worker computes the same one without scoring it),
+  stored in the manifest's ``encoding.id_order`` (ids by rank; unseen ids follow in id order) and part of
+  the cache identity.
+- ``support_size`` uint16 ``n_t``; ``input_ids``, ``loss_mask``, ``target_logprob`` (fp16) as in ``exact``.
+
+Decoding is a cumulative sum of the increments, one multiply-add and a table lookup (vectorized numpy).
+Positions with ``n_t < k`` decode to ``k`` entries: the rest get log-prob ``-inf`` (weight 0) and
+distinct ids not in the support (the most frequent ones left), as sampled supports pad.
+
+Error of a decoded kept log-prob: at most ``step / 2`` from the gap quantization, plus ``|c_t| <= step /
+2``, plus half an fp16 step of the top-1 (``<= 2^-8`` for ``|lp_1| < 16``, i.e. any vocabulary under 8.8M
+tokens): :meth:`CompactEncoding.error_bound`. Entries cut by ``min_logprob`` move their mass to the tail.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+from cache.encodings import Encoding, register
+from cache.format import (
+    CacheRows,
+    flat_values,
+    list_array,
+    list_type,
+    ragged_list_array,
+    ragged_values,
+    shard_write_options,
+)
+
+# 1/32 nat: ΔKL ~2e-5 at k=64 on the benchmark teacher; 1/16 saves ~5 B/token at ~4x the ΔKL
+# (bench/RESULTS.md, "Cache format v3").
+DEFAULT_LOGPROB_STEP = 1 / 32
+_SATURATED = 255  # a gap increment this large is stored in gap_overflow
+
+_SCHEMA_COLUMNS = [
+    ("input_ids", pa.int32()),
+    ("loss_mask", pa.bool_()),
+    ("support_size", pa.uint16()),
+    ("topk_ids", pa.int32()),
+    ("top_logprob", pa.float16()),
+    ("gap_steps", pa.uint8()),
+    ("gap_overflow", pa.int32()),
+    ("log_mass_shift", pa.float16()),
+    ("target_logprob", pa.float16()),
+]
+_SCHEMA = pa.schema(
+    [pa.field("seq_id", pa.int64(), nullable=False)]
+    + [pa.field(name, list_type(value_type), nullable=False) for name, value_type in _SCHEMA_COLUMNS],
+    metadata={"kd_cache_format": "3", "kd_cache_encoding": "compact"},
+)
+_WRITE_OPTIONS = shard_write_options(
+    byte_stream_split=("topk_ids", "top_logprob", "log_mass_shift", "target_logprob")
+)
+
+
+def _pack_ids(ids: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(ids, dtype="<i4").tobytes()).decode("ascii")
+
+
+def _unpack_ids(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<i4").astype(np.int32)
+
+
+@register
+class CompactEncoding(Encoding):
+    name = "compact"
+    versions = (3,)
+
+    @classmethod
+    def new_params(cls, *, first_block_input_ids: np.ndarray, vocab_size: int, min_logprob: float | None) -> dict:
+        ids = np.asarray(first_block_input_ids).ravel()
+        counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+        seen = np.flatnonzero(counts)
+        by_frequency = seen[np.lexsort((seen, -counts[seen]))]  # most frequent first, ties by id
+        order = _pack_ids(by_frequency)
+        return {
+            "logprob_step": DEFAULT_LOGPROB_STEP,
+            "min_logprob": None if min_logprob is None else float(min_logprob),
+            "id_table_size": int(vocab_size),
+            "id_order": order,
+            "id_order_sha256": hashlib.sha256(order.encode()).hexdigest(),
+        }
+
+    # ----------------------------------------------------------------------------------- parameters
+    @property
+    def step(self) -> float:
+        return float(self.params["logprob_step"])
+
+    @property
+    def min_logprob(self) -> float | None:
+        return self.params.get("min_logprob")
+
+    @cached_property
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(id of each rank, rank of each id), both [id_table_size] int32."""
+        size = int(self.params["id_table_size"])
+        text = self.params["id_order"]
+        if hashlib.sha256(text.encode()).hexdigest() != self.params.get("id_order_sha256"):
+            raise ValueError("encoding.id_order does not match its sha256: the manifest was altered")
+        head = _unpack_ids(text)
+        unseen = np.ones(size, dtype=bool)
+        unseen[head] = False
+        order = np.concatenate([head, np.flatnonzero(unseen).astype(np.int32)])
+        if order.size != size:
+            raise ValueError("encoding.id_order lists an id twice")
+        rank = np.empty(size, dtype=np.int32)
+        rank[order] = np.arange(size, dtype=np.int32)
+        return order, rank
+
+    def validate(self) -> None:
+        self._tables  # noqa: B018 (checks the id table against its hash)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return _SCHEMA
+
+    @property
+    def write_options(self) -> dict:
+        return _WRITE_OPTIONS
+
+    def error_bound(self) -> float:
+        return self.step + 2.0**-8
+
+    def describe(self) -> str:
+        cut = f", support cut below log p = {self.min_logprob:g}" if self.min_logprob is not None else ""
+        return (
+            f"compact (log-prob gaps in steps of {self.step:g} nat, |error| <= {self.error_bound():.4f}; "
+            f"ids by frequency rank{cut})"
+        )
+
+    # ------------------------------------------------------------------------------------------ ids
+    def _map(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """Apply an id ↔ rank table; values beyond it map to themselves."""
+        if ids.size == 0 or ids.max() < table.size:
+            return table[ids]
+        return np.where(ids < table.size, table[np.minimum(ids, table.size - 1)], ids)
+
+    # --------------------------------------------------------------------------------------- encode
+    def encode(self, rows: CacheRows) -> pa.Table:
+        rows.validate()
+        b, positions, k = rows.topk_ids.shape
+        n = b * positions
+        lp = rows.topk_logprobs.reshape(n, k).astype(np.float32, copy=False)
+        keep = lp > -np.inf  # a sampled support pads with -inf
+        if self.min_logprob is not None:
+            keep &= lp >= self.min_logprob
+        keep[:, 0] = True
+        count = keep.sum(-1)
+        full = bool((count == k).all())
+        if not full and not np.array_equal(keep, np.arange(k) < count[:, None]):
+            raise ValueError("topk_logprobs must be sorted descending to be encoded")
+        if not np.isfinite(lp[:, 0]).all():
+            raise ValueError("the top-1 log-probability of every position must be finite")
+        if rows.topk_ids.size and rows.topk_ids.min() < 0:
+            raise ValueError("negative token id in topk_ids")
+
+        top = lp[:, 0].astype(np.float16)
+        top32 = top.astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            q = np.rint((top32[:, None] - lp[:, 1:]) / np.float32(self.step))
+            np.maximum(q, 0, out=q)  # fp16 may round the top-1 below the second entry
+            if not full:
+                q[~keep[:, 1:]] = 0
+            increments = np.diff(q, axis=-1, prepend=np.float32(0)) if k > 1 else q
+            # Teacher mass over the kept support vs the decoded one's, both relative to their top-1.
+            exact = np.exp(lp - lp[:, :1])
+            decoded = np.exp(q * np.float32(-self.step))
+        if not full:
+            exact[~keep] = 0
+            decoded[~keep[:, 1:]] = 0
+        shift = (lp[:, 0] - top32) + np.log(exact.sum(-1)) - np.log1p(decoded.sum(-1))
+
+        ranks = self._map(rows.topk_ids.reshape(n, k), self._tables[1])
+        if full:
+            increments_kept = increments.reshape(-1)
+            ranks_kept = ranks.reshape(-1)
+        else:
+            increments_kept = increments[keep[:, 1:]]
+            ranks_kept = ranks[keep]
+        increments_kept = increments_kept.astype(np.int64)
+        if increments_kept.size and increments_kept.min() < 0:
+            raise ValueError("topk_logprobs must be sorted descending to be encoded")
+        saturated = increments_kept >= _SATURATED
+        gap_steps = np.minimum(increments_kept, _SATURATED).astype(np.uint8)
+        overflow = increments_kept[saturated].astype(np.int32)
+
+        per_row = count.reshape(b, positions).sum(-1)
+        gaps_per_row = per_row - positions
+        if overflow.size:
+            row_of_gap = np.repeat(np.arange(b), gaps_per_row)
+            overflow_per_row = np.bincount(row_of_gap[saturated], minlength=b)
+        else:
+            overflow_per_row = np.zeros(b, dtype=np.int64)
+
+        schema = self.schema
+        typ = lambda name: schema.field(name).type  # noqa: E731
+        columns = {
+            "seq_id": pa.array(rows.seq_ids.astype(np.int64, copy=False)),
+            "input_ids": list_array(rows.input_ids.astype(np.int32, copy=False), typ("input_ids")),
+            "loss_mask": list_array(rows.loss_mask.astype(np.bool_, copy=False), typ("loss_mask")),
+            "support_size": list_array(count.astype(np.uint16).reshape(b, positions), typ("support_size")),
+            "topk_ids": ragged_list_array(ranks_kept.astype(np.int32, copy=False), per_row, typ("topk_ids")),
+            "top_logprob": list_array(top.reshape(b, positions), typ("top_logprob")),
+            "gap_steps": ragged_list_array(gap_steps, gaps_per_row, typ("gap_steps")),
+            "gap_overflow": ragged_list_array(overflow, overflow_per_row, typ("gap_overflow")),
+            "log_mass_shift": list_array(shift.astype(np.float16).reshape(b, positions), typ("log_mass_shift")),
+            "target_logprob": list_array(rows.target_logprob.astype(np.float16), typ("target_logprob")),
+        }
+        return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+    # --------------------------------------------------------------------------------------- decode
+    def decode(self, table: pa.Table | pa.RecordBatch) -> CacheRows:
+        b, length, k = table.num_rows, self.seq_len, self.k
+        positions = length - 1
+        n = b * positions
+        col = table.column
+        count = flat_values(col("support_size"), positions, "support_size")
+        base = flat_values(col("top_logprob"), positions, "top_logprob").astype(np.float32)
+        base += flat_values(col("log_mass_shift"), positions, "log_mass_shift")
+        gaps = ragged_values(col("gap_steps"))
+        overflow = ragged_values(col("gap_overflow"))
+        ranks = ragged_values(col("topk_ids"))
+        total = int(count.sum(dtype=np.int64))
+        if count.size and (count.min() < 1 or count.max() > k):
+            raise ValueError(f"support_size outside [1, {k}]")
+        if ranks.size != total or gaps.size != total - n:
+            raise ValueError(
+                f"{ranks.size} ids and {gaps.size} gaps stored for a support of {total} entries over {n} positions"
+            )
+        if overflow.size:
+            saturated = np.flatnonzero(gaps == _SATURATED)
+            if saturated.size != overflow.size:
+                raise ValueError(f"{saturated.size} saturated gaps but {overflow.size} overflow values")
+            gaps = gaps.astype(np.int32)
+            gaps[saturated] = overflow
+
+        lp = np.empty((n, k), dtype=np.float32)
+        lp[:, 0] = base
+        full = total == n * k
+        if full:
+            increments = gaps.reshape(n, k - 1)
+        else:
+            kept = np.arange(k) < count[:, None].astype(np.int64)
+            increments = np.zeros((n, k - 1), dtype=gaps.dtype)
+            increments[kept[:, 1:]] = gaps
+        if k > 1:
+            rest = lp[:, 1:]
+            np.cumsum(increments, axis=1, dtype=np.float32, out=rest)
+            rest *= np.float32(-self.step)
+            rest += base[:, None]
+
+        order = self._tables[0]
+        if full:
+            ids = self._map(ranks, order).reshape(n, k)
+        else:
+            lp[~kept] = -np.inf
+            ranks_full = np.zeros((n, k), dtype=np.int32)
+            ranks_full[kept] = ranks
+            ids = self._map(self._pad(ranks_full, kept, count), order)
+        col_target = flat_values(col("target_logprob"), positions, "target_logprob")
+        return CacheRows(
+            seq_ids=col("seq_id").to_numpy(),
+            input_ids=flat_values(col("input_ids"), length, "input_ids").reshape(b, length),
+            loss_mask=flat_values(col("loss_mask"), length, "loss_mask").reshape(b, length),
+            topk_ids=ids.reshape(b, positions, k),
+            topk_logprobs=lp.reshape(b, positions, k),
+            target_logprob=col_target.reshape(b, positions),
+        )
+
+    def _pad(self, ranks: np.ndarray, kept: np.ndarray, count: np.ndarray) -> np.ndarray:
+        """Fill the slots past each position's support with distinct ranks not in it: the smallest free ones
+        (the most frequent tokens), so pads are valid, distinct ids that carry weight 0."""
+        k = ranks.shape[1]
+        rows = np.flatnonzero(count < k)
+        if rows.size == 0:
+            return ranks
+        r, m = ranks[rows], kept[rows]
+        candidates = min(2 * k, int(self.params["id_table_size"]))  # >= k: enough free ones for every row
+        taken = np.zeros((rows.size, candidates), dtype=bool)
+        hit = m & (r < candidates)
+        taken[np.nonzero(hit)[0], r[hit]] = True
+        free = np.argsort(taken, axis=1, kind="stable")[:, :k].astype(np.int32)  # free candidates first
+        slot = np.clip(np.arange(k)[None, :] - count[rows, None].astype(np.int64), 0, k - 1)
+        ranks[rows] = np.where(m, r, np.take_along_axis(free, slot, axis=1))
+        return ranks
+
+    def check(self, table: pa.Table) -> list[str]:
+        problems = []
+        overflow = ragged_values(table.column("gap_overflow"))
+        if overflow.size and overflow.min() < _SATURATED:
+            problems.append(f"gap_overflow holds {int(overflow.min())} < {_SATURATED}: it only stores saturated gaps")
+        return problems

@@ -1,0 +1,47 @@
+"""The public read API: every cache, whatever its format version or encoding, as numpy row groups.
+
+    from cache import read_cache
+
+    for rows in read_cache("runs/cache"):          # one CacheRows per Parquet row group, in stream order
+        rows.topk_ids, rows.topk_logprobs          # [B, L-1, k] int32, float32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from cache.encodings import encoding_for
+from cache.format import CacheRows, sha256_file
+from cache.manifest import CacheError, CacheInfo, load_cache
+
+
+def read_cache(
+    path: str | Path | CacheInfo, *, require_complete: bool = True, verify_checksums: bool = True
+) -> Iterator[CacheRows]:
+    """Yield the cache's rows one Parquet row group at a time, shards in block (stream) order.
+
+    Each :class:`CacheRows` holds ``B`` sequences of ``L`` tokens: seq_ids [B] int64, input_ids [B, L] int32,
+    loss_mask [B, L] bool, topk_ids [B, L-1, k] int32, topk_logprobs [B, L-1, k] float32 (sorted
+    descending, normalized over the full vocabulary; ``cache.format.tail_mass`` gives the mass outside),
+    target_logprob [B, L-1] float32. A shard whose checksum does not match its manifest raises
+    :class:`cache.manifest.CacheError` before any of its rows are yielded.
+    """
+    info = path if isinstance(path, CacheInfo) else load_cache(path, require_complete=require_complete)
+    encoding = encoding_for(info.manifest)
+    for shard in info.shards:
+        file = info.root / shard.name
+        if not file.exists():
+            raise CacheError(f"{file}: shard listed in the manifest is missing")
+        if verify_checksums and sha256_file(file) != shard.sha256:
+            raise CacheError(f"{file}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)")
+        with pq.ParquetFile(file) as f:
+            for group in range(f.num_row_groups):
+                yield encoding.decode(f.read_row_group(group)).as_float32()
+
+
+def read_all(path: str | Path | CacheInfo, **kwargs) -> CacheRows:
+    """The whole cache in memory as one :class:`CacheRows` (small caches, tests, tools)."""
+    return CacheRows.concat(list(read_cache(path, **kwargs)))

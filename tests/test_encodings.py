@@ -1,0 +1,223 @@
+"""Shard encodings: round trips within the documented bounds, the registry, the public read API, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cache import read_all, read_cache
+from cache.build import CacheConfig, cache_teacher
+from cache.encodings import encoding_class, encoding_for
+from cache.encodings.compact import CompactEncoding
+from cache.encodings.exact import ExactEncoding
+from cache.format import CacheRows, sha256_file, tail_mass, write_shard
+from cache.manifest import CacheError, load_cache
+from cache.verify import verify_cache
+
+VOCAB, SEQ_LEN, K = 500, 33, 16
+
+
+def teacher_like_rows(b: int = 6, seq_len: int = SEQ_LEN, k: int = K, seed: int = 0, scale: float = 3.0) -> CacheRows:
+    """Sorted top-k of real softmaxes over a Zipf-skewed vocabulary, in float32 as a backend returns them."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, scale, (b, seq_len - 1, VOCAB)) - 0.8 * np.log1p(np.arange(VOCAB))
+    lp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    ids = np.argsort(-lp, axis=-1, kind="stable")[..., :k]
+    input_ids = rng.integers(0, VOCAB, (b, seq_len)).astype(np.int32)
+    return CacheRows(
+        seq_ids=np.arange(b, dtype=np.int64),
+        input_ids=input_ids,
+        loss_mask=np.ones((b, seq_len), bool) & (np.arange(seq_len) > 0),
+        topk_ids=ids.astype(np.int32),
+        topk_logprobs=np.take_along_axis(lp, ids, -1).astype(np.float32),
+        target_logprob=np.take_along_axis(lp, input_ids[:, 1:, None].astype(np.int64), -1)[..., 0].astype(np.float32),
+    )
+
+
+def compact(rows: CacheRows, min_logprob: float | None = None) -> CompactEncoding:
+    params = CompactEncoding.new_params(first_block_input_ids=rows.input_ids, vocab_size=VOCAB, min_logprob=min_logprob)
+    return CompactEncoding(version=3, seq_len=rows.seq_len, k=rows.k, params=params)
+
+
+def round_trip(encoding, rows: CacheRows) -> CacheRows:
+    return encoding.decode(encoding.encode(rows))
+
+
+def test_compact_round_trip_is_within_its_bound_and_keeps_the_tail_mass():
+    rows = teacher_like_rows()
+    enc = compact(rows)
+    got = round_trip(enc, rows)
+    assert got.topk_logprobs.dtype == np.float32
+    np.testing.assert_array_equal(got.topk_ids, rows.topk_ids)
+    for name in ("seq_ids", "input_ids", "loss_mask"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(rows, name))
+    error = np.abs(got.topk_logprobs - rows.topk_logprobs)
+    assert 0 < error.max() <= enc.error_bound()
+    assert (np.diff(got.topk_logprobs, axis=-1) <= 0).all() and (got.topk_logprobs <= 0).all()
+    # The decoded support carries the teacher's mass: the tail derived from it is the teacher's.
+    np.testing.assert_allclose(tail_mass(got.topk_logprobs), tail_mass(rows.topk_logprobs), atol=2e-6)
+    assert tail_mass(rows.topk_logprobs).mean() > 0.05  # a real tail, not a trivial one
+    np.testing.assert_allclose(got.target_logprob, rows.target_logprob, atol=2e-2, rtol=2e-3)
+
+
+def test_exact_round_trip_is_fp16():
+    rows = teacher_like_rows()
+    got = round_trip(ExactEncoding(version=3, seq_len=SEQ_LEN, k=K, params={}), rows)
+    np.testing.assert_array_equal(got.topk_logprobs, rows.topk_logprobs.astype(np.float16))
+    np.testing.assert_array_equal(got.topk_ids, rows.topk_ids)
+
+
+def test_compact_stores_huge_gaps_in_the_side_list():
+    rows = teacher_like_rows(b=2)
+    rows.topk_logprobs[0, 3, 1:] -= 40.0  # 1280 steps below the top-1: saturates the uint8 increment
+    rows.topk_logprobs[1, 5, 7:] -= 9.0  # 288 steps in one increment, mid-support
+    enc = compact(rows)
+    table = enc.encode(rows)
+    assert len(table.column("gap_overflow").combine_chunks().flatten()) == 2
+    got = enc.decode(table)
+    assert np.abs(got.topk_logprobs - rows.topk_logprobs).max() <= enc.error_bound()
+    assert enc.check(table) == []
+
+
+def test_min_logprob_cuts_the_support_and_moves_its_mass_to_the_tail():
+    rows = teacher_like_rows()
+    lp = rows.topk_logprobs
+    threshold = float(np.round(np.median(lp), 1))
+    full_enc, cut_enc = compact(rows), compact(rows, min_logprob=threshold)
+    got = round_trip(cut_enc, rows)
+    dropped = lp < threshold
+    dropped[..., 0] = False  # the top-1 is always kept
+    assert 0.2 < dropped.mean() < 0.9  # the cut is real on these rows
+    assert np.isneginf(got.topk_logprobs[dropped]).all() and np.isfinite(got.topk_logprobs[~dropped]).all()
+    assert np.abs(got.topk_logprobs[~dropped] - lp[~dropped]).max() <= cut_enc.error_bound()
+    np.testing.assert_array_equal(got.topk_ids[~dropped], rows.topk_ids[~dropped])
+    expected_tail = tail_mass(lp) + np.where(dropped, np.exp(lp), 0).sum(-1)
+    np.testing.assert_allclose(tail_mass(got.topk_logprobs), expected_tail, atol=2e-6)
+    # Pads: valid, distinct ids per position that carry no weight.
+    ids = got.topk_ids
+    assert ids.min() >= 0 and ids.max() < VOCAB
+    ordered = np.sort(ids, axis=-1)
+    assert not (ordered[..., 1:] == ordered[..., :-1]).any()
+    counts = cut_enc.encode(rows).column("support_size").combine_chunks().flatten().to_numpy()
+    np.testing.assert_array_equal(counts, (~dropped).sum(-1).reshape(-1))
+    assert pq_bytes(cut_enc, rows) < pq_bytes(full_enc, rows)
+
+
+def pq_bytes(encoding, rows: CacheRows) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(encoding.encode(rows), buffer, **encoding.write_options)
+    return len(buffer.getvalue())
+
+
+def test_compact_keeps_sampled_pads_and_refuses_unsorted_values():
+    rows = teacher_like_rows(b=2)
+    rows.topk_logprobs[:, :4, 10:] = -np.inf  # a sampled support with fewer distinct draws than k
+    got = round_trip(compact(rows), rows)
+    assert np.isneginf(got.topk_logprobs[:, :4, 10:]).all() and np.isfinite(got.topk_logprobs[:, 4:]).all()
+    np.testing.assert_array_equal(got.topk_ids[:, :4, :10], rows.topk_ids[:, :4, :10])
+    rows.topk_logprobs = rows.topk_logprobs[..., ::-1].copy()
+    with pytest.raises(ValueError, match="sorted descending"):
+        compact(rows).encode(rows)
+
+
+def test_frequency_table_is_a_deterministic_bijection():
+    rows = teacher_like_rows()
+    a, b = compact(rows), compact(teacher_like_rows())
+    assert a.params == b.params
+    order, rank = a._tables
+    assert sorted(order.tolist()) == list(range(VOCAB))
+    np.testing.assert_array_equal(order[rank], np.arange(VOCAB))
+    counts = np.bincount(rows.input_ids.ravel(), minlength=VOCAB)
+    assert counts[order[0]] == counts.max()  # rank 0 is the most frequent input token
+    assert (np.diff(counts[order][: (counts > 0).sum()]) <= 0).all()
+    # Ids beyond the table (a model head wider than its tokenizer) are stored as themselves.
+    rows.topk_ids[0, 0, -1] = VOCAB + 7
+    assert round_trip(a, rows).topk_ids[0, 0, -1] == VOCAB + 7
+
+
+def test_registry_and_unknown_encodings():
+    assert encoding_class("compact") is CompactEncoding and encoding_class("exact") is ExactEncoding
+    with pytest.raises(ValueError, match="unknown encoding 'zip'; choose from compact, exact"):
+        encoding_class("zip")
+    with pytest.raises(ValueError, match="does not exist in cache format version 2"):
+        CompactEncoding(version=2, seq_len=SEQ_LEN, k=K, params={})
+    with pytest.raises(ValueError, match="--min-logprob"):
+        ExactEncoding.new_params(first_block_input_ids=np.zeros(3, np.int32), vocab_size=VOCAB, min_logprob=-5.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Through the writer, on a tiny model
+
+
+def _config(teacher_dir, corpus_jsonl, out, **kw) -> CacheConfig:
+    base = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), out=Path(out), top_k=8, seq_len=32,
+                batch_size=8, shard_tokens=32 * 6, row_group_tokens=32 * 4, max_sequences=12, progress=False)  # fmt: skip
+    return CacheConfig(**{**base, **kw})
+
+
+def test_read_cache_yields_float32_row_groups_whatever_the_encoding(tmp_path, teacher_dir, corpus_jsonl):
+    caches = {}
+    for name in ("compact", "exact"):
+        cache_teacher(_config(teacher_dir, corpus_jsonl, tmp_path / name, encoding=name))
+        caches[name] = list(read_cache(tmp_path / name))
+    info = load_cache(tmp_path / "compact")
+    assert info.manifest.format_version == 3 and info.manifest.encoding["name"] == "compact"
+    assert info.manifest.encoding["id_order_sha256"]
+    assert [r.num_rows for r in caches["compact"]] == [4, 2, 4, 2]  # row groups of 4 in shards of 6
+    compact_rows, exact_rows = (CacheRows.concat(parts) for parts in caches.values())
+    for rows in (compact_rows, exact_rows):
+        assert rows.topk_logprobs.dtype == np.float32 and rows.target_logprob.dtype == np.float32
+        assert rows.topk_ids.dtype == np.int32 and rows.topk_ids.shape == (12, 31, 8)
+    np.testing.assert_array_equal(compact_rows.topk_ids, exact_rows.topk_ids)
+    bound = encoding_for(info.manifest).error_bound() + 2.0**-7  # plus the exact cache's fp16 rounding
+    assert np.abs(compact_rows.topk_logprobs - exact_rows.topk_logprobs).max() <= bound
+    assert verify_cache(tmp_path / "compact").ok  # (bytes: 48 rows are all footer; see bench/bench_encodings.py)
+
+
+def test_encoding_is_part_of_the_identity(tmp_path, teacher_dir, corpus_jsonl):
+    out = tmp_path / "cache"
+    cache_teacher(_config(teacher_dir, corpus_jsonl, out, max_sequences=6))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=r"encoding\.name: 'compact' != 'exact'"):
+        cache_teacher(_config(teacher_dir, corpus_jsonl, out, max_sequences=6, encoding="exact"))
+    with pytest.raises(CacheError, match=r"encoding\.min_logprob: None != -4\.0"):
+        cache_teacher(_config(teacher_dir, corpus_jsonl, out, max_sequences=6, min_logprob=-4.0))
+    manifest["complete"] = True
+    manifest["encoding"]["id_order_sha256"] = "0" * 64  # a table edited by hand is refused on load
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="id_order does not match its sha256"):
+        load_cache(out)
+
+
+def test_verify_names_a_compact_shard_whose_streams_disagree(tmp_path, teacher_dir, corpus_jsonl):
+    """A shard rewritten with a support size its id and gap lists do not hold, checksum updated: caught."""
+    import pyarrow as pa
+
+    out = tmp_path / "cache"
+    cache_teacher(_config(teacher_dir, corpus_jsonl, out, max_sequences=6))
+    info = load_cache(out)
+    path = out / info.shards[0].name
+    table = pq.read_table(path)
+    sizes = table.column("support_size").combine_chunks()
+    values = sizes.flatten().to_numpy().copy()
+    values[5] -= 1
+    broken = pa.ListArray.from_arrays(sizes.offsets, pa.array(values, pa.uint16()), type=sizes.type)
+    table = table.set_column(table.schema.get_field_index("support_size"), table.schema.field("support_size"), broken)
+    pq.write_table(table, path, row_group_size=info.manifest.row_group_rows, **encoding_for(info.manifest).write_options)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_cache(out).problems
+    assert len(problems) == 1 and "00000000.parquet: unreadable" in problems[0] and "ids and" in problems[0]
+    with pytest.raises(CacheError, match="does not decode"):
+        from train.reader import CacheReader
+
+        next(iter(CacheReader(out, batch_size=2, shuffle=False)))
