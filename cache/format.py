@@ -136,7 +136,9 @@ def ragged_list_array(flat: np.ndarray, lengths: np.ndarray, list_type: pa.ListT
 
 
 def _combined(column: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):  # one chunk per row group read: no copy needed
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
 
 
 def flat_values(column: pa.Array, row_width: int, name: str) -> np.ndarray:
@@ -147,6 +149,25 @@ def flat_values(column: pa.Array, row_width: int, name: str) -> np.ndarray:
         bad = int(np.flatnonzero(lengths != row_width)[0])
         raise ValueError(f"column {name!r}: row {bad} has {lengths[bad]} values, expected {row_width}")
     return ragged_values(column)
+
+
+def binary_values(column: pa.Array) -> np.ndarray:
+    """All bytes of a binary column, rows concatenated, as uint8 (zero-copy)."""
+    column = _combined(column)
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    data = column.buffers()[2]
+    if data is None:
+        return np.empty(0, dtype=np.uint8)
+    return np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]]
+
+
+def binary_array(flat: np.ndarray, lengths: np.ndarray) -> pa.BinaryArray:
+    """Row ``i`` holds the next ``lengths[i]`` bytes of ``flat`` (uint8)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(flat, np.uint8))]
+    )
 
 
 def ragged_values(column: pa.Array) -> np.ndarray:
