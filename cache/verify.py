@@ -55,7 +55,9 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encodi
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             problems.append(f"{path}: {name} outside [0, {vocab})")
     sampled = m.support == "sampled"
-    bad = invalid_rows(lp, rows.target_logprob, sampled)
+    # A sampled support pads positions with fewer distinct draws than k with weight 0 (log -inf), and so does
+    # an encoding that cuts the support.
+    bad = invalid_rows(lp, rows.target_logprob, sampled or encoding.cuts_support)
     if bad.size:
         problems.append(f"{path}: non-finite log-probabilities in sequences {id_list(rows.seq_ids[bad])}")
     if (lp > 0).any() or (rows.target_logprob.astype(np.float32) > 0).any():
@@ -73,7 +75,7 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encodi
     if sampled:  # stored values are sample weights, not the teacher's log-probs: nothing to cross-check
         return problems
     targets = rows.input_ids[:, 1:, None]
-    hit = rows.topk_ids == targets
+    hit = (rows.topk_ids == targets) & np.isfinite(lp)  # a padded slot (-inf) is not an entry
     in_topk = hit.any(-1)
     gap = np.abs(np.where(hit, lp, 0).sum(-1) - rows.target_logprob.astype(np.float32))[in_topk]
     if gap.size and gap.max() > _TARGET_TOLERANCE + encoding.error_bound():

@@ -221,3 +221,23 @@ def test_verify_names_a_compact_shard_whose_streams_disagree(tmp_path, teacher_d
         from train.reader import CacheReader
 
         next(iter(CacheReader(out, batch_size=2, shuffle=False)))
+
+
+def test_cli_encoding_options(tmp_path, teacher_dir, corpus_jsonl):
+    from typer.testing import CliRunner
+
+    from pipeline import app
+
+    runner = CliRunner()
+    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl), "--out", str(tmp_path / "c"),
+            "--top-k", "4", "--seq-len", "16", "--max-tokens", "96", "--no-progress"]  # fmt: skip
+    bad = runner.invoke(app, args + ["--encoding", "zip"])
+    assert bad.exit_code == 2 and "--encoding must be one of compact, exact" in bad.output
+    cut_exact = runner.invoke(app, args + ["--encoding", "exact", "--min-logprob", "-3"])
+    assert cut_exact.exit_code == 2 and "--min-logprob needs" in cut_exact.output
+    ok = runner.invoke(app, args + ["--min-logprob", "-3"])
+    assert ok.exit_code == 0, ok.output
+    assert load_cache(tmp_path / "c").manifest.encoding["min_logprob"] == -3.0
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "c")])
+    assert shown.exit_code == 0 and "encoding: compact" in shown.output and "support cut below log p = -3" in shown.output
+    assert verify_cache(tmp_path / "c").ok

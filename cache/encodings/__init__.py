@@ -60,6 +60,11 @@ class Encoding(ABC):
     def decode(self, table: pa.Table | pa.RecordBatch) -> CacheRows:
         """Shard rows (one row group, a whole file) to numpy; ``topk_logprobs`` as float16 or float32."""
 
+    @property
+    def cuts_support(self) -> bool:
+        """Whether positions may hold fewer than k entries (decoded as log-prob -inf)."""
+        return False
+
     def validate(self) -> None:
         """Raise ValueError if the parameters are unusable (called when a manifest is loaded)."""
 

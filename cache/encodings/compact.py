@@ -133,6 +133,10 @@ class CompactEncoding(Encoding):
         rank[order] = np.arange(size, dtype=np.int32)
         return order, rank
 
+    @property
+    def cuts_support(self) -> bool:
+        return self.min_logprob is not None
+
     def validate(self) -> None:
         self._tables  # noqa: B018 (checks the id table against its hash)
 
