@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cache import read_all, read_cache
+from cache import read_cache
 from cache.build import CacheConfig, cache_teacher
 from cache.encodings import encoding_class, encoding_for
 from cache.encodings.compact import CompactEncoding
 from cache.encodings.exact import ExactEncoding
-from cache.format import CacheRows, sha256_file, tail_mass, write_shard
+from cache.format import CacheRows, sha256_file, tail_mass
 from cache.manifest import CacheError, load_cache
 from cache.verify import verify_cache
 
@@ -121,9 +122,12 @@ def test_compact_keeps_sampled_pads_and_refuses_unsorted_values():
     got = round_trip(compact(rows), rows)
     assert np.isneginf(got.topk_logprobs[:, :4, 10:]).all() and np.isfinite(got.topk_logprobs[:, 4:]).all()
     np.testing.assert_array_equal(got.topk_ids[:, :4, :10], rows.topk_ids[:, :4, :10])
-    rows.topk_logprobs = rows.topk_logprobs[..., ::-1].copy()
-    with pytest.raises(ValueError, match="sorted descending"):
-        compact(rows).encode(rows)
+    with pytest.raises(ValueError, match="top-1 log-probability of every position must be finite"):
+        compact(rows).encode(replace(rows, topk_logprobs=rows.topk_logprobs[..., ::-1].copy()))
+    rows = teacher_like_rows(b=2)
+    for cut in (None, -3.0):  # the full-support path and the masked one
+        with pytest.raises(ValueError, match="sorted descending"):
+            compact(rows, cut).encode(replace(rows, topk_logprobs=rows.topk_logprobs[..., ::-1].copy()))
 
 
 def test_frequency_table_is_a_deterministic_bijection():

@@ -172,30 +172,44 @@ class CompactEncoding(Encoding):
         b, positions, k = rows.topk_ids.shape
         n = b * positions
         lp = rows.topk_logprobs.reshape(n, k).astype(np.float32, copy=False)
-        keep = lp > -np.inf  # a sampled support pads with -inf
-        if self.min_logprob is not None:
-            keep &= lp >= self.min_logprob
-        keep[:, 0] = True
-        count = keep.sum(-1)
-        full = bool((count == k).all())
-        if not full and not np.array_equal(keep, np.arange(k) < count[:, None]):
-            raise ValueError("topk_logprobs must be sorted descending to be encoded")
         if not np.isfinite(lp[:, 0]).all():
             raise ValueError("the top-1 log-probability of every position must be finite")
         if rows.topk_ids.size and rows.topk_ids.min() < 0:
             raise ValueError("negative token id in topk_ids")
+        # The usual case, a full finite support, skips every mask.
+        full = self.min_logprob is None and not np.isneginf(lp).any()
+        if full:
+            keep = None
+            count = np.full(n, k, dtype=np.int64)
+            if k > 1 and (lp[:, 1:] > lp[:, :-1]).any():
+                raise ValueError("topk_logprobs must be sorted descending to be encoded")
+        else:
+            keep = lp > -np.inf  # a sampled support pads with -inf
+            if self.min_logprob is not None:
+                keep &= lp >= self.min_logprob
+            keep[:, 0] = True
+            count = keep.sum(-1)
+            if not np.array_equal(keep, np.arange(k) < count[:, None]):
+                raise ValueError("topk_logprobs must be sorted descending to be encoded")
 
         top = lp[:, 0].astype(np.float16)
         top32 = top.astype(np.float32)
         with np.errstate(invalid="ignore", over="ignore"):
-            q = np.rint((top32[:, None] - lp[:, 1:]) / np.float32(self.step))
+            q = np.subtract(top32[:, None], lp[:, 1:])
+            q /= np.float32(self.step)
+            np.rint(q, out=q)
             np.maximum(q, 0, out=q)  # fp16 may round the top-1 below the second entry
             if not full:
                 q[~keep[:, 1:]] = 0
-            increments = np.diff(q, axis=-1, prepend=np.float32(0)) if k > 1 else q
+            increments = np.empty_like(q)
+            if k > 1:
+                increments[:, 0] = q[:, 0]
+                np.subtract(q[:, 1:], q[:, :-1], out=increments[:, 1:])
             # Teacher mass over the kept support vs the decoded one's, both relative to their top-1.
-            exact = np.exp(lp - lp[:, :1])
-            decoded = np.exp(q * np.float32(-self.step))
+            exact = np.subtract(lp, lp[:, :1])
+            np.exp(exact, out=exact)
+            decoded = np.multiply(q, np.float32(-self.step))
+            np.exp(decoded, out=decoded)
         if not full:
             exact[~keep] = 0
             decoded[~keep[:, 1:]] = 0
@@ -208,7 +222,6 @@ class CompactEncoding(Encoding):
         else:
             increments_kept = increments[keep[:, 1:]]
             ranks_kept = ranks[keep]
-        increments_kept = increments_kept.astype(np.int64)
         if increments_kept.size and increments_kept.min() < 0:
             raise ValueError("topk_logprobs must be sorted descending to be encoded")
         saturated = increments_kept >= _SATURATED
@@ -217,9 +230,10 @@ class CompactEncoding(Encoding):
 
         per_row = count.reshape(b, positions).sum(-1)
         gaps_per_row = per_row - positions
-        if overflow.size:
-            row_of_gap = np.repeat(np.arange(b), gaps_per_row)
-            overflow_per_row = np.bincount(row_of_gap[saturated], minlength=b)
+        if overflow.size:  # the row each saturated gap belongs to, from the rows' gap offsets
+            row_ends = np.cumsum(gaps_per_row)
+            rows_of = np.searchsorted(row_ends, np.flatnonzero(saturated), side="right")
+            overflow_per_row = np.bincount(rows_of, minlength=b)
         else:
             overflow_per_row = np.zeros(b, dtype=np.int64)
 
