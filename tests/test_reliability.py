@@ -192,12 +192,12 @@ def test_a_full_disk_names_the_file_and_the_cache_resumes(tmp_path, reference, t
     write = build.write_shard
     written = []
 
-    def disk_fills_at_the_third_shard(rows, final, row_group_rows):
+    def disk_fills_at_the_third_shard(rows, final, row_group_rows, encoding):
         if len(written) == 2:  # half a temporary file, then ENOSPC, as a real full disk gives
             (final.parent / f".{final.name}.tmp-{os.getpid()}").write_bytes(b"PAR1 half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written.append(final)
-        write(rows, final, row_group_rows)
+        write(rows, final, row_group_rows, encoding)
 
     monkeypatch.setattr(build, "write_shard", disk_fills_at_the_third_shard)
     out = tmp_path / "cache"

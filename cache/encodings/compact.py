@@ -255,6 +255,12 @@ class CompactEncoding(Encoding):
 
     # --------------------------------------------------------------------------------------- decode
     def decode(self, table: pa.Table | pa.RecordBatch) -> CacheRows:
+        # Damaged bytes that pass a recomputed checksum may decode to inf or NaN: that is verify's to name
+        # (non-finite log-probabilities), not a floating-point warning's.
+        with np.errstate(all="ignore"):
+            return self._decode(table)
+
+    def _decode(self, table: pa.Table | pa.RecordBatch) -> CacheRows:
         b, length, k = table.num_rows, self.seq_len, self.k
         positions = length - 1
         n = b * positions
