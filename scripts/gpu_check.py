@@ -235,8 +235,14 @@ def free_cuda() -> None:
 
 def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, int]:
     """Write the scores as cache-teacher would (shards of shard_rows sequences); seconds and bytes."""
-    from cache.format import CacheRows, write_shard
+    from cache.encodings import DEFAULT_ENCODING, encoding_class
+    from cache.format import FORMAT_VERSION, CacheRows, write_shard
 
+    # The default encoding, its parameters derived from the first shard's tokens as cache-teacher derives them.
+    cls = encoding_class(DEFAULT_ENCODING)
+    vocab = int(max(input_ids.max(), scores.topk_ids.max())) + 1
+    params = cls.new_params(first_block_input_ids=input_ids[:shard_rows], vocab_size=vocab, min_logprob=None)
+    encoding = cls(version=FORMAT_VERSION, seq_len=input_ids.shape[1], k=scores.topk_ids.shape[-1], params=params)
     rows = CacheRows(
         seq_ids=np.arange(len(input_ids), dtype=np.int64),
         input_ids=input_ids,
@@ -247,11 +253,11 @@ def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, 
     )
     total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        write_shard(rows.slice(0, 1), Path(tmp) / "warm-up.parquet", 1)  # imports and codec set-up, not timed
+        write_shard(rows.slice(0, 1), Path(tmp) / "warm-up.parquet", 1, encoding)  # imports and codec set-up, not timed
         start = time.perf_counter()
         for i, s in enumerate(range(0, len(input_ids), shard_rows)):
             path = Path(tmp) / f"{i:08d}.parquet"
-            write_shard(rows.slice(s, s + shard_rows), path, shard_rows)
+            write_shard(rows.slice(s, s + shard_rows), path, shard_rows, encoding)
             total += path.stat().st_size
         seconds = time.perf_counter() - start
     return seconds, total
