@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -150,3 +151,18 @@ def test_tokenizer_check(small_cache, tokenizer_dir, tmp_path):
     check_tokenizer(info, extended, allow_vocab_superset=True)  # same ids plus one more: allowed
     with pytest.raises(CacheError):
         check_tokenizer(info, extended)  # but only when asked for
+
+
+def prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "cache-prefetch"]
+
+
+def test_an_abandoned_iterator_stops_and_joins_its_prefetch_thread(small_cache):
+    # A prefetch thread left running inside arrow's C++ code when the interpreter exits aborts the process
+    # ("terminate called without an active exception", exit -6) after a run that succeeded.
+    reader = CacheReader(small_cache, batch_size=2, prefetch=2)
+    for source in (iter(reader), reader.iter_epoch(0)):
+        next(source)
+        assert prefetch_threads(), "the reader is expected to prefetch in a thread"
+        source.close()
+        assert prefetch_threads() == []

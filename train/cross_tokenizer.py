@@ -191,7 +191,7 @@ def vocab_map_path(directory: Path, teacher: TokenPieces, student: TokenPieces) 
 
 def _read_vocab_map(path: Path, teacher: TokenPieces, student: TokenPieces) -> Optional[VocabMap]:
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:  # our handle: np.load leaks its own on a bad zip
             header = json.loads(str(f["header"]))
             mapping = f["mapping"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):

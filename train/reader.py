@@ -376,6 +376,10 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
             q.put(_DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             q.put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # the shard files it holds open, in this thread
 
     thread = threading.Thread(target=run, daemon=True, name="cache-prefetch")
     thread.start()
@@ -388,4 +392,7 @@ def _prefetched(items: Iterator, depth: int) -> Iterator:
                 raise item
             yield item
     finally:
+        # Joined, never left running: a daemon thread still inside arrow's C++ code when the interpreter exits is
+        # killed there by pthread_exit, and the process aborts ("terminate called without an active exception").
         stop.set()
+        thread.join()

@@ -693,6 +693,7 @@ class Recipe:
                 if step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_checkpoint()
         finally:
+            batches.close()  # stops and joins the reader's prefetch thread before anything else can end the process
             bar.close()
             if metrics_file:
                 metrics_file.close()
