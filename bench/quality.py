@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from transformers import AutoTokenizer
 
 from cache import read_cache
 from cache.build import CacheConfig, cache_teacher
@@ -52,6 +53,7 @@ from cache.format import SHARD_DIR, TOKENIZER_DIR, sha256_file, tail_mass, write
 from cache.hf_backend import resolve_device, resolve_dtype
 from cache.manifest import CacheInfo, load_cache
 from train import losses, trainer
+from train.cross_tokenizer import TokenPieces, bits_per_byte
 from train.plot import plot_runs, read_metrics
 from train.reader import CacheReader
 from train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
@@ -82,6 +84,9 @@ class Settings:
     num_samples: int = 16  # = sampled_k, so the draws always fit (see below)
     teacher_batch_size: int = 8
     seed: int = 0
+    # Each extra seed reruns fkl and taid on the top-k cache with that trainer seed (another data order, same
+    # caches): the spread between seeds is the noise the other differences are judged against.
+    noise_seeds: int = 0
     device: str = "auto"
     # Cache encoding of every cache (cache/encodings/). The recorded tables used "exact" (fp16, format v2's
     # content); `--encoding compact` reruns them on the default encoding.
@@ -130,6 +135,7 @@ class Run:
     name: str  # also the run's directory and its label in the plot
     cache: str  # key into the training caches
     loss: str  # a trainer loss, or DENSE
+    seed_offset: int = 0  # added to Settings.seed for this run's trainer (data order)
 
 
 def runs_for(settings: Settings, only: Sequence[str] | None = None) -> list[Run]:
@@ -139,6 +145,8 @@ def runs_for(settings: Settings, only: Sequence[str] | None = None) -> list[Run]
     runs += [Run(f"fkl-top{k}", f"top{k}", "fkl") for k in settings.small_ks]
     runs += [Run(f"fkl-sampled{settings.sampled_k}", f"sampled{settings.sampled_k}", "fkl")]
     runs += [Run("dense-online", top, DENSE)]  # reads only input_ids from the cache: the same batches
+    for offset in range(1, settings.noise_seeds + 1):
+        runs += [Run(f"{loss}-{top}-seed{settings.seed + offset}", top, loss, offset) for loss in ("fkl", "taid")]
     if only is None:
         return runs
     unknown = sorted(set(only) - {run.name for run in runs})
@@ -281,12 +289,13 @@ class Scores:
 
     def __init__(self) -> None:
         self.tokens = 0
-        self.ce = self.kl = self.agree = 0.0
+        self.ce = self.kl = self.agree = self.bytes = 0.0
         self.bin_confidence = np.zeros(ECE_BINS)
         self.bin_correct = np.zeros(ECE_BINS)
 
-    def add(self, log_q: torch.Tensor, log_p: torch.Tensor, targets: torch.Tensor) -> None:
-        """``log_q``, ``log_p`` [M, V] student and teacher log-probs at M positions; ``targets`` [M]."""
+    def add(self, log_q: torch.Tensor, log_p: torch.Tensor, targets: torch.Tensor, target_bytes: float) -> None:
+        """``log_q``, ``log_p`` [M, V] student and teacher log-probs at M positions; ``targets`` [M];
+        ``target_bytes``: the bytes of text those M targets stand for (for bits per byte)."""
         # With the whole vocabulary as the support there is no rest bin: the project's forward KL is dense.
         self.kl += float(losses.forward_kl(log_p, log_q).sum())
         self.ce += float(losses.cross_entropy(log_q.gather(-1, targets[:, None]).squeeze(-1)).sum())
@@ -298,12 +307,16 @@ class Scores:
         self.bin_confidence += np.bincount(bins, confidence, minlength=ECE_BINS)
         self.bin_correct += np.bincount(bins, correct, minlength=ECE_BINS)
         self.tokens += int(targets.numel())
+        self.bytes += target_bytes
 
     def result(self) -> dict:
         n = max(self.tokens, 1)
         # ECE = Σ_b (n_b / n)·|accuracy_b - confidence_b| = Σ_b |Σ_{i in b} (correct_i - confidence_i)| / n.
         ece = float(np.abs(self.bin_correct - self.bin_confidence).sum() / n)
-        return {"ce": self.ce / n, "kl": self.kl / n, "top1": self.agree / n, "ece": ece, "tokens": self.tokens}
+        return {
+            "ce": self.ce / n, "kl": self.kl / n, "top1": self.agree / n, "ece": ece, "tokens": self.tokens,
+            "bytes": self.bytes, "bpb": bits_per_byte(self.ce, self.bytes),  # the figure a student of another tokenizer is compared on
+        }  # fmt: skip
 
 
 class HeldOut:
@@ -315,6 +328,8 @@ class HeldOut:
         self.device = device
         reader = CacheReader(info, batch_size, shuffle=False, drop_remainder=False, prefetch=0)
         self.batches = [(b["input_ids"], b["target_mask"]) for b in reader.iter_epoch(0)]
+        pieces = TokenPieces.of(AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR))
+        self.target_bytes = [float(pieces.text_bytes(ids[:, 1:][mask].numpy()).sum()) for ids, mask in self.batches]
         self.teacher_logprobs = [self.logprobs(teacher, ids, mask).cpu() for ids, mask in self.batches]
 
     @torch.no_grad()
@@ -327,9 +342,9 @@ class HeldOut:
     def score(self, model) -> dict:
         model.eval()
         scores = Scores()
-        for (ids, mask), log_p in zip(self.batches, self.teacher_logprobs):
+        for (ids, mask), log_p, n_bytes in zip(self.batches, self.teacher_logprobs, self.target_bytes):
             log_q = self.logprobs(model, ids, mask)
-            scores.add(log_q, log_p.to(self.device), ids[:, 1:][mask].to(self.device))
+            scores.add(log_q, log_p.to(self.device), ids[:, 1:][mask].to(self.device), n_bytes)
         return scores.result()
 
 
@@ -392,7 +407,7 @@ def train_run(run: Run, material: Material, caches: Caches, s: Settings, root: P
     cfg = DistillConfig(
         student=material.student, cache=caches.train[run.cache].root, out=out,
         loss="fkl" if run.loss == DENSE else run.loss, batch_size=s.batch_size, lr=s.lr,
-        warmup_steps=s.warmup_steps, max_steps=s.steps, seed=s.seed, eval_cache=caches.heldout.root,
+        warmup_steps=s.warmup_steps, max_steps=s.steps, seed=s.seed + run.seed_offset, eval_cache=caches.heldout.root,
         eval_every=s.eval_every, eval_at_start=True, save_every=s.steps, keep_checkpoints=1, log_every=1,
         device=s.device, progress=False,
     )  # fmt: skip
@@ -556,16 +571,25 @@ def format_report(r: dict) -> str:
         f"{s['steps'] * s['batch_size']} cached sequences, same order), AdamW lr {s['lr']:g}, {s['warmup_steps']} "
         f"warmup steps then cosine, seed {s['seed']}; held-out: {s['eval_sequences']} x {s['seq_len']} tokens.",
         "",
-        "| run | teacher signal | eval CE | KL(T‖S) full vocab | top-1 agree | ECE | KL k+1 bins (trainer) | s/step | run s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | teacher signal | eval CE | bits/byte | KL(T‖S) full vocab | top-1 agree | ECE | KL k+1 bins (trainer) "
+        "| dense KD's KL gain recovered | CE vs dense KD | s/step | run s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, ref in r["reference"].items():
-        lines.append(f"| {name} | - | {ref['ce']:.3f} | {ref['kl']:.4f} | {ref['top1']:.3f} | {ref['ece']:.3f} | | | |")
+        lines.append(
+            f"| {name} | - | {ref['ce']:.3f} | {ref.get('bpb', math.nan):.4f} | {ref['kl']:.4f} | {ref['top1']:.3f} "
+            f"| {ref['ece']:.3f} | | | | | |"
+        )
+    ce_run, dense = r["runs"].get(f"ce-top{s['top_k']}"), r["runs"].get("dense-online")
     for name, run in r["runs"].items():
         signal = "live, full vocab" if run["loss"] == DENSE else ("none (true tokens)" if run["loss"] == "ce" else run["cache"])
+        # The fraction of online dense KD's improvement over CE-only (in full-vocabulary KL) this run achieves.
+        recovered = (ce_run["kl"] - run["kl"]) / (ce_run["kl"] - dense["kl"]) if ce_run and dense and ce_run["kl"] != dense["kl"] else None
+        versus = run["ce"] / dense["ce"] - 1 if dense else None
         lines.append(
-            f"| {name} | {signal} | {run['ce']:.3f} | {run['kl']:.4f} | {run['top1']:.3f} | {run['ece']:.3f} | "
-            f"{run['trainer_eval_kl']:.4f} | {run['step_seconds']:.2f} | {run['run_seconds']:.0f} |"
+            f"| {name} | {signal} | {run['ce']:.3f} | {run.get('bpb', math.nan):.4f} | {run['kl']:.4f} | {run['top1']:.3f} "
+            f"| {run['ece']:.3f} | {run['trainer_eval_kl']:.4f} | {'' if recovered is None else f'{recovered:.0%}'} "
+            f"| {'' if versus is None else f'{versus:+.2%}'} | {run['step_seconds']:.2f} | {run['run_seconds']:.0f} |"
         )
     lines += [
         "",

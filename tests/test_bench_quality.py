@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def test_quick_mode_passes_and_reports_every_run(quick):
     for run in runs.values():
         assert run["tokens"] == report["reference"]["teacher"]["tokens"] > 0
         assert 0 <= run["ece"] <= 1 and 0 <= run["top1"] <= 1 and run["step_seconds"] > 0
+        # Bits per byte is the CE over the bytes the targets stand for: nats/token x tokens/byte / ln 2.
+        assert run["bpb"] == pytest.approx(run["ce"] * run["tokens"] / (report["reference"]["teacher"]["bytes"] * math.log(2)))
+    for ref in report["reference"].values():  # tiny random models: no order between them to assert
+        assert ref["bytes"] == report["reference"]["teacher"]["bytes"] > ref["tokens"] and ref["bpb"] > 0
     assert report["reference"]["teacher"]["kl"] == pytest.approx(0, abs=1e-6)
     assert "Speed: cached FKL step" in table and "On compute alone" in table
     assert (out / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,3 +126,12 @@ def test_selected_runs_reuse_the_caches_for_another_student(quick, tmp_path, tea
     assert "| ce-top64 |" in text and "| fkl-top64 |" not in text and "Speed:" not in text
     with pytest.raises(ValueError, match="unknown runs"):
         quality.runs_for(settings, ["fkl-top32"])
+
+
+def test_noise_seeds_rerun_fkl_and_taid_with_other_trainer_seeds_on_the_same_caches():
+    settings = dataclasses.replace(quality.QUICK, seed=3, noise_seeds=2)
+    extra = [r for r in quality.runs_for(settings) if r.seed_offset]
+    assert [(r.name, r.cache, r.loss, r.seed_offset) for r in extra] == [
+        ("fkl-top64-seed4", "top64", "fkl", 1), ("taid-top64-seed4", "top64", "taid", 1),
+        ("fkl-top64-seed5", "top64", "fkl", 2), ("taid-top64-seed5", "top64", "taid", 2),
+    ]  # fmt: skip
