@@ -139,7 +139,8 @@ class Run:
 
 
 def runs_for(settings: Settings, only: Sequence[str] | None = None) -> list[Run]:
-    """Every run of the benchmark, or those named in ``only`` (in the benchmark's order)."""
+    """Every run of the benchmark in its order, or those named in ``only`` in the order given (on a budget the
+    runs that matter most go first: an interrupted benchmark keeps them, see --resume)."""
     top = f"top{settings.top_k}"
     runs = [Run(f"{loss}-{top}", top, loss) for loss in ("ce", "fkl", "rkl", "sfkl", "taid", "atkd")]
     runs += [Run(f"fkl-top{k}", f"top{k}", "fkl") for k in settings.small_ks]
@@ -152,7 +153,8 @@ def runs_for(settings: Settings, only: Sequence[str] | None = None) -> list[Run]
     unknown = sorted(set(only) - {run.name for run in runs})
     if unknown:
         raise ValueError(f"unknown runs {unknown}; choose from {[run.name for run in runs]}")
-    return [run for run in runs if run.name in only]
+    by_name = {run.name: run for run in runs}
+    return [by_name[name] for name in dict.fromkeys(only)]
 
 
 def _log(message: str) -> None:
@@ -657,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep the caches and finished runs of an interrupted run")
     parser.add_argument(
         "--runs",
-        help="comma-separated run names to train (default: all): e.g. fkl-top64,dense-online for the speed "
+        help="comma-separated run names to train, in this order (default: all): e.g. fkl-top64,dense-online for the speed "
         "comparison alone; with --resume and a copy of caches/ in --out, another student reuses the caches",
     )
     args = parser.parse_args(argv)

@@ -135,3 +135,10 @@ def test_noise_seeds_rerun_fkl_and_taid_with_other_trainer_seeds_on_the_same_cac
         ("fkl-top64-seed4", "top64", "fkl", 1), ("taid-top64-seed4", "top64", "taid", 1),
         ("fkl-top64-seed5", "top64", "fkl", 2), ("taid-top64-seed5", "top64", "taid", 2),
     ]  # fmt: skip
+
+
+def test_runs_are_trained_in_the_order_given():
+    names = ["dense-online", "ce-top64", "fkl-sampled16", "ce-top64"]
+    assert [r.name for r in quality.runs_for(quality.QUICK, names)] == ["dense-online", "ce-top64", "fkl-sampled16"]
+    with pytest.raises(ValueError, match="unknown runs"):
+        quality.runs_for(quality.QUICK, ["fkl-top3"])
