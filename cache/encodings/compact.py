@@ -53,31 +53,109 @@ from cache.format import (
     shard_write_options,
 )
 
-# 1/32 nat: ΔKL 1.8e-5 at k=64 on the benchmark teacher; 1/16 saves 4.9 B/token (of 130.9) at 4x the ΔKL,
-# 7.3e-5, over the 5e-5 budget (bench/RESULTS.md, "Cache format v3").
-DEFAULT_LOGPROB_STEP = 1 / 32
+# 1/22 nat: the coarsest step with ΔKL under 5e-5 at every k on the benchmark teacher (4.3e-5 at k=128,
+# 3.9e-5 at k=64); 1/32 costs 2.7 B/token more at k=64 for ΔKL 1.8e-5 (bench/RESULTS.md, "Cache format v3").
+DEFAULT_LOGPROB_STEP = 1 / 22
 _SATURATED = 255  # a gap increment this large is stored in gap_overflow
 
-_SCHEMA_COLUMNS = [
+# Ids are stored as their rank in the frequency table, split into bytes: a head byte per id (ranks below
+# _DIRECT_RANKS are the head itself; up to _FAR_START the head holds the high part and the low byte goes to
+# id_tails; head _FAR means the rank is in id_far, as rank - _FAR_START). zstd's entropy coder sees each
+# stream's own statistics: 1.4-2.6 B/token less than int32 ranks with byte-stream-split at k = 16-128,
+# within 1% of the ranks' order-0 entropy (bench/RESULTS.md, "Cache format v3").
+_DIRECT_RANKS = 64
+_FAR = 255
+_FAR_START = _DIRECT_RANKS + (_FAR - _DIRECT_RANKS) * 256  # 48,960
+
+_COMMON_COLUMNS = [
     ("input_ids", pa.int32()),
     ("loss_mask", pa.bool_()),
     ("support_size", pa.uint16()),
-    ("topk_ids", pa.int32()),
+]
+_VALUE_COLUMNS = [
     ("top_logprob", pa.float16()),
     ("gap_overflow", pa.int32()),
     ("log_mass_shift", pa.float16()),
     ("target_logprob", pa.float16()),
 ]
-_SCHEMA = pa.schema(
-    [pa.field("seq_id", pa.int64(), nullable=False)]
-    + [pa.field(name, list_type(value_type), nullable=False) for name, value_type in _SCHEMA_COLUMNS]
-    # Bytes, not list<uint8>: Parquet has no 8-bit physical type and would widen each to an INT32.
-    + [pa.field("gap_steps", pa.binary(), nullable=False)],
-    metadata={"kd_cache_format": "3", "kd_cache_encoding": "compact"},
-)
-_WRITE_OPTIONS = shard_write_options(
-    byte_stream_split=("topk_ids", "top_logprob", "log_mass_shift", "target_logprob")
-)
+
+
+def _schema(id_columns: list, id_bytes: list) -> pa.Schema:
+    lists = _COMMON_COLUMNS + id_columns + _VALUE_COLUMNS
+    return pa.schema(
+        [pa.field("seq_id", pa.int64(), nullable=False)]
+        + [pa.field(name, list_type(value_type), nullable=False) for name, value_type in lists]
+        # Bytes, not list<uint8>: Parquet has no 8-bit physical type and would widen each to an INT32.
+        + [pa.field(name, pa.binary(), nullable=False) for name in ["gap_steps", *id_bytes]],
+        metadata={"kd_cache_format": "3", "kd_cache_encoding": "compact"},
+    )
+
+
+_VALUES_SPLIT = ("top_logprob", "log_mass_shift", "target_logprob")
+# id_layout "bytes" (written since 2026-12-01 23:00 UTC) and "int32" (the caches written before it, whose
+# manifests name no id_layout: ranks as int32 lists with byte-stream-split), read and resumed alike.
+_LAYOUTS = {
+    "bytes": (
+        _schema([("id_far", pa.int32())], ["id_heads", "id_tails"]),
+        shard_write_options(byte_stream_split=("id_far", *_VALUES_SPLIT)),
+    ),
+    "int32": (_schema([("topk_ids", pa.int32())], []), shard_write_options(byte_stream_split=("topk_ids", *_VALUES_SPLIT))),
+}
+DEFAULT_ID_LAYOUT = "bytes"
+
+
+def _count_per_row(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """How many of ``flags`` (bool, rows concatenated, row ``i`` ``lengths[i]`` long) are set in each row."""
+    counts = np.zeros(len(lengths), dtype=np.int64)
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    nonempty = lengths > 0
+    if flags.size:  # a segment runs to the next non-empty row's start: empty rows in between add nothing
+        counts[nonempty] = np.add.reduceat(flags.view(np.uint8), starts[nonempty], dtype=np.int64)
+    return counts
+
+
+# Head and tail byte of each rank up to _FAR_START (np.take on these is 5x faster than the arithmetic with masks).
+_HEAD_OF_RANK = np.minimum(((np.arange(_FAR_START + 1) - _DIRECT_RANKS) >> 8) + _DIRECT_RANKS, _FAR).astype(np.uint8)
+_HEAD_OF_RANK[:_DIRECT_RANKS] = np.arange(_DIRECT_RANKS)
+_TAIL_OF_RANK = ((np.arange(_FAR_START + 1) - _DIRECT_RANKS) & 0xFF).astype(np.uint8)
+
+
+def _split_ranks(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32 ranks → (head bytes, one per rank; tail bytes, one per rank >= _DIRECT_RANKS; for the ranks
+    r >= _FAR_START, (r - _FAR_START) >> 8, their tail byte holding the low 8 bits)."""
+    capped = np.minimum(ranks, _FAR_START)
+    heads = np.take(_HEAD_OF_RANK, capped)
+    wide = np.compress(heads >= _DIRECT_RANKS, ranks)
+    tails = np.take(_TAIL_OF_RANK, np.minimum(wide, _FAR_START))
+    beyond = wide >= _FAR_START
+    if not beyond.any():
+        return heads, tails, np.empty(0, dtype=np.int32)
+    far = wide[beyond] - _FAR_START
+    tails[beyond] = far & 0xFF
+    return heads, tails, (far >> 8).astype(np.int32)
+
+
+def _join_ranks(heads: np.ndarray, tails: np.ndarray, far: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_split_ranks` (int32 ranks); ValueError if the three streams disagree."""
+    ranks = heads.astype(np.int32)
+    wide = np.flatnonzero(heads >= _DIRECT_RANKS)
+    if wide.size != tails.size:
+        raise ValueError(f"{wide.size} ids need a tail byte but {tails.size} are stored")
+    # rank = 64 + (head - 64) * 256 + tail; a far one (head 255) then adds 256 * its far value
+    middle = np.take(heads, wide).astype(np.int32)
+    middle <<= 8
+    middle += tails
+    middle -= _DIRECT_RANKS * 255
+    np.put(ranks, wide, middle)
+    far_at = np.flatnonzero(heads == _FAR) if far.size or (wide.size and middle.max() >= _FAR_START) else wide[:0]
+    if far_at.size != far.size:
+        raise ValueError(f"{far_at.size} ids are far ranks but {far.size} far values are stored")
+    if far.size:
+        if far.min() < 0:
+            raise ValueError("id_far holds a negative value")
+        ranks[far_at] += far << 8
+    return ranks
 
 
 def _pack_ids(ids: np.ndarray) -> str:
@@ -104,6 +182,7 @@ class CompactEncoding(Encoding):
             "logprob_step": DEFAULT_LOGPROB_STEP,
             "min_logprob": None if min_logprob is None else float(min_logprob),
             "id_table_size": int(vocab_size),
+            "id_layout": DEFAULT_ID_LAYOUT,
             "id_order": order,
             "id_order_sha256": hashlib.sha256(order.encode()).hexdigest(),
         }
@@ -112,6 +191,10 @@ class CompactEncoding(Encoding):
     @property
     def step(self) -> float:
         return float(self.params["logprob_step"])
+
+    @property
+    def id_layout(self) -> str:
+        return self.params.get("id_layout", "int32")
 
     @property
     def min_logprob(self) -> float | None:
@@ -139,15 +222,17 @@ class CompactEncoding(Encoding):
         return self.min_logprob is not None
 
     def validate(self) -> None:
+        if self.id_layout not in _LAYOUTS:
+            raise ValueError(f"unknown encoding.id_layout {self.id_layout!r}; this version reads {', '.join(_LAYOUTS)}")
         self._tables  # noqa: B018 (checks the id table against its hash)
 
     @property
     def schema(self) -> pa.Schema:
-        return _SCHEMA
+        return _LAYOUTS[self.id_layout][0]
 
     @property
     def write_options(self) -> dict:
-        return _WRITE_OPTIONS
+        return _LAYOUTS[self.id_layout][1]
 
     def error_bound(self) -> float:
         return self.step + 2.0**-8
@@ -163,8 +248,8 @@ class CompactEncoding(Encoding):
     def _map(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
         """Apply an id ↔ rank table; values beyond it map to themselves."""
         if ids.size == 0 or ids.max() < table.size:
-            return table[ids]
-        return np.where(ids < table.size, table[np.minimum(ids, table.size - 1)], ids)
+            return np.take(table, ids)  # several times faster than table[ids] on int32 indices
+        return np.where(ids < table.size, np.take(table, np.minimum(ids, table.size - 1)), ids)
 
     # --------------------------------------------------------------------------------------- encode
     def encode(self, rows: CacheRows) -> pa.Table:
@@ -230,12 +315,7 @@ class CompactEncoding(Encoding):
 
         per_row = count.reshape(b, positions).sum(-1)
         gaps_per_row = per_row - positions
-        if overflow.size:  # the row each saturated gap belongs to, from the rows' gap offsets
-            row_ends = np.cumsum(gaps_per_row)
-            rows_of = np.searchsorted(row_ends, np.flatnonzero(saturated), side="right")
-            overflow_per_row = np.bincount(rows_of, minlength=b)
-        else:
-            overflow_per_row = np.zeros(b, dtype=np.int64)
+        overflow_per_row = _count_per_row(saturated, gaps_per_row) if overflow.size else np.zeros(b, np.int64)
 
         schema = self.schema
         typ = lambda name: schema.field(name).type  # noqa: E731
@@ -244,13 +324,21 @@ class CompactEncoding(Encoding):
             "input_ids": list_array(rows.input_ids.astype(np.int32, copy=False), typ("input_ids")),
             "loss_mask": list_array(rows.loss_mask.astype(np.bool_, copy=False), typ("loss_mask")),
             "support_size": list_array(count.astype(np.uint16).reshape(b, positions), typ("support_size")),
-            "topk_ids": ragged_list_array(ranks_kept.astype(np.int32, copy=False), per_row, typ("topk_ids")),
             "top_logprob": list_array(top.reshape(b, positions), typ("top_logprob")),
             "gap_steps": binary_array(gap_steps, gaps_per_row),
             "gap_overflow": ragged_list_array(overflow, overflow_per_row, typ("gap_overflow")),
             "log_mass_shift": list_array(shift.astype(np.float16).reshape(b, positions), typ("log_mass_shift")),
             "target_logprob": list_array(rows.target_logprob.astype(np.float16), typ("target_logprob")),
         }
+        ranks_kept = ranks_kept.astype(np.int32, copy=False)
+        if self.id_layout == "int32":
+            columns["topk_ids"] = ragged_list_array(ranks_kept, per_row, typ("topk_ids"))
+        else:
+            heads, tails, far = _split_ranks(ranks_kept)
+            columns["id_heads"] = binary_array(heads, per_row)
+            columns["id_tails"] = binary_array(tails, _count_per_row(heads >= _DIRECT_RANKS, per_row))
+            far_per_row = _count_per_row(heads == _FAR, per_row) if far.size else np.zeros(b, np.int64)
+            columns["id_far"] = ragged_list_array(far, far_per_row, typ("id_far"))
         return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
 
     # --------------------------------------------------------------------------------------- decode
@@ -270,7 +358,10 @@ class CompactEncoding(Encoding):
         base += flat_values(col("log_mass_shift"), positions, "log_mass_shift")
         gaps = binary_values(col("gap_steps"))
         overflow = ragged_values(col("gap_overflow"))
-        ranks = ragged_values(col("topk_ids"))
+        if self.id_layout == "int32":
+            ranks = ragged_values(col("topk_ids"))
+        else:
+            ranks = _join_ranks(binary_values(col("id_heads")), binary_values(col("id_tails")), ragged_values(col("id_far")))
         total = int(count.sum(dtype=np.int64))
         if count.size and (count.min() < 1 or count.max() > k):
             raise ValueError(f"support_size outside [1, {k}]")
