@@ -8,8 +8,10 @@ rows; bench/bench_writer.py writes the same file); smaller k are the first colum
 Variants, at k = 16, 50, 64, 128:
 
 - ``v2``: format v2 (the ``exact`` encoding at version 2, fp16 log-probs, int32 ids): the baseline.
-- ``v3 exact`` and ``v3 compact`` (cache/encodings/), as ``pipeline cache-teacher`` writes them (the id
-  table from the rows' input tokens, i.e. the first block); ``v3 compact, min-logprob X``: the support cut.
+- ``v3 exact`` and ``v3 compact`` (cache/encodings/), as ``pipeline cache-teacher`` writes them: the id
+  table from the input tokens of the first block that command cuts from this corpus (the first 1M tokens
+  of the packed stream, i.e. all of Moby Dick's 311k; ``--table-from rows``: only the scored rows' own
+  input tokens); ``v3 compact, min-logprob X``: the support cut.
 - ``DistillKit budget`` / ``DistillKit recommended``: an encoder written here from DistillKit's published
   description (not its code): ids bit-packed at ceil(log2 V) bits padded per position; log-probs sorted,
   the first ``exact_k`` as bf16, the rest replaced by a least-squares fit on ``t^i`` / ``sqrt(t)``
@@ -43,7 +45,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.bench_writer import K_MAX, load_average, load_or_score, machine, single_threaded, table, time_all, with_k
+from bench.bench_writer import (
+    K_MAX,
+    load_average,
+    load_or_score,
+    machine,
+    moby_dick_sequences,
+    single_threaded,
+    table,
+    time_all,
+    with_k,
+)
+from cache.build import CacheConfig
 from cache.encodings import Encoding
 from cache.encodings.compact import CompactEncoding
 from cache.encodings.exact import ExactEncoding
@@ -189,12 +202,14 @@ def distillkit(label: str, encoder: DistillKitStyle, rows: CacheRows) -> Variant
     return Variant(label, lambda: encoder.encode(rows), encoder.write_options, encoder.decode)
 
 
-def variants(rows: CacheRows) -> list[Variant]:
+def variants(rows: CacheRows, first_block_input_ids: np.ndarray) -> list[Variant]:
     k = rows.k
     geometry = dict(seq_len=rows.seq_len, k=k)
 
     def compact(min_logprob=None) -> CompactEncoding:
-        params = CompactEncoding.new_params(first_block_input_ids=rows.input_ids, vocab_size=VOCAB, min_logprob=min_logprob)
+        params = CompactEncoding.new_params(
+            first_block_input_ids=first_block_input_ids, vocab_size=VOCAB, min_logprob=min_logprob
+        )
         return CompactEncoding(version=3, params=params, **geometry)
 
     out = [
@@ -209,12 +224,37 @@ def variants(rows: CacheRows) -> list[Variant]:
     return out
 
 
-def measure_k(real: CacheRows, k: int, repeats: int) -> list[dict]:
+# Where a compact file's bytes go: its columns in groups.
+COLUMN_GROUPS = {
+    "ids": ("id_heads", "id_tails", "id_far", "topk_ids"),
+    "gaps": ("gap_steps", "gap_overflow"),
+    "top-1 + mass shift": ("top_logprob", "log_mass_shift"),
+    "input ids, mask, target, counts": ("seq_id", "input_ids", "loss_mask", "target_logprob", "support_size"),
+}
+
+
+def column_bytes(data: bytes) -> dict[str, float]:
+    """Compressed bytes per column group of a one-file shard, and the rest (footer, headers) as "file"."""
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    sizes: dict[str, int] = {}
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            name = group.column(c).path_in_schema.split(".")[0]
+            sizes[name] = sizes.get(name, 0) + group.column(c).total_compressed_size
+    out = {label: sum(sizes.pop(n, 0) for n in names) for label, names in COLUMN_GROUPS.items()}
+    if sizes:
+        raise ValueError(f"columns in no group: {sorted(sizes)}")
+    out["file"] = len(data) - sum(out.values())
+    return out
+
+
+def measure_k(real: CacheRows, first_block_input_ids: np.ndarray, k: int, repeats: int) -> list[dict]:
     rows = with_k(real, k)
     tokens = rows.input_ids.size
     teacher_lp = rows.topk_logprobs.reshape(-1, k)
     group = rows.num_rows  # all real rows in one row group: the writer's default 64k tokens at L=256
-    found = variants(rows)
+    found = variants(rows, first_block_input_ids)
     files = [parquet(v.encode(), {**v.options, "row_group_size": group}) for v in found]
     timings = time_all(
         [lambda v=v: parquet(v.encode(), {**v.options, "row_group_size": group}) for v in found]
@@ -235,9 +275,21 @@ def measure_k(real: CacheRows, k: int, repeats: int) -> list[dict]:
                 kl_max=float(kl[~infinite].max()), infinite=int(infinite.sum()), positions=kl.size, ids_ok=ids_ok,
                 kept=float(kept.sum(-1).mean()),
                 tail=float(np.abs(tail_mass(lp) - tail_mass(teacher_lp)).max()),
+                columns={c: b / tokens for c, b in column_bytes(data).items()} if v.label == "v3 compact" else None,
             )
         )
     return results
+
+
+def report_columns(results: list[dict]) -> None:
+    rows = [r for r in results if r["columns"]]
+    labels = list(rows[0]["columns"])
+    table(
+        "Where v3 compact's bytes go (B/token per column group)",
+        ["k", "B/token", *labels],
+        [[r["k"], f"{r['bytes']:.1f}", *(f"{r['columns'][c]:.1f}" for c in labels)] for r in rows],
+        ["ids = id_heads + id_tails + id_far; gaps = gap_steps + gap_overflow; file = footer and page headers."],
+    )
 
 
 def report(results: list[dict]) -> None:
@@ -280,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", default=",".join(map(str, SIZE_KS)))
+    parser.add_argument(
+        "--table-from", choices=("first-block", "rows"), default="first-block",
+        help="input tokens the compact id table is built from: the first block cache-teacher cuts from the "
+        "corpus (default), or the scored rows alone",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     real, origin = load_or_score(args.rows, args.sequences, args.seq_len)
@@ -293,10 +350,21 @@ def main(argv: list[str] | None = None) -> None:
         f"\nMaterial: SmolLM2-135M-Instruct (fp32, CPU) on {real.num_rows} x {real.seq_len} = {real.input_ids.size:,} "
         f"Moby Dick tokens, scored once at k={K_MAX} ({origin})."
     )
+    if args.table_from == "rows":
+        first_block, where = real.input_ids, "the scored rows' own input tokens"
+    else:
+        rows_per_shard = CacheConfig.__dataclass_fields__["shard_tokens"].default // args.seq_len
+        first_block = moby_dick_sequences(args.seq_len)[0][:rows_per_shard]
+        where = (
+            f"the input tokens of the first block cache-teacher cuts from this corpus ({len(first_block)} "
+            f"sequences, {first_block.size:,} tokens, which include the scored rows)"
+        )
+    print(f"\nCompact id table: from {where}.")
     results = []
     for k in (int(x) for x in args.ks.split(",")):
-        results += measure_k(real, k, args.repeats)
+        results += measure_k(real, first_block, k, args.repeats)
     report(results)
+    report_columns(results)
     print(f"\nLoad average at end: {load_average()}; total bench time {time.perf_counter() - started:.0f} s")
 
 

@@ -65,26 +65,33 @@ TILE_BIAS_LIMIT = 0.9
 # Material
 
 
-def teacher_rows(num_sequences: int, seq_len: int) -> tuple[CacheRows, float]:
-    """Real cache rows at k=128: ``num_sequences`` packed Moby Dick sequences spread evenly over the
-    book (one slice of the first chapters would be one register of prose), scored by the teacher.
-    Returns the rows and the teacher's throughput in tokens/s."""
+def moby_dick_sequences(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The packed token sequences `pipeline cache-teacher` makes of Moby Dick with the teacher's tokenizer:
+    (input_ids [S, seq_len] int32, loss_mask [S, seq_len] bool)."""
     from transformers import AutoTokenizer
 
     from bench.material import corpus, teacher_dir
     from cache.data import DataSpec, iter_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir())
+    stream = list(iter_sequences(DataSpec(path=str(corpus("moby-dick")), seq_len=seq_len), tokenizer))
+    return np.stack([s[0] for s in stream]), np.stack([s[1] for s in stream])
+
+
+def teacher_rows(num_sequences: int, seq_len: int) -> tuple[CacheRows, float]:
+    """Real cache rows at k=128: ``num_sequences`` packed Moby Dick sequences spread evenly over the
+    book (one slice of the first chapters would be one register of prose), scored by the teacher.
+    Returns the rows and the teacher's throughput in tokens/s."""
+    from bench.material import teacher_dir
     from cache.hf_backend import HFTeacher
 
-    teacher_path = teacher_dir()
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    stream = list(iter_sequences(DataSpec(path=str(corpus("moby-dick")), seq_len=seq_len), tokenizer))
-    if len(stream) < num_sequences:
-        raise SystemExit(f"Moby Dick gives only {len(stream)} sequences of {seq_len} tokens")
-    picked = np.linspace(0, len(stream) - 1, num_sequences).round().astype(np.int64)
-    input_ids = np.stack([stream[i][0] for i in picked])
-    loss_mask = np.stack([stream[i][1] for i in picked])
+    stream_ids, stream_mask = moby_dick_sequences(seq_len)
+    if len(stream_ids) < num_sequences:
+        raise SystemExit(f"Moby Dick gives only {len(stream_ids)} sequences of {seq_len} tokens")
+    picked = np.linspace(0, len(stream_ids) - 1, num_sequences).round().astype(np.int64)
+    input_ids, loss_mask = stream_ids[picked], stream_mask[picked]
 
-    teacher = HFTeacher(str(teacher_path), k=K_MAX, batch_size=8, dtype="float32", device="cpu")
+    teacher = HFTeacher(str(teacher_dir()), k=K_MAX, batch_size=8, dtype="float32", device="cpu")
     started = time.perf_counter()
     scores = teacher.score(input_ids)
     rate = input_ids.size / (time.perf_counter() - started)
