@@ -102,8 +102,8 @@ class CacheConfig:
     sample_seed: int = option(0, "--support sampled: seed (draws depend only on it and the position).")
     encoding: str = option(
         DEFAULT_ENCODING,
-        "Shard encoding: compact (log-prob gaps quantized to 1/32 nat, ids by frequency rank; 0.72-0.79x the "
-        "bytes of exact) | exact (fp16, format v2's columns).",
+        "Shard encoding: compact (log-prob gaps quantized to 1/22 nat, ids as bytes of their frequency rank; "
+        "0.67-0.75x the bytes of exact) | exact (fp16, format v2's columns).",
     )
     min_logprob: float | None = option(
         None, "compact: drop support entries below this log-prob (at most --top-k kept; their mass goes to the tail)."

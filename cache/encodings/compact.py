@@ -14,15 +14,19 @@ Per position ``t`` the stored support is the teacher's first ``n_t <= k`` entrie
   and equals the teacher's: what is lost to the quantization is how the support's mass is spread, not how
   much of it there is. Without it, ΔKL at k=64 is 3.6x larger and 0.6% of positions lose their rest bin
   (bench/RESULTS.md, "Cache format v3").
-- ``topk_ids`` int32, ``n_t`` per position: each id's rank in a frequency table (0 = most frequent), a
-  bijection of ``[0, id_table_size)`` (ids beyond it are stored as themselves). Frequent tokens get small
-  ranks, so byte-stream-split + zstd code the high bytes in a few bits. The table is a pure function of
+- ids, ``n_t`` per position: each id's rank in a frequency table (0 = most frequent), a bijection of
+  ``[0, id_table_size)`` (ids beyond it are stored as themselves), split into bytes: ``id_heads`` (one
+  byte per id: ranks < 64 themselves, else 64 + (rank - 64) // 256, 255 from rank 48,960 on),
+  ``id_tails`` (the low byte of rank - 64, one per rank >= 64) and ``id_far`` (int32, (rank - 48,960)
+  // 256 of the few ranks beyond). Frequent tokens get small ranks, and zstd's entropy coder sees each
+  stream's own statistics: on the benchmark teacher ids cost 7% over their order-0 entropy. The table is a pure function of
   the input tokens of the cache's first block (every worker computes the same one without scoring it),
   stored in the manifest's ``encoding.id_order`` (ids by rank; unseen ids follow in id order) and part of
-  the cache identity.
+  the cache identity. Caches whose manifest names no ``encoding.id_layout`` (written before the split)
+  store the ranks as ``topk_ids`` int32 lists with byte-stream-split, and are read and resumed as such.
 - ``support_size`` uint16 ``n_t``; ``input_ids``, ``loss_mask``, ``target_logprob`` (fp16) as in ``exact``.
 
-Decoding is a cumulative sum of the increments, one multiply-add and a table lookup (vectorized numpy).
+Decoding is a cumulative sum of the increments, one multiply-add and table lookups (vectorized numpy).
 Positions with ``n_t < k`` decode to ``k`` entries: the rest get log-prob ``-inf`` (weight 0) and
 distinct ids not in the support (the most frequent ones left), as sampled supports pad.
 
@@ -60,9 +64,9 @@ _SATURATED = 255  # a gap increment this large is stored in gap_overflow
 
 # Ids are stored as their rank in the frequency table, split into bytes: a head byte per id (ranks below
 # _DIRECT_RANKS are the head itself; up to _FAR_START the head holds the high part and the low byte goes to
-# id_tails; head _FAR means the rank is in id_far, as rank - _FAR_START). zstd's entropy coder sees each
-# stream's own statistics: 1.4-2.6 B/token less than int32 ranks with byte-stream-split at k = 16-128,
-# within 1% of the ranks' order-0 entropy (bench/RESULTS.md, "Cache format v3").
+# id_tails; head _FAR: a far rank, see _split_ranks). zstd's entropy coder sees each stream's own
+# statistics: 0.6-2.5 B/token less than int32 ranks with byte-stream-split at k = 16-128 (bench/RESULTS.md,
+# "Cache format v3").
 _DIRECT_RANKS = 64
 _FAR = 255
 _FAR_START = _DIRECT_RANKS + (_FAR - _DIRECT_RANKS) * 256  # 48,960
