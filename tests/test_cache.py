@@ -68,7 +68,11 @@ def test_cache_matches_float64_dense_reference(reference_cache, teacher_dir):
     # The cache ran in fp32 and stored fp16: ids agree except where two candidates are within fp32 noise.
     ids_agree = (torch.from_numpy(rows.topk_ids.astype(np.int64)) == ref_ids).float().mean().item()
     assert ids_agree > 0.999
-    np.testing.assert_allclose(rows.topk_logprobs.astype(np.float64), ref_lp.numpy(), atol=2e-2, rtol=2e-3)
+    # Within the cache encoding's bound of the teacher's fp32 values, plus fp32-vs-float64 noise.
+    from cache.encodings import encoding_for
+
+    bound = encoding_for(info.manifest).error_bound() + 2e-3
+    np.testing.assert_allclose(rows.topk_logprobs.astype(np.float64), ref_lp.numpy(), atol=bound, rtol=2e-3)
     np.testing.assert_allclose(rows.target_logprob.astype(np.float64), ref_target.numpy(), atol=2e-2, rtol=2e-3)
     # Sorted, normalized over the full vocab: tail mass equals the reference's mass outside the top-k.
     assert (np.diff(rows.topk_logprobs.astype(np.float32), axis=-1) <= 0).all()
