@@ -474,3 +474,114 @@ def test_uld_on_the_unmatched_part_equals_golds_dense_term():
     got = losses.uld_unmatched(top.values.masked_fill(~unmatched_cols, -math.inf), z, student_unmatched)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(*(torch.autograd.grad(x.sum(), z)[0] for x in (got, _dense_uld(u, z.softmax(-1)[:, student_unmatched]))))
+
+
+# ------------------------------------------------------------------------------------ the trainer's seam
+@pytest.mark.parametrize("fused", [False, True])
+def test_cross_tokenizer_with_the_teachers_tokenizer_gives_the_normal_loss(small_cache, student_config, teacher_tok, fused):
+    """Every registered loss, its parts and the eval numbers: the cross-tokenizer path (re-tokenized batches,
+    projected bins, CE elsewhere) on the teacher's own tokenizer is the normal path, up to fp32 rounding."""
+    import contextlib
+
+    from cache.manifest import load_cache
+    from train import trainer
+
+    info = load_cache(small_cache)
+    model = trainer.load_student(str(student_config), info, seed=0)
+    batch = _reader_batch(small_cache)
+    projected = xt.student_batches(info, teacher_tok)
+    off = contextlib.nullcontext()
+    cpu = torch.device("cpu")
+    for name in losses.LOSS_NAMES:
+        if fused and losses.LOSSES[name].needs_logits:
+            continue
+        cfg = trainer.DistillConfig(student="s", cache=small_cache, out=small_cache, loss=name, fused_loss=fused, ce_weight=0.5)
+        loss = losses.build_loss(name, cfg)
+        want = trainer.batch_losses(model, batch, cfg, loss, cpu, off, trainer.CACHED_TEACHER)
+        got = trainer.batch_losses(model, projected(batch), cfg, loss, cpu, off, trainer.ProjectedTeacher())
+        for field in ("total", "kd", "ce", "kl", "soft_ce"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=2e-6, msg=f"{name} {field}")
+    from train.parallel import Dist
+    from train.reader import CacheReader
+
+    reader = CacheReader(info, 8, shuffle=False, prefetch=0, drop_remainder=False)
+    same = trainer.evaluate(model, reader, cpu, off, Dist(), fused_loss=fused, tokens=xt.CachedTokens(xt.TokenPieces.of(teacher_tok)))
+    cross = trainer.evaluate(model, reader, cpu, off, Dist(), fused_loss=fused, tokens=projected)
+    assert same.keys() == cross.keys() and same["eval_tokens"] == cross["eval_tokens"] == cross["eval_kd_tokens"]
+    for key in same:
+        assert cross[key] == pytest.approx(same[key], rel=1e-5, abs=1e-6), key
+
+
+def _distill(student, cache, out, *extra) -> dict:
+    from typer.testing import CliRunner
+
+    from pipeline import app
+
+    result = CliRunner().invoke(app, [
+        "distill", "--student", str(student), "--cache", str(cache), "--out", str(out), "--batch-size", "8",
+        "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "1000", "--eval-sequences", "12", "--save-every",
+        "1000", "--no-progress", *extra,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output[-3000:]
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_bpb" in line][-1]
+
+
+@pytest.fixture(scope="module")
+def taught_cache(tmp_path_factory, corpus_jsonl):
+    """The cache of a teacher that knows the language of the corpus (a random one knows nothing a student could
+    learn): the bigram model of its tokens, counted on other documents of the same generator, as a Llama with no
+    decoder layer (one-hot embeddings, the log-probabilities in the head), cached the usual way. Its tokenizer is
+    conftest's byte-level BPE with enough merges for whole words, as real vocabularies have for common ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cache.build import CacheConfig, cache_teacher
+    from tests.conftest import build_tokenizer, make_corpus
+
+    root = tmp_path_factory.mktemp("taught")
+    tok = build_tokenizer(root / "teacher", vocab_size=600)
+    v = len(tok)
+    counts = np.zeros((v, v))
+    for doc in make_corpus(200, seed=123):  # not the cached documents
+        ids = tok(doc)["input_ids"] + [tok.eos_token_id]
+        np.add.at(counts, (ids[:-1], ids[1:]), 1.0)
+    unigram = (counts.sum(0) + 0.01) / (counts.sum() + 0.01 * v)
+    log_p = np.log((counts + 100 * unigram) / (counts.sum(1, keepdims=True) + 100))  # backed off to the unigram
+    width = v + (-v % 8)
+    config = LlamaConfig(
+        vocab_size=v, hidden_size=width, intermediate_size=8, num_hidden_layers=0, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-12,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the final norm scales a one-hot row by sqrt(width): the head undoes it
+        model.model.embed_tokens.weight.copy_(torch.eye(v, width))
+        model.lm_head.weight.zero_()[:, :v] = torch.from_numpy(log_p.T / math.sqrt(width))
+    model.save_pretrained(root / "teacher")
+    out = root / "cache"
+    cache_teacher(CacheConfig(
+        teacher=str(root / "teacher"), data=str(corpus_jsonl), out=out, top_k=64, seq_len=32, batch_size=8,
+        max_sequences=90, progress=False,
+    ))  # fmt: skip
+    return out
+
+
+def test_cross_tokenizer_kd_beats_ce_in_heldout_bits_per_byte(tmp_path, taught_cache, sentencepiece_tokenizer_dir):
+    """`pipeline distill --cross-tokenizer`, a student of the SentencePiece tokenizer (another vocabulary, byte
+    fallback, another eos): distilling the byte-level teacher's cache ends below CE alone in held-out bits per byte."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    student = tmp_path / "student"
+    tok = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
+    tok.save_pretrained(student)
+    LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    ).save_pretrained(student)  # fmt: skip
+    steps = ("--max-steps", "60", "--cross-tokenizer")
+    ce = _distill(student, taught_cache, tmp_path / "ce", "--loss", "ce", *steps)
+    kd = _distill(student, taught_cache, tmp_path / "fkl", "--loss", "fkl", *steps)
+    assert ce["eval_tokens"] == kd["eval_tokens"] and 0.5 * kd["eval_tokens"] < kd["eval_kd_tokens"] < kd["eval_tokens"]
+    assert kd["eval_bpb"] < ce["eval_bpb"], (kd["eval_bpb"], ce["eval_bpb"])  # 1.333 against 1.346 when written
+    saved = AutoTokenizer.from_pretrained(tmp_path / "fkl" / "final")  # the student keeps its own tokenizer
+    assert saved.get_vocab() == tok.get_vocab()

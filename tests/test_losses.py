@@ -567,7 +567,7 @@ def test_taid_endpoints():
 
 
 def test_bad_name_lists_valid_names():
-    with pytest.raises(ValueError, match="taid, fkl, rkl, js, sfkl, srkl, tvd, atkd, ce"):
+    with pytest.raises(ValueError, match="taid, fkl, rkl, js, sfkl, srkl, tvd, atkd, uld, ce"):
         build_loss("kl")
 
 

@@ -138,7 +138,8 @@ def test_student_with_another_tokenizer_is_refused(tmp_path, small_cache):
         app, ["distill", "--student", str(student), "--cache", str(small_cache), "--out", str(tmp_path / "o"), "--max-steps", "1"]
     )
     assert result.exit_code == 2
-    assert "tokenizer differs from the teacher" in result.output
+    assert "tokenizer differs from the teacher" in result.output and "--cross-tokenizer" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 
 def test_bad_loss_name_lists_the_choices(tmp_path, small_cache, student_config):
@@ -259,3 +260,34 @@ def test_distill_help_lists_every_registered_loss_and_the_loss_options():
     for flag in ("--temperature", "--ce-weight", "--js-beta", "--skew-alpha", "--atkd-alpha", "--taid-t-start"):
         assert flag in text, flag
     assert text.index("--student") < text.index("--temperature")  # the run's own options first
+
+
+def test_eval_bpb_is_the_eval_ce_over_the_bytes_of_the_heldout_text(tmp_path, small_cache, student_config, capfd):
+    """Bits per byte of a same-tokenizer run: total CE (nats) over the bytes of text the held-out targets stand
+    for (special tokens none), / ln 2; in metrics.jsonl at every eval and in the summary."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from cache.format import TOKENIZER_DIR
+    from cache.manifest import load_cache
+    from train.cross_tokenizer import TokenPieces
+    from train.reader import CacheReader, plan_chunks, split_holdout
+
+    out = tmp_path / "bpb"
+    run(student_config, small_cache, out, loss="fkl", max_steps=10, eval_every=5)
+    evals = [m for m in metrics(out) if "eval_bpb" in m]
+    assert [m["step"] for m in evals] == [0, 5, 10]
+    info = load_cache(small_cache)
+    pieces = TokenPieces.of(AutoTokenizer.from_pretrained(small_cache / TOKENIZER_DIR))
+    _, held = split_holdout(plan_chunks(info), 12)
+    n_bytes = n_targets = 0
+    for batch in CacheReader(info, 8, chunks=held, shuffle=False, drop_remainder=False, prefetch=0).iter_epoch(0):
+        mask = batch["target_mask"].numpy()
+        n_bytes += int((pieces.text_bytes(batch["input_ids"][:, 1:].numpy()) * mask).sum())
+        n_targets += int(mask.sum())
+    assert n_targets == evals[-1]["eval_tokens"] and n_bytes > 2 * n_targets
+    for ev in evals:
+        assert ev["eval_bpb"] == pytest.approx(ev["eval_ce"] * ev["eval_tokens"] / (n_bytes * math.log(2)), rel=1e-9)
+    assert evals[-1]["eval_bpb"] < evals[0]["eval_bpb"]
+    assert f"bits/byte {evals[0]['eval_bpb']:.4f} -> {evals[-1]['eval_bpb']:.4f}" in capfd.readouterr().err

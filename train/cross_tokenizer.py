@@ -429,6 +429,26 @@ def _canonical(ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- batches
+# Where a student of another tokenizer distills (``--cross-tokenizer-positions``): the StudentBatches mask it
+# reads. At other trained positions the student gets CE on its own next token. On Moby Dick (SmolLM2 cache, a
+# GPT-2-tokenizer student, bench/RESULTS.md) distilling wherever the teacher starts a token at the same byte
+# trained worse than CE alone; distilling only where both next tokens are the same text trained better.
+DISTILL_POSITIONS = {"same-token": "same_token", "aligned": "aligned"}
+
+
+class CachedTokens:
+    """A reader batch for a student with the teacher's tokenizer: as read, plus ``target_bytes`` [B, L-1] int64
+    (bytes of text each target stands for, for bits per byte; absent when ``pieces`` is None)."""
+
+    def __init__(self, pieces: Optional[TokenPieces]):
+        self.pieces = pieces
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.pieces is None:
+            return batch
+        return {**batch, "target_bytes": torch.from_numpy(self.pieces.text_bytes(batch["input_ids"][:, 1:].numpy()))}
+
+
 class StudentBatches:
     """A reader batch in the teacher's tokens → the same keys in the student's tokens, ready for the bin losses.
 
@@ -449,13 +469,18 @@ class StudentBatches:
     - ``target_logprob`` [B, M-1] float32: the teacher's log-prob of the student's target: its projected column,
       else that of its text along the teacher's tokens (:attr:`StudentSequence.teacher_last`), capped at the rest
       bin, else -inf;
-    - ``target_bytes`` [B, M-1] int64: bytes of text per target (bits per byte).
+    - ``target_bytes`` [B, M-1] int64: bytes of text per target (bits per byte);
+    - ``distill_mask`` [B, M-1] bool: where the student distills, ``matched`` and the mask ``positions`` names
+      (:data:`DISTILL_POSITIONS`: ``same_token`` by default, or ``aligned``).
     """
 
-    def __init__(self, retokenizer: Retokenizer, pad_id: int):
+    def __init__(self, retokenizer: Retokenizer, pad_id: int, positions: str = "same-token"):
+        if positions not in DISTILL_POSITIONS:
+            raise ValueError(f"--cross-tokenizer-positions must be one of {', '.join(DISTILL_POSITIONS)}; got {positions!r}")
         self.retokenizer = retokenizer
         self.mapping = torch.from_numpy(retokenizer.mapping)
         self.pad_id = int(pad_id)
+        self.positions = DISTILL_POSITIONS[positions]
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         input_ids = batch["input_ids"].numpy()
@@ -523,7 +548,7 @@ class StudentBatches:
             out[torch.from_numpy(rows), torch.from_numpy(cols)] = values.to(dtype)
             return out
 
-        return {
+        out = {
             "input_ids": torch.from_numpy(ids),
             "target_mask": torch.from_numpy(trained),
             "aligned": torch.from_numpy(aligned),
@@ -539,9 +564,11 @@ class StudentBatches:
             "target_bytes": torch.from_numpy(target_bytes),
             "seq_ids": batch["seq_ids"],
         }
+        out["distill_mask"] = out["matched"] & out[self.positions]
+        return out
 
 
-def student_batches(info: CacheInfo, student_tok) -> StudentBatches:
+def student_batches(info: CacheInfo, student_tok, positions: str = "same-token") -> StudentBatches:
     """:class:`StudentBatches` for a cache and a student tokenizer: the teacher's tokenizer from the copy kept with
     the cache, the vocabulary map from (or into) the cache's :data:`VOCAB_MAP_DIR`."""
     from transformers import AutoTokenizer
@@ -555,7 +582,7 @@ def student_batches(info: CacheInfo, student_tok) -> StudentBatches:
         raise CacheError(f"{teacher_dir}: this tokenizer is not the one the manifest of {info.root} names")
     vocab_map = load_vocab_map(info.root / VOCAB_MAP_DIR, teacher_tok, student_tok, teacher, student)
     pad = next((i for i in (student_tok.pad_token_id, student_tok.eos_token_id) if i is not None), 0)
-    return StudentBatches(Retokenizer(student_tok, teacher, student, vocab_map), pad)
+    return StudentBatches(Retokenizer(student_tok, teacher, student, vocab_map), pad, positions)
 
 
 # ------------------------------------------------------------------------------------- loss pieces

@@ -658,6 +658,9 @@ class KDBatch:
     - ``target_ids`` [N] int: the true next token (needed by ``atkd`` and for the CE term).
     - ``teacher_target_logprob`` [N] float: the teacher's log-prob of the true next token (needed by ``atkd``).
     - ``p_rest`` [N] float, optional: overrides ``tail_mass(teacher_logprobs)``.
+    - ``teacher_own_logprobs`` [N, k'] float, optional: the teacher's top-k log-probs in its own vocabulary, where
+      ``teacher_logprobs`` are something else (moved onto a student vocabulary, train/cross_tokenizer.py); ULD,
+      which needs no vocabulary mapping, ranks these. Their tail is ``tail_mass`` of them.
     """
 
     support_ids: Tensor
@@ -666,6 +669,7 @@ class KDBatch:
     target_ids: Optional[Tensor] = None
     teacher_target_logprob: Optional[Tensor] = None
     p_rest: Optional[Tensor] = None
+    teacher_own_logprobs: Optional[Tensor] = None
 
     def flat(self) -> "KDBatch":
         k = self.support_ids.shape[-1]
@@ -680,7 +684,9 @@ class KDBatch:
             target_ids=f(self.target_ids),
             teacher_target_logprob=f(self.teacher_target_logprob),
             p_rest=f(self.p_rest),
-        )
+            teacher_own_logprobs=None if self.teacher_own_logprobs is None
+            else self.teacher_own_logprobs.reshape(-1, self.teacher_own_logprobs.shape[-1]),
+        )  # fmt: skip
 
 
 class KDLossOutput(NamedTuple):
@@ -800,7 +806,9 @@ class DistillLoss:
     :class:`KDOptions`, ``Options`` (a dataclass subclassing it, fields declared with their help); then defines
     :meth:`per_position` on the bins, or :meth:`divergence` for a loss that is not a mean of per-position values.
     Optional: ``needs_target_column`` (the student's bins are built on support ∪ {true token}, see :func:`atkd_ids`),
-    ``requires`` (KDBatch fields it cannot do without), :meth:`bins` (other bins than the k+1 of the support),
+    ``needs_logits`` (its bins are read from the student's whole distribution, not the support: ULD ranks it; no
+    fused bins then), ``requires`` (KDBatch fields it cannot do without), :meth:`bins` (other bins than the k+1 of
+    the support),
     and state: :meth:`state_dict` / :meth:`load_state_dict` (checkpointed with the run) and
     :meth:`optimizer_step`, called once per optimizer step (never per micro-batch, never in eval).
 
@@ -812,6 +820,7 @@ class DistillLoss:
     summary: ClassVar[str]
     Options: ClassVar[type] = KDOptions
     needs_target_column: ClassVar[bool] = False
+    needs_logits: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Optional[KDOptions] = None):
@@ -831,8 +840,9 @@ class DistillLoss:
         :meth:`per_position`."""
         return masked_mean(self.per_position(bins), batch.mask)
 
-    def bins(self, student: StudentBins, batch: KDBatch) -> Bins:
-        """The bins the loss compares, at T = 1: by default the k+1 bins of the support."""
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
+        """The bins the loss compares, at T = 1: by default the k+1 bins of the support. ``logits`` [N, V]: the
+        student's, given to a loss with ``needs_logits``."""
         return coarse_bins(student, batch)
 
     def combine(self, kd: Tensor, ce: Optional[Tensor]) -> Tensor:
@@ -863,9 +873,10 @@ class DistillLoss:
     ) -> KDLossOutput:
         """The loss of one batch.
 
-        Student side: either ``student_logits`` [N, V] (or [..., V]; any float dtype, computed in fp32, fp64 if
-        given fp64) or precomputed ``student`` bins from a fused path, built on ``batch.support_ids`` (with
-        ``include_target=self.needs_target_column``, and ``target_ids`` so that ``log_q_target`` is set).
+        Student side: ``student_logits`` [N, V] (or [..., V]; any float dtype, computed in fp32, fp64 if
+        given fp64), or precomputed ``student`` bins (a fused path, or a support with repeated ids made empty bins),
+        built on ``batch.support_ids`` (with ``include_target=self.needs_target_column``, and ``target_ids`` so that
+        ``log_q_target`` is set); a loss with ``needs_logits`` takes the logits too.
         """
         b = batch.flat()
         for name in self.requires:
@@ -873,10 +884,15 @@ class DistillLoss:
                 raise ValueError(f"the {self.name} loss needs batch.{name}")
         if self.options.ce_weight and b.target_ids is None:
             raise ValueError("ce_weight > 0 needs batch.target_ids")
-        if (student_logits is None) == (student is None):
+        if student_logits is None and (student is None or self.needs_logits):
+            raise ValueError(
+                f"the {self.name} loss needs the student's logits" if self.needs_logits
+                else "pass student_logits or student (precomputed StudentBins)"
+            )  # fmt: skip
+        if student_logits is not None and student is not None and not self.needs_logits:
             raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
+        logits = None if student_logits is None else student_logits.reshape(-1, student_logits.shape[-1])
         if student is None:
-            logits = student_logits.reshape(-1, student_logits.shape[-1])
             student = student_bins(logits, b.support_ids, b.target_ids, include_target=self.needs_target_column)
         else:
             want = b.support_ids.shape[-1] + int(self.needs_target_column)
@@ -886,7 +902,7 @@ class DistillLoss:
                     f"the {self.name} loss needs student bins on {want} columns ({columns}), "
                     f"got {student.log_q_support.shape[-1]}"
                 )
-        bins = self.bins(student, b)
+        bins = self.bins(student, b, logits)
         t = self.options.temperature
         kd = self.divergence(bins, b) if t == 1 else t * t * self.divergence(temper(bins, t), b)
         fit = fit_terms(student, b)
@@ -1039,7 +1055,7 @@ class ATKD(DistillLoss):
             if not 0.0 <= self.atkd_alpha <= 1.0:
                 raise ValueError(f"--atkd-alpha must be in [0, 1], got {self.atkd_alpha}")
 
-    def bins(self, student: StudentBins, batch: KDBatch) -> Bins:
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
         return Bins(
             *atkd_bins(
                 student, batch.support_ids, batch.target_ids, batch.teacher_logprobs, batch.teacher_target_logprob,
@@ -1052,6 +1068,42 @@ class ATKD(DistillLoss):
         # Hard or easy is a property of the token under the teacher as cached (T = 1): UNC = 1 - p_g.
         unc = -torch.expm1(batch.teacher_target_logprob.to(tkd.dtype))
         return atkd_loss(tkd, dkd, unc, batch.mask, alpha=self.options.atkd_alpha)
+
+
+@register
+class ULD(DistillLoss):
+    name = "uld"
+    summary = (
+        "ULD (Boizard et al. 2024): Σ_r |p_(r) - q_(r)|, teacher and student probabilities each sorted descending "
+        "and compared rank by rank (the teacher's k + tail against the student's own top-k + the rest), no "
+        "vocabulary mapping; loss = uld_weight·ULD + ce_weight·CE, defaults as TRL's GOLD (ULD weight 1, CE weight "
+        "0, T 1; the paper's code uses CE weight 1: pass --ce-weight 1); needs the full logits (no --fused-loss)"
+    )
+    needs_logits = True
+
+    @dataclass
+    class Options(KDOptions):
+        uld_weight: float = option(
+            1.0, "ULD: weight λ of the distillation term (GOLD's uld_distillation_weight, default 1; CE's is --ce-weight)."
+        )
+
+        def check(self) -> None:
+            super().check()
+            if not (math.isfinite(self.uld_weight) and self.uld_weight >= 0):
+                raise ValueError(f"--uld-weight must be >= 0, got {self.uld_weight}")
+
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
+        # Rank r of the teacher against rank r of the student: which ids hold them does not matter.
+        own, p_rest = batch.teacher_own_logprobs, None
+        if own is None:
+            own, p_rest = batch.teacher_logprobs, batch.p_rest
+        log_p_support, log_p_rest = teacher_bin_logprobs(own, p_rest, dtype=student.log_q_rest.dtype)
+        log_p_support = log_p_support.sort(dim=-1, descending=True).values  # a sampled support is not sorted
+        log_q_sorted, log_q_rest = student_sorted_bins(logits, own.shape[-1])
+        return Bins(*join_bins(log_p_support, log_p_rest, log_q_sorted.to(log_p_support.dtype), log_q_rest))
+
+    def per_position(self, bins: Bins) -> Tensor:
+        return self.options.uld_weight * uld_distance(bins.log_p, bins.log_q)
 
 
 @register

@@ -42,8 +42,9 @@ def check_tokenizer(info: CacheInfo, tokenizer, allow_vocab_superset: bool = Fal
         raise CacheError(
             f"the student's tokenizer differs from the teacher's in {info.root} (vocab {got['vocab_size']} vs "
             f"{expected['vocab_size']}, fingerprint {got['sha256'][:12]} vs {expected['sha256'][:12]}). "
-            "Cached teacher ids would index the wrong tokens. Use the teacher's tokenizer, or pass "
-            "--allow-vocab-superset if the student's vocabulary extends the teacher's with the same ids."
+            "Cached teacher ids would index the wrong tokens. Pass --cross-tokenizer to distill into the student's own "
+            "tokenizer, use the teacher's, or pass --allow-vocab-superset if the student's vocabulary extends the "
+            "teacher's with the same ids."
         )
     teacher_dir = info.root / TOKENIZER_DIR
     if not teacher_dir.exists():

@@ -36,6 +36,7 @@ from cache.lock import hold_lock
 from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
 from cache.options import option
 from train import checkpoint, fused, losses
+from train import cross_tokenizer as xt
 from train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
 from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
@@ -88,6 +89,21 @@ class RunOptions:
         0, "Skip up to N optimizer steps whose loss or gradient norm is not finite (no update); 0: stop at the first."
     )
     allow_vocab_superset: bool = option(False, "Accept a student tokenizer that extends the teacher's with the same ids.")
+    cross_tokenizer: bool = option(
+        False,
+        "The student keeps its own tokenizer (another vocabulary than the teacher's): each cached sequence's text is "
+        "rebuilt from its ids and re-tokenized by the student; where the student's next token starts at the byte "
+        "where a teacher token starts (see --cross-tokenizer-positions) the teacher's top-k, moved onto the student "
+        "ids that stand for the same bytes (the rest to the tail bin), is the target of --loss; elsewhere the "
+        "student gets CE on its own next token. The id map is built once per tokenizer pair, kept in the cache's "
+        "vocab_maps/. Compare runs in eval_bpb (bits per byte), not eval_ce (README: A student of another tokenizer).",
+    )
+    cross_tokenizer_positions: str = option(
+        "same-token",
+        "With --cross-tokenizer, where the student distills: same-token: where its next token is the teacher's own "
+        "next token (the same text; measured better than CE alone) | aligned: wherever the teacher starts a token "
+        "at the same byte (more positions; measured worse than CE alone).",
+    )
     device: str = option("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N.")
     parallel: str = option(
         "auto",
@@ -126,6 +142,10 @@ class DistillConfig(losses.LossOptions, RunOptions):
             raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
         if self.skip_nonfinite_steps < 0:
             raise ValueError("--skip-nonfinite-steps must be >= 0")
+        if self.cross_tokenizer_positions not in xt.DISTILL_POSITIONS:
+            raise ValueError(f"--cross-tokenizer-positions must be one of {', '.join(xt.DISTILL_POSITIONS)}")
+        if self.fused_loss and losses.LOSSES[self.loss].needs_logits:
+            raise ValueError(f"--loss {self.loss} ranks the student's whole distribution: it needs the logits; drop --fused-loss")
 
     def record(self) -> dict:
         """The config as JSON values (what distill_config.json and each checkpoint hold)."""
@@ -133,8 +153,9 @@ class DistillConfig(losses.LossOptions, RunOptions):
 
 
 # -------------------------------------------------------------------------------------------- model
-def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool = False):
-    """A pretrained student (dir/id with weights) or a fresh one from a config (dir or .json file)."""
+def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool = False, vocab_size: int | None = None):
+    """A pretrained student (dir/id with weights) or a fresh one from a config (dir or .json file); its output layer
+    must cover ``vocab_size`` ids (default: the teacher's vocabulary, whose ids the cache holds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from cache.models import load_causal_lm, load_config, loading
@@ -153,11 +174,10 @@ def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool 
         with loading(spec, "--student"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     vocab = model.get_output_embeddings().weight.shape[0]
-    teacher_vocab = info.manifest.tokenizer["vocab_size"]
-    if vocab < teacher_vocab:
-        raise CacheError(
-            f"student's output layer has {vocab} rows but the teacher's vocabulary has {teacher_vocab} tokens"
-        )
+    needed = info.manifest.tokenizer["vocab_size"] if vocab_size is None else vocab_size
+    if vocab < needed:
+        whose = "the teacher's" if vocab_size is None else "its tokenizer's"
+        raise CacheError(f"student's output layer has {vocab} rows but {whose} vocabulary has {needed} tokens")
     return model
 
 
@@ -238,16 +258,46 @@ class TeacherSignal:
 CACHED_TEACHER = TeacherSignal()
 
 
+class ProjectedTeacher(TeacherSignal):
+    """The cache's teacher for a student of another tokenizer (``--cross-tokenizer``; batches from
+    :class:`train.cross_tokenizer.StudentBatches`): ``loss`` on the projected bins where the student distills
+    (``cached.mask``), the student's CE on its own next token at the other trained positions, one mean over all
+    (:func:`~train.cross_tokenizer.mixed_loss`). A projected support repeats an id in its empty columns: the
+    student's side of those is emptied too (:func:`~train.cross_tokenizer.empty_repeats`)."""
+
+    def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
+        cached = student.cached
+        bins = student.bins
+        if bins is None:
+            bins = losses.student_bins(
+                student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
+            )  # fmt: skip
+        bins = bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
+        out = loss(cached, student.logits if loss.needs_logits else None, student=bins)
+        ce = losses.cross_entropy(bins.log_q_target)
+        total = xt.mixed_loss(out.total, cached.mask.sum(), ce, cached.mask)
+        return out._replace(total=total, ce=ce.mean())
+
+
 # ------------------------------------------------------------------------------------ the forward
 def _teacher_at(batch: dict, input_ids: torch.Tensor, mask: torch.Tensor, device) -> losses.KDBatch:
-    """The cache's teacher data at the M trained positions (``mask``) of the batch."""
-    support_ids = batch["topk_ids"].to(device, non_blocking=True)[mask].long()  # the reader keeps int32
+    """The cache's teacher data at the M trained positions (``mask``) of the batch. A student of another tokenizer
+    (train/cross_tokenizer.py's batches) distills only at ``distill_mask``, on bins whose tail is ``p_rest``, and
+    has the teacher's own top-k in ``teacher_topk_logprobs``; a cache's batch distills at every trained position."""
+
+    def at(key: str) -> torch.Tensor | None:
+        return batch[key].to(device, non_blocking=True)[mask] if key in batch else None
+
+    support_ids = at("topk_ids").long()  # the reader keeps int32
+    distill = at("distill_mask")
     return losses.KDBatch(
         support_ids=support_ids,
-        teacher_logprobs=batch["topk_logprobs"].to(device, non_blocking=True)[mask],
-        mask=torch.ones(support_ids.shape[0], dtype=torch.bool, device=device),
+        teacher_logprobs=at("topk_logprobs"),
+        mask=torch.ones(support_ids.shape[0], dtype=torch.bool, device=device) if distill is None else distill,
         target_ids=input_ids[:, 1:][mask],
-        teacher_target_logprob=batch["target_logprob"].to(device, non_blocking=True)[mask],
+        teacher_target_logprob=at("target_logprob"),
+        p_rest=at("p_rest"),
+        teacher_own_logprobs=at("teacher_topk_logprobs"),
     )
 
 
@@ -322,18 +372,20 @@ EVAL_BLOCK_ELEMENTS = 1 << 26
 
 
 def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
-    """``(logits, teacher)`` pieces of one eval batch: the whole batch, or with ``fused_loss`` blocks of positions
-    whose logits are formed from the head's inputs one block at a time (eval then never holds [M, V] either)."""
+    """``(logits, teacher, target_bytes)`` pieces of one eval batch: the whole batch, or with ``fused_loss`` blocks
+    of positions whose logits are formed from the head's inputs one block at a time (eval then never holds [M, V]
+    either). ``target_bytes`` [M] (None if the batch has none): the bytes of text each target stands for."""
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["target_mask"].to(device, non_blocking=True)
     teacher = _teacher_at(batch, input_ids, mask, device)
+    n_bytes = batch["target_bytes"].to(device)[mask] if "target_bytes" in batch else None
     head = None
     if fused_loss:
         head = _on_fused_path(model, lambda verify: _head_inputs(model, input_ids, mask, autocast, verify))
     if head is None:
         with autocast:
             logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
-        yield logits[mask].float(), teacher
+        yield logits[mask].float(), teacher, n_bytes
         return
     columns = {f.name: getattr(teacher, f.name) for f in fields(teacher)}
     rows = max(1, EVAL_BLOCK_ELEMENTS // head.weight.shape[0])
@@ -341,32 +393,50 @@ def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
         block = slice(start, start + rows)
         with autocast:  # the very product the model's head computes, for these positions only
             logits = torch.nn.functional.linear(head.hidden[block], head.weight, head.bias)
-        yield logits.float(), replace(teacher, **{k: v[block] for k, v in columns.items() if v is not None})
+        in_block = replace(teacher, **{k: v[block] for k, v in columns.items() if v is not None})
+        yield logits.float(), in_block, None if n_bytes is None else n_bytes[block]
 
 
 @torch.no_grad()
 def evaluate(
-    model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False, lockstep: bool = False
-) -> dict:
-    """Eval CE on the true tokens, KL(teacher‖student) on the k+1 bins and its cross-entropy form (soft CE = KL +
-    the teacher's entropy on the bins), top-1 agreement; token-weighted, whatever the training loss.
+    model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False, lockstep: bool = False,
+    tokens=xt.CachedTokens(None),
+) -> dict:  # fmt: skip
+    """Eval CE on the true tokens, bits per byte of the text they stand for, KL(teacher‖student) on the k+1 bins
+    and its cross-entropy form (soft CE = KL + the teacher's entropy on the bins), top-1 agreement; token-weighted,
+    whatever the training loss.
 
+    ``tokens``: the reader's batches as the student sees them (:class:`train.cross_tokenizer.CachedTokens` or, for
+    a student of another tokenizer, :class:`~train.cross_tokenizer.StudentBatches`); CE and bits per byte are over
+    every trained target, KL, soft CE and top-1 over those with teacher signal (``eval_kd_tokens``; all of them
+    with the teacher's tokenizer). ``eval_bpb``: total CE in bits over the bytes of text the targets stand for,
+    the figure that compares students of different tokenizers (absent where ``tokens`` gives no bytes).
     ``fused_loss``: bound the memory as the fused training loss does (the same numbers, up to rounding).
     ``lockstep``: every rank runs as many forwards as the rank with the most eval batches (FSDP's forwards are
     collectives); the extra ones are on one dummy token and count nothing.
     """
     model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # ce, kl, soft_ce, agree, tokens
+    totals = torch.zeros(7, dtype=torch.float64, device=device)  # nll, kl, soft_ce, agree, tokens, kd tokens, bytes
+    has_bytes = True
     forwards = 0
     for batch in reader.iter_epoch(0):
+        batch = tokens(batch)
         forwards += 1
-        for logits, teacher in _eval_blocks(model, batch, device, autocast, fused_loss):
+        for logits, teacher, n_bytes in _eval_blocks(model, batch, device, autocast, fused_loss):
             n = logits.shape[0]
             if n == 0:
                 continue
-            fit = losses.fit_metrics(teacher, logits)
-            agree = (logits.argmax(-1) == teacher.support_ids[:, 0]).sum()
-            totals += torch.stack([fit.ce * n, fit.kl * n, fit.soft_ce * n, agree, torch.tensor(n, device=device)]).double()
+            bins = losses.student_bins(logits, teacher.support_ids, teacher.target_ids)
+            # A cache's support has distinct ids (this changes nothing); a projected one repeats ids in empty columns.
+            bins = bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, teacher.support_ids))
+            fit = losses.fit_terms(bins, teacher)
+            kd = teacher.mask.sum()
+            agree = ((logits.argmax(-1) == teacher.support_ids[:, 0]) & teacher.mask).sum()
+            has_bytes = has_bytes and n_bytes is not None
+            totals += torch.stack([
+                losses.cross_entropy(bins.log_q_target).sum(), fit.kl * kd, fit.soft_ce * kd, agree,
+                torch.tensor(n, device=device), kd, n_bytes.sum() if n_bytes is not None else torch.tensor(0, device=device),
+            ]).double()  # fmt: skip
     if lockstep:
         most = d.all_reduce(torch.tensor([forwards], device=device), op=torch.distributed.ReduceOp.MAX)
         for _ in range(int(most.item()) - forwards):
@@ -374,9 +444,14 @@ def evaluate(
                 model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     d.all_reduce(totals)
     model.train()
-    n = max(totals[4].item(), 1.0)
-    ce, kl, soft_ce, top1 = (x / n for x in totals[:4].tolist())
-    return {"eval_ce": ce, "eval_kl": kl, "eval_soft_ce": soft_ce, "eval_top1": top1, "eval_tokens": int(totals[4].item())}
+    nll, kl, soft_ce, agree, n, n_kd, n_bytes = totals.tolist()
+    out = {
+        "eval_ce": nll / max(n, 1.0), "eval_kl": kl / max(n_kd, 1.0), "eval_soft_ce": soft_ce / max(n_kd, 1.0),
+        "eval_top1": agree / max(n_kd, 1.0), "eval_tokens": int(n), "eval_kd_tokens": int(n_kd),
+    }  # fmt: skip
+    if has_bytes:
+        out["eval_bpb"] = xt.bits_per_byte(nll, n_bytes)
+    return out
 
 
 # -------------------------------------------------------------------------------------- resuming
@@ -387,7 +462,7 @@ RESUME_FREE = frozenset({
     "allow_vocab_superset",
 })  # fmt: skip
 # Options a run cannot change midway: they fix the student, the data or its order.
-RESUME_FIXED = frozenset({"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences"})
+RESUME_FIXED = frozenset({"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"})
 
 
 def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
@@ -433,7 +508,7 @@ class Recipe:
         self.d = d
         self.info = info = load_cache(cfg.cache)
         self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
-        check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
+        self._setup_tokens()
         self._setup_data()
         if self.reader.samples_per_rank < cfg.batch_size:
             _log(d, f"warning: --batch-size {cfg.batch_size} is more than the {self.reader.samples_per_rank} training "
@@ -445,7 +520,8 @@ class Recipe:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = load_student(cfg.student, info, cfg.seed, cfg.trust_remote_code).to(self.device)
+        student_vocab = len(self.tokenizer) if cfg.cross_tokenizer else None
+        model = load_student(cfg.student, info, cfg.seed, cfg.trust_remote_code, student_vocab).to(self.device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -457,6 +533,27 @@ class Recipe:
         self.loss = losses.build_loss(cfg.loss, cfg)
         self.step, self.skipped, self.tokens_seen, self.config_changes = 0, 0, 0, []
         self.before: dict | None = None
+
+    def _setup_tokens(self) -> None:
+        """How the cache's batches reach the student (``self.tokens``) and where its teacher signal comes from: the
+        cache's ids as they are, or with --cross-tokenizer the student's re-tokenization and the projected teacher."""
+        cfg, info = self.cfg, self.info
+        if not cfg.cross_tokenizer:
+            check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
+            try:
+                pieces = xt.TokenPieces.of(self.tokenizer)
+            except CacheError as error:  # a slow or unusual tokenizer: the run goes on without bits per byte
+                _log(self.d, f"warning: no eval_bpb: {error}")
+                pieces = None
+            self.tokens = xt.CachedTokens(pieces)
+            return
+        if self.teacher is not CACHED_TEACHER:
+            raise CacheError("--cross-tokenizer distills the cache's teacher; this run was given another teacher signal")
+        self.tokens = xt.student_batches(info, self.tokenizer, cfg.cross_tokenizer_positions)
+        self.teacher = ProjectedTeacher()
+        matched = int((self.tokens.mapping >= 0).sum())
+        _log(self.d, f"--cross-tokenizer: {matched:,} of the teacher's {len(self.tokens.mapping):,} ids have a student "
+             f"counterpart; distilling at {cfg.cross_tokenizer_positions} positions, CE elsewhere")  # fmt: skip
 
     def _setup_data(self) -> None:
         cfg, d, info = self.cfg, self.d, self.info
@@ -528,7 +625,7 @@ class Recipe:
         # total, kd, ce, kl, soft_ce; trained tokens; a non-finite loss per micro-batch; a non-finite gradient norm
         sums = torch.zeros(6 + accum + 1, dtype=torch.float64, device=self.device)
         for micro in range(accum):
-            batch = next(batches)
+            batch = self.tokens(next(batches))
             with strategy.accumulating(model, last=micro == accum - 1):
                 parts = batch_losses(model, batch, cfg, self.loss, self.device, self.autocast, self.teacher)
                 (parts.total / accum).backward()
@@ -583,7 +680,7 @@ class Recipe:
         # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
         return evaluate(
             self.strategy.inner(self.model), self.eval_reader, self.device, self.autocast, self.d, fused_loss=self.cfg.fused_loss,
-            lockstep=self.strategy.lockstep_forwards,
+            lockstep=self.strategy.lockstep_forwards, tokens=self.tokens,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------- saving
@@ -708,11 +805,11 @@ class Recipe:
         lines = [f"done: {self.step} steps ({steps_run} in this process), {self.tokens_seen:,} trained tokens seen, "
                  f"{seconds:.1f} s" + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")]  # fmt: skip
         if "eval_kl" in last:
-            names = (("eval_ce", "eval CE"), ("eval_kl", "KL"), ("eval_top1", "top-1"))
+            names = (("eval_ce", "eval CE"), ("eval_bpb", "bits/byte"), ("eval_kl", "KL"), ("eval_top1", "top-1"))
             before = self.before or {}
             parts = [
                 f"{label} {before[key]:.4f} -> {last[key]:.4f}" if key in before else f"{label} {last[key]:.4f}"
-                for key, label in names
+                for key, label in names if key in last
             ]
             lines.append("eval (before -> after): " + ", ".join(parts))
         return "\n".join(lines)
