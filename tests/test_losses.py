@@ -732,8 +732,54 @@ def test_tvd_by_hand():
 
 
 def test_every_registered_loss_has_a_reference_here():
-    """A new loss is one class in train/losses.py plus its reference in this file."""
-    assert set(LOSS_NAMES) == set(ALL) | {"ce"}
+    """A new loss is one class in train/losses.py plus its reference in this file (uld's: ref_uld, on its own
+    bins, the sorted distributions, rather than the support's)."""
+    assert set(LOSS_NAMES) == set(ALL) | {"ce", "uld"}
+
+
+def ref_uld(P, Q):
+    """Boizard et al.'s ULD of dense distributions: each sorted descending, the shorter zero-padded, L1 per row."""
+    width = max(P.shape[-1], Q.shape[-1])
+    ps = torch.nn.functional.pad(P.sort(-1, descending=True).values, (0, width - P.shape[-1]))
+    qs = torch.nn.functional.pad(Q.sort(-1, descending=True).values, (0, width - Q.shape[-1]))
+    return (ps - qs).abs().sum(-1)
+
+
+@pytest.mark.parametrize("k", [9, 4])
+def test_uld_loss_is_the_sorted_l1_of_the_paper(k):
+    """The registered `uld`: with k = V the dense sorted L1 (value and gradient, float64), weighted by
+    --uld-weight, plus --ce-weight·CE; with k < V the teacher's tail against the rest of the student's own top-k."""
+    c = make_case(n=6, v=9, k=k, seed=41)
+    P, z = c["logp"].exp(), c["z"]
+    loss = build_loss("uld", uld_weight=0.7, ce_weight=0.5)
+    out = loss(batch_of(c, p_rest=c["p_rest64"]), z)
+    Q = z.softmax(-1)
+    if k == 9:
+        want = ref_uld(P, Q)
+    else:
+        top_p, top_q = P.sort(-1, descending=True).values, Q.sort(-1, descending=True).values
+        want = (top_p[:, :k] - top_q[:, :k]).abs().sum(-1) + (top_p[:, k:].sum(-1) - top_q[:, k:].sum(-1)).abs()
+    ce = -Q.log().gather(-1, c["targets"][:, None]).squeeze(-1)
+    total = 0.7 * ref_masked_mean(want, c["mask"]) + 0.5 * ref_masked_mean(ce, c["mask"])
+    torch.testing.assert_close(out.total, total)
+    torch.testing.assert_close(out.kd, 0.7 * ref_masked_mean(want, c["mask"]))
+    (g,) = torch.autograd.grad(out.total, z)
+    (g_want,) = torch.autograd.grad(total, z)
+    torch.testing.assert_close(g, g_want)
+    # No id enters: the teacher's values under any other ids give the same loss; its own list wins when given.
+    shuffled = batch_of(c, p_rest=c["p_rest64"])
+    shuffled.support_ids = shuffled.support_ids.roll(1, dims=-1)
+    torch.testing.assert_close(loss(shuffled, z).kd, out.kd)
+    own = batch_of(c)
+    own.teacher_own_logprobs, own.teacher_logprobs = own.teacher_logprobs, torch.full_like(own.teacher_logprobs, -50.0)
+    torch.testing.assert_close(loss(own, z).kd, out.kd, rtol=1e-5, atol=1e-6)  # tail from fp32 tail_mass
+    # It ranks the student's whole distribution: precomputed support bins alone are refused.
+    with pytest.raises(ValueError, match="uld loss needs the student's logits"):
+        loss(batch_of(c), student=student_bins(z, c["ids"], c["targets"]))
+    from train.trainer import DistillConfig
+
+    with pytest.raises(ValueError, match="drop --fused-loss"):
+        DistillConfig(student="s", cache=Path("c"), out=Path("o"), loss="uld", fused_loss=True).validate()
 
 
 def test_options_come_from_a_config_and_are_checked():
