@@ -430,9 +430,10 @@ def _canonical(ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # ------------------------------------------------------------------------------------------- batches
 # Where a student of another tokenizer distills (``--cross-tokenizer-positions``): the StudentBatches mask it
-# reads. At other trained positions the student gets CE on its own next token. On Moby Dick (SmolLM2 cache, a
-# GPT-2-tokenizer student, bench/RESULTS.md) distilling wherever the teacher starts a token at the same byte
-# trained worse than CE alone; distilling only where both next tokens are the same text trained better.
+# reads; at other trained positions the student gets CE on its own next token. At a merely aligned position the
+# teacher's alternatives that the two vocabularies cut differently land on student prefix ids the student would
+# not emit there: on SmolLM2 -> GPT-2 (Moby Dick) that trained worse than CE alone, same-token better
+# (bench/RESULTS.md, "Cross-tokenizer distillation").
 DISTILL_POSITIONS = {"same-token": "same_token", "aligned": "aligned"}
 
 

@@ -101,8 +101,9 @@ class RunOptions:
     cross_tokenizer_positions: str = option(
         "same-token",
         "With --cross-tokenizer, where the student distills: same-token: where its next token is the teacher's own "
-        "next token (the same text; measured better than CE alone) | aligned: wherever the teacher starts a token "
-        "at the same byte (more positions; measured worse than CE alone).",
+        "next token (the same text from the same byte; better than CE alone in bench/RESULTS.md) | aligned: "
+        "wherever the teacher starts a token at the same byte (more positions, but the teacher's alternatives land "
+        "on student prefix ids; worse than CE alone in an earlier run).",
     )
     device: str = option("auto", "auto (cuda:LOCAL_RANK if available, else cpu) | cpu | cuda:N.")
     parallel: str = option(
