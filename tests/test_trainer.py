@@ -291,3 +291,14 @@ def test_eval_bpb_is_the_eval_ce_over_the_bytes_of_the_heldout_text(tmp_path, sm
         assert ev["eval_bpb"] == pytest.approx(ev["eval_ce"] * ev["eval_tokens"] / (n_bytes * math.log(2)), rel=1e-9)
     assert evals[-1]["eval_bpb"] < evals[0]["eval_bpb"]
     assert f"bits/byte {evals[0]['eval_bpb']:.4f} -> {evals[-1]['eval_bpb']:.4f}" in capfd.readouterr().err
+
+
+def test_an_option_newer_than_the_checkpoint_compares_as_its_default():
+    """A checkpoint written before --cross-tokenizer existed resumes; one that used it cannot resume without it."""
+    from train.trainer import config_differences
+
+    now = DistillConfig(student="s", cache=Path("c"), out=Path("o")).record()
+    older = {k: v for k, v in now.items() if not k.startswith("cross_tokenizer")}
+    assert config_differences(older, now) == ([], [])
+    allowed, fixed = config_differences({**older, "cross_tokenizer": True}, now)
+    assert fixed == ["--cross-tokenizer: True in the checkpoint, False now"] and not allowed

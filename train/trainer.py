@@ -152,6 +152,14 @@ class DistillConfig(losses.LossOptions, RunOptions):
         """The config as JSON values (what distill_config.json and each checkpoint hold)."""
         return json.loads(json.dumps(asdict(self), default=str))
 
+    @classmethod
+    def field_defaults(cls) -> dict:
+        """Each field's default as JSON values (fields without one are left out)."""
+        from dataclasses import MISSING
+
+        found = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return json.loads(json.dumps(found, default=str))
+
 
 # -------------------------------------------------------------------------------------------- model
 def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool = False, vocab_size: int | None = None):
@@ -277,7 +285,7 @@ class ProjectedTeacher(TeacherSignal):
         out = loss(cached, student.logits if loss.needs_logits else None, student=bins)
         ce = losses.cross_entropy(bins.log_q_target)
         total = xt.mixed_loss(out.total, cached.mask.sum(), ce, cached.mask)
-        return out._replace(total=total, ce=ce.mean())
+        return out._replace(total=total, ce=ce.sum() / max(ce.numel(), 1))  # a batch may train no position
 
 
 # ------------------------------------------------------------------------------------ the forward
@@ -469,10 +477,11 @@ RESUME_FIXED = frozenset({"student", "cache", "seed", "batch_size", "shuffle_row
 def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """(differences --allow-config-change may accept, differences no resume can take), one line each."""
     allowed, fixed = [], []
+    defaults = DistillConfig.field_defaults()
     for name in sorted(set(saved) | set(now)):
         if name in RESUME_FREE:
             continue
-        old, new = saved.get(name), now.get(name)
+        old, new = saved.get(name, defaults.get(name)), now.get(name)  # an option newer than the checkpoint: its default
         if name in ("student", "cache") and old is not None and new is not None and Path(old).exists():
             old, new = str(Path(old).resolve()), str(Path(new).resolve())
         if old == new:
