@@ -5,7 +5,9 @@
 - setup: the student (:func:`load_student`), AdamW and the warmup + cosine schedule (:func:`schedule`, a pure
   function of the config and the step), the data (:class:`~train.reader.CacheReader`, one slice per rank), the loss
   (``losses.build_loss``: the recipe never names one) and where the teacher's side of the loss comes from
-  (:class:`TeacherSignal`; the cache's columns by default, a live teacher in bench/quality.py);
+  (:class:`TeacherSignal`; the cache's columns by default, a live teacher in bench/quality.py), and how the
+  cache's batches reach the student (``Recipe.tokens``: as read, or with ``--cross-tokenizer`` re-tokenized by the
+  student's own tokenizer, train/cross_tokenizer.py, with :class:`ProjectedTeacher` as the signal);
 - the step (:meth:`Recipe.train_step`): forward + loss per micro-batch, backward, clip, optimizer step; a
   non-finite loss or gradient norm stops the run (or is skipped, up to ``--skip-nonfinite-steps``);
 - checkpoints (train/checkpoint.py) and the final ``save_pretrained`` folder;
