@@ -887,7 +887,7 @@ class DistillLoss:
         if student_logits is None and (student is None or self.needs_logits):
             raise ValueError(
                 f"the {self.name} loss needs the student's logits" if self.needs_logits
-                else "pass student_logits or student (precomputed StudentBins)"
+                else "pass exactly one of student_logits and student (precomputed StudentBins)"
             )  # fmt: skip
         if student_logits is not None and student is not None and not self.needs_logits:
             raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
