@@ -23,10 +23,16 @@ another module does not matter):
   token is also in the top-k its key is inserted once: it keeps the first (insertion) slot but holds
   the later top-k value (rank = its top-k position); otherwise it adds a (k+1)-th key with its own rank.
   Dict order therefore says nothing about rank.
-- ``vllm/v1/engine/logprobs.py`` (``LogprobsProcessor``): the prompt container is made with
-  ``create_prompt_logprobs(sampling_params.flat_logprobs)``; prompt logprobs arrive as three arrays,
-  token ids and logprobs of shape [num_prompt_tokens - 1, num_logprobs + 1] plus the actual tokens'
-  ranks [num_prompt_tokens - 1], and each row is appended as one position. An early V1 version of the
+- ``vllm/v1/engine/logprobs.py`` (``LogprobsProcessor``, in the front-end process, i.e. ours): the
+  prompt container is made with ``create_prompt_logprobs(sampling_params.flat_logprobs)``; prompt
+  logprobs arrive in ``_update_prompt_logprobs(LogprobsTensors)`` (once per prefill chunk) as three CPU
+  tensors, token ids and logprobs of shape [chunk positions, num_logprobs + 1] plus the actual tokens'
+  ranks, which it turns into Python lists (``.tolist()``) and appends position by position. That list
+  building costs the front end several times what reading the lists back costs
+  (bench/bench_vllm_convert.py), so while our ``generate()`` runs, :func:`keep_prompt_logprob_arrays`
+  has that method keep the tensors instead (:class:`PromptLogprobArrays`) for requests made as ours are
+  (``prompt_logprobs=k``, no detokenization); any other request, or a vLLM without the method, goes
+  through vLLM's own code and its lists, which the converter reads as well. An early V1 version of the
   same file (stored at commit 016e747a) gave an injected actual token the rank num_logprobs + 1
   instead of its true rank: never rely on the actual token's rank.
 - ``vllm/v1/worker/gpu_model_runner.py`` (``_get_prompt_logprobs_dict``): prompt logits come from
@@ -88,6 +94,72 @@ DEFAULT_MAX_ENTRIES_PER_CALL = 1 << 24
 
 class VLLMNotInstalledError(ImportError):
     """vLLM is not importable here."""
+
+
+def _numpy_copy(values: Any) -> np.ndarray:
+    """A numpy copy of a CPU tensor (or array): with the engine in this process, the tensors may be views
+    of a buffer it reuses."""
+    to_numpy = getattr(values, "numpy", None)  # torch's __array__ does not take numpy 2's copy argument
+    return np.array(to_numpy() if callable(to_numpy) else values)
+
+
+class PromptLogprobArrays:
+    """One request's prompt logprobs as vLLM's engine sends them: per prefill chunk, token ids and
+    log-probs [chunk positions, k+1] (the actual token first, then ``torch.topk``'s sorted top-k), with no
+    Python object per entry. Like vLLM's containers it counts prompt position 0 (which has no logprobs)."""
+
+    __slots__ = ("token_id_chunks", "logprob_chunks")
+
+    def __init__(self):
+        self.token_id_chunks: list[np.ndarray] = []
+        self.logprob_chunks: list[np.ndarray] = []
+
+    def add(self, token_ids: Any, logprobs: Any) -> None:
+        self.token_id_chunks.append(_numpy_copy(token_ids))
+        self.logprob_chunks.append(_numpy_copy(logprobs))
+
+    def __len__(self) -> int:
+        return 1 + sum(len(chunk) for chunk in self.token_id_chunks)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, log-probs), each [positions after the first, k+1]."""
+        if len(self.token_id_chunks) == 1:
+            return self.token_id_chunks[0], self.logprob_chunks[0]
+        return np.concatenate(self.token_id_chunks), np.concatenate(self.logprob_chunks)
+
+
+@contextlib.contextmanager
+def keep_prompt_logprob_arrays(processor_class: Any, k: int):
+    """While in this block, ``processor_class._update_prompt_logprobs`` (vLLM's ``LogprobsProcessor``)
+    stores the engine's prompt-logprob tensors in a :class:`PromptLogprobArrays` instead of building
+    Python lists, for requests with ``prompt_logprobs == k`` and no detokenization (ours); every other
+    request runs vLLM's own method. Yields whether the method was found (False: vLLM's lists, unchanged)."""
+    original = getattr(processor_class, "_update_prompt_logprobs", None)
+    if original is None:
+        yield False
+        return
+
+    def update_prompt_logprobs(processor, tensors):
+        if processor.num_prompt_logprobs != k or processor.tokenizer is not None:
+            return original(processor, tensors)
+        if not isinstance(processor.prompt_logprobs, PromptLogprobArrays):
+            processor.prompt_logprobs = PromptLogprobArrays()  # replaces vLLM's empty container
+        token_ids, logprobs = tensors[0], tensors[1]
+        processor.prompt_logprobs.add(token_ids, logprobs)
+
+    processor_class._update_prompt_logprobs = update_prompt_logprobs
+    try:
+        yield True
+    finally:
+        processor_class._update_prompt_logprobs = original
+
+
+def _logprobs_processor_class() -> Any:
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:  # another vLLM layout: its lists are read instead
+        return None
+    return LogprobsProcessor
 
 
 def _request_label(request_ids: Sequence[Any] | None, index: int) -> str:
@@ -172,6 +244,27 @@ def _flat_requests(
     return ids[:, :, 1:], lps[:, :, 1:], lps[:, :, 0]
 
 
+def _array_request(
+    pl: PromptLogprobArrays, targets: np.ndarray, k: int, label: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`PromptLogprobArrays` of one request → same triple as :func:`_flat_requests`."""
+    n_pos = targets.shape[0]
+    ids, lps = pl.arrays()
+    if ids.shape != (n_pos, k + 1) or lps.shape != ids.shape:
+        raise ValueError(
+            f"{label}: prompt logprob arrays of shapes {ids.shape} and {lps.shape}, expected "
+            f"{(n_pos, k + 1)} (one row per prompt position after the first, actual token + top-k)"
+        )
+    bad = np.flatnonzero(ids[:, 0] != targets)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"{label}, prompt position {i + 1}: vLLM's actual token is {int(ids[i, 0])} but "
+            f"input_ids[{i + 1}] is {int(targets[i])} (outputs out of order, or a different prompt?)"
+        )
+    return ids[:, 1:], lps[:, 1:], lps[:, 0]
+
+
 def _dict_request(
     pl: Sequence[Any], targets: np.ndarray, k: int, label: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -229,9 +322,10 @@ def prompt_logprobs_to_scores(
     """Convert vLLM prompt logprobs (one ``PromptLogprobs`` per row of ``input_ids``) to :class:`TeacherScores`.
 
     ``input_ids`` is [B, L]; request b must be the prompt ``input_ids[b]`` scored with
-    ``SamplingParams(prompt_logprobs=k)``. Both vLLM forms are accepted: ``FlatLogprobs`` (read with numpy
-    reshapes of its flat lists, no per-token objects) and ``list[dict[int, Logprob] | None]`` (sorted by
-    rank). Raises ValueError naming the request and prompt position when the structure is not the one
+    ``SamplingParams(prompt_logprobs=k)``. Three forms are accepted: :class:`PromptLogprobArrays` (the
+    engine's arrays, kept by :func:`keep_prompt_logprob_arrays`: sliced, no per-entry work), and vLLM's
+    two, ``FlatLogprobs`` (its flat lists read in one pass per column for all requests) and
+    ``list[dict[int, Logprob] | None]`` (sorted by rank). Raises ValueError naming the request and prompt position when the structure is not the one
     expected: entry 0 not empty, not L positions, not k+1 entries per position, or an actual token that
     is not ``input_ids[b, t+1]``. (The dict form does not mark which entry is the actual token: a wrong
     ``input_ids`` token is caught when it is not among the entries or contradicts their count, but not
@@ -261,7 +355,9 @@ def prompt_logprobs_to_scores(
         topk_ids[:], topk_lp[:], target_lp[:] = _flat_requests(prompt_logprobs_per_request, targets, k, labels)
         return TeacherScores(topk_ids=topk_ids, topk_logprobs=topk_lp, target_logprob=target_lp)
     for r, pl in enumerate(prompt_logprobs_per_request):
-        if _is_flat(pl):
+        if isinstance(pl, PromptLogprobArrays):
+            ids, lps, tgt = _array_request(pl, targets[r], k, labels[r])
+        elif _is_flat(pl):
             ids, lps, tgt = (a[0] for a in _flat_requests([pl], targets[r : r + 1], k, labels[r : r + 1]))
         else:
             ids, lps, tgt = _dict_request(pl, targets[r], k, labels[r])
@@ -534,6 +630,7 @@ class VLLMTeacher:
         self.llm = None
         self._vllm_version = str(getattr(vllm, "__version__", "unknown"))
         self._tokens_prompt = TokensPrompt
+        self._logprobs_processor = _logprobs_processor_class()
         self.name = str(model)
         self.k = int(k)
         self.seq_len = int(seq_len)
@@ -663,7 +760,8 @@ class VLLMTeacher:
             rows = input_ids[start:stop]
             prompts = [self._tokens_prompt(prompt_token_ids=row.tolist()) for row in rows]
             try:
-                outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=counter)
+                with keep_prompt_logprob_arrays(self._logprobs_processor, k):
+                    outputs = self.llm.generate(prompts, self.sampling_params, use_tqdm=counter)
             except Exception as e:
                 if type(e).__name__ != "EngineDeadError":
                     raise

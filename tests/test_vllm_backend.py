@@ -21,8 +21,10 @@ import pytest
 from cache.teacher import TeacherScores
 from cache.vllm_backend import (
     EngineStartError,
+    PromptLogprobArrays,
     VLLMNotInstalledError,
     VLLMTeacher,
+    keep_prompt_logprob_arrays,
     prompt_logprobs_to_scores,
 )
 
@@ -303,6 +305,91 @@ def test_flat_slice_with_offset_indices():
         decoded_tokens=[None] * pad + flat.decoded_tokens,
     )
     assert_scores_equal(prompt_logprobs_to_scores([shifted], ids, k), dense_reference(lp, ids, k))
+
+
+def engine_rows(lp: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What vLLM's engine sends for one request: token ids and log-probs [L-1, k+1], actual token first."""
+    blocks = [position_entries(lp[t], int(ids[t + 1]), k) for t in range(lp.shape[0])]
+    return (
+        np.array([token_ids for token_ids, _, _ in blocks], np.int64),
+        np.array([logprobs for _, logprobs, _ in blocks], np.float32),
+    )
+
+
+def kept(lp: np.ndarray, ids: np.ndarray, k: int, chunks: int = 1) -> PromptLogprobArrays:
+    """The engine's rows of one request as keep_prompt_logprob_arrays keeps them, in prefill chunks."""
+    token_ids, logprobs = engine_rows(lp, ids, k)
+    arrays = PromptLogprobArrays()
+    for part in np.array_split(np.arange(len(token_ids)), chunks):
+        arrays.add(token_ids[part], logprobs[part])
+    return arrays
+
+
+def test_kept_arrays_in_chunks_match_dense_reference_beside_the_flat_form():
+    k = 5
+    lp, ids = random_case(b=3, length=17, vocab=30, seed=11)
+    forms = [kept(lp[0], ids[0], k, chunks=3), to_flat(lp[1], ids[1], k), kept(lp[2], ids[2], k)]
+    assert len(forms[0]) == ids.shape[1]  # counts position 0, as vLLM's containers do
+    assert_scores_equal(prompt_logprobs_to_scores(forms, ids, k), dense_reference(lp, ids, k))
+
+
+def test_kept_arrays_of_the_wrong_shape_or_prompt_raise_naming_request_and_position():
+    k = 3
+    lp, ids = random_case(b=2, length=9, vocab=20, seed=12)
+    with pytest.raises(ValueError, match=r"request 0: prompt logprob arrays of shapes \(8, 5\)"):
+        prompt_logprobs_to_scores([kept(lp[0], ids[0], k + 1), kept(lp[1], ids[1], k)], ids, k)
+    with pytest.raises(ValueError, match=r"request 0: .*shapes \(8, 4\).*expected \(7, 4\)"):
+        prompt_logprobs_to_scores([kept(lp[0], ids[0], k), kept(lp[1], ids[1], k)], ids[:, :-1], k)
+    bad = ids.copy()
+    bad[1, 6] = (bad[1, 6] + 1) % 20
+    with pytest.raises(ValueError, match=r"request 1, prompt position 6: vLLM's actual token"):
+        prompt_logprobs_to_scores([kept(lp[0], ids[0], k), kept(lp[1], ids[1], k)], bad, k)
+
+
+class LogprobsProcessor:
+    """Stand-in for vLLM's ``vllm.v1.engine.logprobs.LogprobsProcessor``: the attributes the patch reads,
+    and an ``_update_prompt_logprobs`` that builds Python lists from the tensors as vLLM's does."""
+
+    def __init__(self, num_prompt_logprobs, tokenizer=None):
+        self.num_prompt_logprobs = num_prompt_logprobs
+        self.tokenizer = tokenizer
+        self.prompt_logprobs = FlatLogprobs()
+        self.prompt_logprobs.append_block([], [], [])
+
+    def _update_prompt_logprobs(self, tensors):
+        token_ids, logprobs, ranks = tensors
+        for row_ids, row_lps, rank in zip(token_ids.tolist(), logprobs.tolist(), ranks.tolist()):
+            self.prompt_logprobs.append_block(row_ids, row_lps, [rank, *range(1, len(row_ids))])
+
+
+def test_keep_prompt_logprob_arrays_keeps_only_our_requests_and_restores_vllms_method():
+    import torch
+
+    k = 4
+    lp, ids = random_case(b=1, length=12, vocab=30, seed=13)
+    token_ids, logprobs = engine_rows(lp[0], ids[0], k)
+    chunks = [(torch.from_numpy(token_ids[a:b]), torch.from_numpy(logprobs[a:b]), torch.zeros(b - a, dtype=torch.int64))
+              for a, b in ((0, 6), (6, 11))]  # fmt: skip
+    original = LogprobsProcessor._update_prompt_logprobs
+    ours, other_k, detokenized = LogprobsProcessor(k), LogprobsProcessor(k + 1), LogprobsProcessor(k, tokenizer=object())
+    with keep_prompt_logprob_arrays(LogprobsProcessor, k) as found:
+        assert found
+        for processor in (ours, other_k, detokenized):
+            for chunk in chunks:
+                processor._update_prompt_logprobs(chunk)
+    assert LogprobsProcessor._update_prompt_logprobs is original
+    assert isinstance(ours.prompt_logprobs, PromptLogprobArrays) and len(ours.prompt_logprobs) == ids.shape[1]
+    for processor in (other_k, detokenized):  # vLLM's own lists, as without the patch
+        assert isinstance(processor.prompt_logprobs, FlatLogprobs) and len(processor.prompt_logprobs) == ids.shape[1]
+    want = dense_reference(lp, ids, k)
+    assert_scores_equal(prompt_logprobs_to_scores([ours.prompt_logprobs], ids, k), want)
+    assert_scores_equal(prompt_logprobs_to_scores([detokenized.prompt_logprobs], ids, k), want)
+    # restored on an error too; a vLLM without the method is left alone
+    with pytest.raises(RuntimeError), keep_prompt_logprob_arrays(LogprobsProcessor, k):
+        raise RuntimeError("generate failed")
+    assert LogprobsProcessor._update_prompt_logprobs is original
+    with keep_prompt_logprob_arrays(None, k) as found:
+        assert not found
 
 
 # ---------------------------------------------------------------------------------------------------

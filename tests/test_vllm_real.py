@@ -212,3 +212,36 @@ def test_seq_len_beyond_the_context_is_refused_the_same_way(tmp_path, short_cont
         f"error: --seq-len {SEQ_LEN + 1} is longer than the context of teacher {short_context_teacher} "
         f"(max_position_embeddings = {SEQ_LEN}): use --seq-len {SEQ_LEN} or less"
     )
+
+
+def test_kept_engine_arrays_equal_vllms_own_lists(short_context_teacher):
+    """In this process, on the real engine: VLLMTeacher.score keeps the engine's prompt-logprob tensors
+    (no FlatLogprobs lists), and they convert to exactly what vLLM's own FlatLogprobs convert to."""
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.logprobs import LogprobsProcessor
+
+    from cache.vllm_backend import (
+        PromptLogprobArrays,
+        VLLMTeacher,
+        keep_prompt_logprob_arrays,
+        prompt_logprobs_to_scores,
+    )
+
+    vocab = json.loads((short_context_teacher / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, size=(4, SEQ_LEN))
+    prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
+    original = LogprobsProcessor._update_prompt_logprobs
+    with VLLMTeacher(str(short_context_teacher), k=K, seq_len=SEQ_LEN, dtype="float32", enforce_eager=True) as teacher:
+        scored = teacher.score(ids)
+        lists = teacher.llm.generate(prompts, teacher.sampling_params, use_tqdm=False)
+        with keep_prompt_logprob_arrays(LogprobsProcessor, K):
+            arrays = teacher.llm.generate(prompts, teacher.sampling_params, use_tqdm=False)
+    assert LogprobsProcessor._update_prompt_logprobs is original
+    assert all(type(out.prompt_logprobs).__name__ == "FlatLogprobs" for out in lists)
+    assert all(isinstance(out.prompt_logprobs, PromptLogprobArrays) for out in arrays)
+    from_lists = prompt_logprobs_to_scores([out.prompt_logprobs for out in lists], ids, K)
+    from_arrays = prompt_logprobs_to_scores([out.prompt_logprobs for out in arrays], ids, K)
+    for got in (from_arrays, scored):
+        np.testing.assert_array_equal(got.topk_ids, from_lists.topk_ids)
+        np.testing.assert_array_equal(got.topk_logprobs, from_lists.topk_logprobs)
+        np.testing.assert_array_equal(got.target_logprob, from_lists.target_logprob)
