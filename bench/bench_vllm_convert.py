@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     assert type(flat[0]).__name__ == "FlatLogprobs" and len(flat[0]) == args.tokens
     assert isinstance(kept[0], PromptLogprobArrays) and len(kept[0]) == args.tokens
     # Both paths are exact: the arrays vLLM started from come back.
-    for scores in (prompt_logprobs_to_scores(flat, input_ids, args.k), prompt_logprobs_to_scores(kept, input_ids, args.k)):
+    for scores in (prompt_logprobs_to_scores(form, input_ids, args.k) for form in (flat, kept)):
         for r, (_, ids, lps, _) in enumerate(arrays):
             np.testing.assert_array_equal(scores.topk_ids[r], ids[:, 1:])
             np.testing.assert_array_equal(scores.topk_logprobs[r], lps[:, 1:])

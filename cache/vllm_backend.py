@@ -87,8 +87,9 @@ INSTALL_HINT = (
     "(pip install 'kd-pipeline[vllm]'); on a machine without a GPU use the HF backend (--backend hf)"
 )
 
-# A FlatLogprobs holds ~4 Python objects per (position, candidate), ~80-90 bytes in all; cap how many a
-# single generate() call may return (2^24 entries ~ 1.4 GB), so a large block is scored in chunks.
+# A FlatLogprobs holds ~4 Python objects per (position, candidate), ~80-90 bytes in all (the kept arrays
+# 12); cap how many a single generate() call may return (2^24 entries ~ 1.4 GB as lists), so a large
+# block is scored in chunks.
 DEFAULT_MAX_ENTRIES_PER_CALL = 1 << 24
 
 
@@ -325,11 +326,12 @@ def prompt_logprobs_to_scores(
     ``SamplingParams(prompt_logprobs=k)``. Three forms are accepted: :class:`PromptLogprobArrays` (the
     engine's arrays, kept by :func:`keep_prompt_logprob_arrays`: sliced, no per-entry work), and vLLM's
     two, ``FlatLogprobs`` (its flat lists read in one pass per column for all requests) and
-    ``list[dict[int, Logprob] | None]`` (sorted by rank). Raises ValueError naming the request and prompt position when the structure is not the one
-    expected: entry 0 not empty, not L positions, not k+1 entries per position, or an actual token that
-    is not ``input_ids[b, t+1]``. (The dict form does not mark which entry is the actual token: a wrong
-    ``input_ids`` token is caught when it is not among the entries or contradicts their count, but not
-    when both it and the true token are in the top-k. The flat form always catches it.)
+    ``list[dict[int, Logprob] | None]`` (sorted by rank). Raises ValueError naming the request and prompt
+    position when the structure is not the one expected: entry 0 not empty, not L positions, not k+1
+    entries per position, or an actual token that is not ``input_ids[b, t+1]``. (The dict form does not
+    mark which entry is the actual token: a wrong ``input_ids`` token is caught when it is not among the
+    entries or contradicts their count, but not when both it and the true token are in the top-k. The
+    other two forms always catch it.)
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:

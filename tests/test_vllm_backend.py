@@ -371,7 +371,8 @@ def test_keep_prompt_logprob_arrays_keeps_only_our_requests_and_restores_vllms_m
     chunks = [(torch.from_numpy(token_ids[a:b]), torch.from_numpy(logprobs[a:b]), torch.zeros(b - a, dtype=torch.int64))
               for a, b in ((0, 6), (6, 11))]  # fmt: skip
     original = LogprobsProcessor._update_prompt_logprobs
-    ours, other_k, detokenized = LogprobsProcessor(k), LogprobsProcessor(k + 1), LogprobsProcessor(k, tokenizer=object())
+    ours, other_k = LogprobsProcessor(k), LogprobsProcessor(k + 1)
+    detokenized = LogprobsProcessor(k, tokenizer=object())
     with keep_prompt_logprob_arrays(LogprobsProcessor, k) as found:
         assert found
         for processor in (ours, other_k, detokenized):

@@ -21,6 +21,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (see README: the .venv-vllm command)")
 
+from cache.encodings import encoding_for  # noqa: E402
 from cache.format import SHARD_DIR  # noqa: E402
 from cache.manifest import load_cache  # noqa: E402
 from cache.verify import verify_cache  # noqa: E402
@@ -131,6 +132,8 @@ def test_plain_command_works_and_reports_load_apart(vllm_plain):
 
 
 def test_vllm_matches_hf(vllm_eager, hf_cache):
+    """The issue's parity at float32 (|Δ log-prob| <= 0.01 on shared ids), read through each cache's
+    encoding: each stored value is within the encoding's error bound of its backend's number."""
     a, b = read_rows(hf_cache), read_rows(vllm_eager[0])
     np.testing.assert_array_equal(a.seq_ids, b.seq_ids)
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
@@ -141,7 +144,9 @@ def test_vllm_matches_hf(vllm_eager, hf_cache):
     assert parity["positions"] == SEQUENCES * (SEQ_LEN - 1)
     assert parity["top1_agreement"] >= 0.999, parity
     assert parity["topk_overlap"] >= 0.999, parity
-    assert parity["logprob_abs_diff_max"] <= 0.01, parity
+    stored = [encoding_for(load_cache(out).manifest).error_bound() for out in (hf_cache, vllm_eager[0])]
+    assert parity["logprob_abs_diff_max"] <= 0.01 + sum(stored), parity
+    assert parity["logprob_abs_diff_mean"] <= 1e-3, parity
     assert verify_cache(vllm_eager[0]).ok and verify_cache(hf_cache).ok
 
 
