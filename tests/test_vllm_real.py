@@ -161,16 +161,22 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, vllm_eager, short_con
     """Also two runs byte-identical: the shards the killed run committed equal the uninterrupted run's."""
     out = tmp_path / "cache"
     cmd = command(short_context_teacher, corpus_jsonl, out, "vllm", "--enforce-eager")
-    # Its own session, so the kill reaches the engine's processes too, as a crashed node would.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=_repo(), start_new_session=True)
-    deadline = time.time() + 600
-    while _count_shards(out) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    assert proc.poll() is None, f"finished before the kill: {proc.stderr.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    # Its own session, so the kill reaches the engine's processes too, as a crashed node would. Its output
+    # goes to a file: an unread pipe could fill and stall it. The deadline covers engine starts of up to
+    # ~8 min seen on 2 loaded cores.
+    log_path = tmp_path / "killed_run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=_repo(), start_new_session=True)
+        deadline = time.time() + 1200
+        while _count_shards(out) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        finished = proc.poll() is not None
+        if not finished:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not finished, f"finished before the kill: {log_path.read_text()[-3000:]}"
     done = _count_shards(out)
-    assert 2 <= done < SEQUENCES // ROWS_PER_SHARD
+    assert 2 <= done < SEQUENCES // ROWS_PER_SHARD, f"{done} shards at the kill: {log_path.read_text()[-3000:]}"
     assert not load_cache(out, require_complete=False).complete
     reference = cache_bytes(vllm_eager[0])
     before = {name: data for name, data in cache_bytes(out).items() if name.startswith(SHARD_DIR)}
