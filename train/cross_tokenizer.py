@@ -465,8 +465,9 @@ class StudentBatches:
       the teacher's top-k projected onto student ids (:func:`project_topk`; empty columns repeat a listed id with
       -inf), plus a column for the student's own next token where the teacher spells it with several tokens
       (its probability along them, taken from its first token's share); meaningful where ``matched``;
-    - ``teacher_topk_logprobs`` [B, M-1, k] float16: the teacher's own top-k log-probs as cached (sorted, in its
-      vocabulary), for ULD, which needs no mapping; meaningful where ``aligned``;
+    - ``teacher_topk_logprobs`` [B, M-1, k] in the reader's dtype (float32; a narrower one would round the
+      decoded values): the teacher's own top-k log-probs (sorted, in its vocabulary), for ULD, which needs no
+      mapping; meaningful where ``aligned``;
     - ``target_logprob`` [B, M-1] float32: the teacher's log-prob of the student's target: its projected column,
       else that of its text along the teacher's tokens (:attr:`StudentSequence.teacher_last`), capped at the rest
       bin, else -inf;
@@ -559,7 +560,7 @@ class StudentBatches:
             "topk_logprobs": scatter(logprobs, (b, m - 1, k + 1), float("-inf"), torch.float32),
             "p_rest": scatter(p_rest, (b, m - 1), 1.0, torch.float32),
             "teacher_topk_logprobs": scatter(
-                batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), torch.float16
+                batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), batch["topk_logprobs"].dtype
             ),
             "target_logprob": scatter(target_lp, (b, m - 1), float("-inf"), torch.float32),
             "target_bytes": torch.from_numpy(target_bytes),
