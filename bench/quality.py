@@ -206,29 +206,42 @@ def derive_topk_cache(source: Path, out: Path, k: int) -> CacheInfo:
 
 @dataclass
 class Caches:
-    train: dict[str, CacheInfo]  # "top64", "top8", "top16", "sampled16"
+    train: dict[str, CacheInfo]  # those the runs read, of "top64", "top8", "top16", "sampled16"
     heldout: CacheInfo
     build_seconds: dict[str, float]
-    reused: bool = False  # by --resume, from an earlier session
+    reused: list[str] = dataclasses.field(default_factory=list)  # by --resume, from an earlier session
 
 
-def build_caches(material: Material, s: Settings, root: Path, resume: bool = False) -> Caches:
-    top, sampled = f"top{s.top_k}", f"sampled{s.sampled_k}"
-    names = [top, *(f"top{k}" for k in s.small_ks), sampled]
+def caches_for(runs: Sequence[Run], s: Settings) -> list[str]:
+    """The training caches ``runs`` read, in build order (a derived top-k cache needs the top-K one)."""
+    top, small = f"top{s.top_k}", [f"top{k}" for k in s.small_ks]
+    wanted = {run.cache for run in runs}
+    if wanted & set(small):
+        wanted.add(top)
+    return [name for name in (top, *small, f"sampled{s.sampled_k}") if name in wanted]
+
+
+def build_caches(material: Material, s: Settings, root: Path, names: Sequence[str], resume: bool = False) -> Caches:
+    """The training caches ``names`` and the held-out one under ``root``. Each cache finished is recorded
+    (with its build time) in BUILD_RECORD at once: ``resume`` keeps those of an interrupted benchmark with
+    the same material and settings and builds only the missing ones."""
+    top = f"top{s.top_k}"
     # The student plays no part in the caches: other students can reuse them (see --runs in the README).
     data = {key: value for key, value in dataclasses.asdict(material).items() if key != "student"}
     identity = json.loads(json.dumps({"material": data, "settings": dataclasses.asdict(s)}))
     record = root / BUILD_RECORD
+    seconds: dict[str, float] = {}
     if resume and record.exists():
         saved = json.loads(record.read_text())
         if saved["identity"] != identity:
             raise RuntimeError(f"{root} was built for other material or settings; rerun without --resume")
-        _log(f"--resume: reusing the caches in {root} (build times from their first run)")
-        return Caches({n: load_cache(root / n) for n in names}, load_cache(root / "heldout"), saved["build_seconds"], True)
-    record.unlink(missing_ok=True)
+        seconds = saved["build_seconds"]
+        _log(f"--resume: reusing the caches {', '.join(seconds)} in {root} (build times from their first run)")
+    else:
+        record.unlink(missing_ok=True)
+    reused = [name for name in [*names, "heldout"] if name in seconds]
 
-    def teacher_pass(name: str, data: str, sequences: int, **options) -> tuple[CacheInfo, float]:
-        started = time.perf_counter()
+    def teacher_pass(name: str, data: str, sequences: int, **options) -> None:
         cache_teacher(
             CacheConfig(
                 teacher=material.teacher, data=data, out=root / name, seq_len=s.seq_len, max_sequences=sequences,
@@ -236,29 +249,35 @@ def build_caches(material: Material, s: Settings, root: Path, resume: bool = Fal
                 encoding=s.encoding, **options,
             )  # fmt: skip
         )
-        return load_cache(root / name), time.perf_counter() - started
 
-    seconds: dict[str, float] = {}
-    train: dict[str, CacheInfo] = {}
-    # Overwrite every time: the cache's one-time cost is one of the results, so it is always measured.
-    train[top], seconds[top] = teacher_pass(top, material.data, s.train_sequences, top_k=s.top_k)
-    for k in s.small_ks:
+    builders = {
+        top: lambda: teacher_pass(top, material.data, s.train_sequences, top_k=s.top_k),
+        **{
+            f"top{k}": (lambda k=k: derive_topk_cache(root / top, root / f"top{k}", k))  # no teacher time
+            for k in s.small_ks
+        },
+        # Sampling needs the teacher's full softmax, so it is a second teacher pass (it cannot be sliced).
+        f"sampled{s.sampled_k}": lambda: teacher_pass(
+            f"sampled{s.sampled_k}", material.data, s.train_sequences, top_k=s.sampled_k, support="sampled",
+            num_samples=s.num_samples, sample_seed=s.seed,
+        ),  # fmt: skip
+        "heldout": lambda: teacher_pass("heldout", material.eval_data, s.eval_sequences, top_k=s.top_k),
+    }
+    for name in [*names, "heldout"]:
+        if name in seconds:
+            continue
+        # Overwrite every time: the cache's one-time cost is one of the results, so it is always measured.
         started = time.perf_counter()
-        train[f"top{k}"] = derive_topk_cache(root / top, root / f"top{k}", k)
-        seconds[f"top{k}"] = time.perf_counter() - started
-    # Sampling needs the teacher's full softmax, so it is a second teacher pass (it cannot be sliced).
-    train[sampled], seconds[sampled] = teacher_pass(
-        sampled, material.data, s.train_sequences, top_k=s.sampled_k, support="sampled",
-        num_samples=s.num_samples, sample_seed=s.seed,
-    )  # fmt: skip
-    heldout, seconds["heldout"] = teacher_pass("heldout", material.eval_data, s.eval_sequences, top_k=s.top_k)
+        builders[name]()
+        seconds[name] = time.perf_counter() - started
+        record.write_text(json.dumps({"identity": identity, "build_seconds": seconds}, indent=1) + "\n")
 
+    train = {name: load_cache(root / name) for name in names}
     # The comparison is only fair if every run sees the same tokens in the same order.
     streams = {name: info.manifest.stream["sha256"] for name, info in train.items()}
-    if len(set(streams.values())) != 1:
+    if len(set(streams.values())) > 1:
         raise RuntimeError(f"the training caches hold different token streams: {streams}")
-    record.write_text(json.dumps({"identity": identity, "build_seconds": seconds}, indent=1) + "\n")
-    return Caches(train, heldout, seconds)
+    return Caches(train, load_cache(root / "heldout"), {name: seconds[name] for name in [*names, "heldout"]}, reused)
 
 
 def sampled_support_stats(info: CacheInfo) -> dict:
@@ -449,7 +468,7 @@ def run_benchmark(
     # Timings on a shared machine depend on what else runs: keep the 1-minute load average around the runs.
     load = {"start": os.getloadavg()[0]}
     _log(f"settings: {json.dumps(dataclasses.asdict(s))}")
-    caches = build_caches(material, s, out / "caches", resume)
+    caches = build_caches(material, s, out / "caches", caches_for(runs, s), resume)
 
     # The teacher the caches were built with (same device and dtype rule as the HF backend).
     teacher = load_model(material.teacher, device, resolve_dtype("auto", device))
@@ -491,7 +510,9 @@ def run_benchmark(
             }  # fmt: skip
             for name, info in {**caches.train, "heldout": caches.heldout}.items()
         },
-        "sampled_support": sampled_support_stats(caches.train[f"sampled{s.sampled_k}"]),
+        "sampled_support": (
+            sampled_support_stats(caches.train[sampled]) if (sampled := f"sampled{s.sampled_k}") in caches.train else None
+        ),
         "reference": reference,
         "runs": results,
         "speed": speed(results, caches, s),
@@ -554,10 +575,11 @@ def quick_failures(report: dict) -> list[str]:
 
 
 def resumed_note(resumed: dict) -> str:
-    if not resumed["caches"]:
+    if not resumed["caches"] and not resumed["runs"]:
         return "."
-    runs = ", ".join(resumed["runs"]) or "no run"
-    return f" (--resume: the caches and {runs} come from an earlier session, under another load)."
+    caches = f"the caches {', '.join(resumed['caches'])}" if resumed["caches"] else "no cache"
+    runs = f"the runs {', '.join(resumed['runs'])}" if resumed["runs"] else "no run"
+    return f" (--resume: {caches} and {runs} come from an earlier session, under another load)."
 
 
 def format_report(r: dict) -> str:
@@ -613,15 +635,17 @@ def format_report(r: dict) -> str:
             f"| {name} | {support} | {c['k']} | {c['tokens']:,} | {c['bytes']:,} | {c['bytes_per_token']:.1f} | "
             f"{c['build_seconds']:.1f} |"
         )
-    ss = r["sampled_support"]
-    lines += [
-        "",
-        f"Sampled support: {ss['mean_distinct_ids']:.1f} distinct ids per position on average, "
-        f"{100 * ss['positions_at_k']:.1f}% of positions fill all {s['sampled_k']} slots, "
-        f"{100 * ss['overflow_fraction']:.2f}% drew more distinct ids than fit (mean tail mass "
-        f"{ss['mean_tail_mass']:.2e}). Derived caches (top-{', top-'.join(map(str, s['small_ks']))}) are the first "
-        f"k columns of the top-{s['top_k']} cache: no teacher time.",
-    ]
+    ss, derived = r["sampled_support"], [name for name in r["caches"] if name in {f"top{k}" for k in s["small_ks"]}]
+    if ss is not None:
+        lines += [
+            "",
+            f"Sampled support: {ss['mean_distinct_ids']:.1f} distinct ids per position on average, "
+            f"{100 * ss['positions_at_k']:.1f}% of positions fill all {s['sampled_k']} slots, "
+            f"{100 * ss['overflow_fraction']:.2f}% drew more distinct ids than fit (mean tail mass "
+            f"{ss['mean_tail_mass']:.2e}).",
+        ]
+    if derived:
+        lines += ["", f"Derived caches ({', '.join(derived)}) are the first k columns of the top-{s['top_k']} cache: no teacher time."]
     return "\n".join(lines) + "\n"
 
 

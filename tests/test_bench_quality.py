@@ -142,3 +142,25 @@ def test_runs_are_trained_in_the_order_given():
     assert [r.name for r in quality.runs_for(quality.QUICK, names)] == ["dense-online", "ce-top64", "fkl-sampled16"]
     with pytest.raises(ValueError, match="unknown runs"):
         quality.runs_for(quality.QUICK, ["fkl-top3"])
+
+
+def test_runs_build_only_the_caches_they_read(tmp_path, teacher_dir, student_config, corpus_jsonl, heldout_jsonl):
+    """--runs fkl-top8 needs the top-64 cache (top-8 is sliced from it) and the held-out one, no sampled pass;
+    a later --resume for a sampled run builds that cache alone and keeps the others' build times."""
+    material = quality.Material(str(teacher_dir), str(student_config), str(corpus_jsonl), str(heldout_jsonl))
+    settings = dataclasses.replace(quality.QUICK, device="cpu", steps=4, eval_every=4)
+    with one_torch_thread():
+        first = quality.run_benchmark(material, settings, tmp_path, only=["fkl-top8"])
+        assert list(first["caches"]) == ["top64", "top8", "heldout"] and first["sampled_support"] is None
+        assert not (tmp_path / "caches" / "sampled16").exists()
+        text = quality.format_report(first)
+        assert "Sampled support" not in text and "Derived caches (top8)" in text
+        second = quality.run_benchmark(material, settings, tmp_path, resume=True, only=["fkl-sampled16", "fkl-top8"])
+    assert list(second["caches"]) == ["top64", "top8", "sampled16", "heldout"]
+    assert second["resumed"] == {"caches": ["top64", "top8", "heldout"], "runs": ["fkl-top8"]}
+    for name in ("top64", "top8", "heldout"):
+        assert second["caches"][name]["build_seconds"] == first["caches"][name]["build_seconds"]
+    assert second["sampled_support"]["mean_distinct_ids"] > 1
+    assert "the caches top64, top8, heldout and the runs fkl-top8" in quality.format_report(second)
+    record = json.loads((tmp_path / "caches" / quality.BUILD_RECORD).read_text())
+    assert list(record["build_seconds"]) == ["top64", "top8", "heldout", "sampled16"]
