@@ -1,4 +1,4 @@
-"""What the benchmarks share: describing the machine a result was measured on."""
+"""What the benchmarks and GPU scripts share: the machine a result was measured on, and model shapes."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), for random-init models of a real size:
+# scripts/gpu_check.py's teacher and scripts/fsdp_step.py's student.
+LLAMA_3_2_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+)  # fmt: skip

@@ -37,15 +37,12 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from bench.bench_step import synthetic_batch  # noqa: E402
+from bench.common import LLAMA_3_2_1B  # noqa: E402
 from train import losses, trainer  # noqa: E402
 from train.parallel import init_processes, make_strategy  # noqa: E402
 
 SIZES = {
-    # Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json), random init.
-    "1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-    ),
+    "1b": LLAMA_3_2_1B,  # random init
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,

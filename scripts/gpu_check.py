@@ -42,12 +42,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Shapes of the teachers --build-teacher makes (random weights). "1b" is Llama-3.2-1B's config.
+from bench.common import LLAMA_3_2_1B  # noqa: E402
+
+# Shapes of the teachers --build-teacher makes (random weights).
 TEACHER_SHAPES = {
-    "1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0,
-    ),
+    "1b": LLAMA_3_2_1B,
     # Heads of 32: vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... only.
     "small": dict(
         vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
