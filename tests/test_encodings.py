@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -163,6 +164,77 @@ def test_ranks_split_into_bytes_round_trip_and_damaged_streams_are_refused():
         _join_ranks(heads, tails[:-1], far)
     with pytest.raises(ValueError, match="far values are stored"):
         _join_ranks(heads, tails, far[:-1])
+
+
+def reference_decode(encoding: CompactEncoding, table) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes read one position at a time as the compact module's docstring states them: what its vectorized
+    decoder must reproduce bit for bit. → (ids [N, k] int32, log-probs [N, k] float32)."""
+    k, step = encoding.k, np.float32(encoding.step)
+    order = encoding._tables[0]
+
+    def values(name):  # a list column's values, rows concatenated
+        return table.column(name).combine_chunks().flatten().to_numpy()
+
+    def stream(name):  # a binary column's bytes, rows concatenated, one at a time
+        return iter(b"".join(table.column(name).to_pylist()))
+
+    count, top, shift = values("support_size"), values("top_logprob"), values("log_mass_shift")
+    gaps, heads, tails = stream("gap_steps"), stream("id_heads"), stream("id_tails")
+    overflow, far = iter(values("gap_overflow").tolist()), iter(values("id_far").tolist())
+    ids = np.zeros((count.size, k), np.int32)
+    lp = np.full((count.size, k), -np.inf, np.float32)
+    for t, n_t in enumerate(count.tolist()):
+        base = np.float32(top[t]) + np.float32(shift[t])
+        q, ranks = 0, []
+        for j in range(n_t):
+            if j:
+                gap = next(gaps)
+                q += next(overflow) if gap == 255 else gap
+            lp[t, j] = np.float32(np.float32(q) * -step) + base
+            head = next(heads)
+            rank = head if head < 64 else 64 + (head - 64) * 256 + next(tails) if head < 255 else None
+            if rank is None:  # far: the tail byte holds the low 8 bits
+                tail = next(tails)
+                rank = 48_960 + next(far) * 256 + tail
+            ranks.append(rank)
+        taken = set(ranks)
+        ranks += [r for r in range(2 * k + 1) if r not in taken][: k - n_t]  # pads: the smallest free ranks
+        ids[t] = [order[r] if r < order.size else r for r in ranks]
+    for rest in (gaps, overflow, heads, tails, far):
+        assert next(rest, None) is None
+    return ids, lp
+
+
+@pytest.mark.parametrize("k", [1, 5, 16, 70, 260])
+def test_compact_decode_matches_the_reference_bit_for_bit(k):
+    """Full and cut supports, sampled pads, saturated gaps, wide and far ranks, ids beyond the table, at widths
+    that fill the 4-lane words exactly or not and past the 16-bit sums (k=260, (k-1) x 255 >= 2^16)."""
+    rows = teacher_like_rows(b=3, seq_len=9 if k > 100 else SEQ_LEN, k=k, seed=k)
+    step = DEFAULT_LOGPROB_STEP
+    if k > 1:
+        rows.topk_logprobs[0, 3, 1:] -= 1000 * step  # one saturated gap at the first increment
+        rows.topk_logprobs[1, 5, k // 2 :] -= 300 * step  # and one mid-support
+        rows.topk_logprobs[2, 1, 1:] -= 254 * step  # the largest unsaturated increment
+    rows.topk_ids[0, 0, -1] = 60_000  # beyond the table: a far rank
+    rows.topk_ids[1, 2, 0] = 2**31 - 1
+    rows.topk_ids[2, 4, -1] = VOCAB + 300  # a wide rank beyond the table
+    for min_logprob in (None, -7.0):
+        for pads in (False, True):
+            case = replace(rows, topk_logprobs=rows.topk_logprobs.copy())
+            if pads and k > 2:
+                case.topk_logprobs[1, :3, k - 2 :] = -np.inf
+            enc = compact(case, min_logprob)
+            table = enc.encode(case)
+            counts, overflow = (table.column(c).combine_chunks().flatten() for c in ("support_size", "gap_overflow"))
+            assert len(table.column("id_far").combine_chunks().flatten()) >= 1
+            assert len(overflow) >= (2 if min_logprob is None and k > 1 else 0)
+            assert (pc.min(counts).as_py() < k) == (k > 2 and (pads or min_logprob is not None))
+            got = enc.decode(table)
+            ids, lp = reference_decode(enc, table)
+            np.testing.assert_array_equal(got.topk_ids.reshape(-1, k), ids)
+            assert got.topk_logprobs.dtype == np.float32
+            np.testing.assert_array_equal(got.topk_logprobs.reshape(-1, k).view(np.uint32), lp.view(np.uint32))
+            assert (got.topk_ids.reshape(-1, k)[np.isfinite(lp)] == case.topk_ids.reshape(-1, k)[np.isfinite(lp)]).all()
 
 
 def test_caches_written_with_int32_ranks_still_read():
