@@ -13,6 +13,7 @@ import pytest
 
 from cache import read_cache
 from cache.build import CacheConfig, cache_teacher
+from cache.encodings import compact as compact_module
 from cache.encodings import encoding_class, encoding_for
 from cache.encodings.compact import DEFAULT_LOGPROB_STEP, CompactEncoding
 from cache.encodings.exact import ExactEncoding
@@ -205,10 +206,14 @@ def reference_decode(encoding: CompactEncoding, table) -> tuple[np.ndarray, np.n
     return ids, lp
 
 
+@pytest.mark.parametrize("block_positions", [None, 5])
 @pytest.mark.parametrize("k", [1, 5, 16, 70, 260])
-def test_compact_decode_matches_the_reference_bit_for_bit(k):
+def test_compact_decode_matches_the_reference_bit_for_bit(k, block_positions, monkeypatch):
     """Full and cut supports, sampled pads, saturated gaps, wide and far ranks, ids beyond the table, at widths
-    that fill the 4-lane words exactly or not and past the 16-bit sums (k=260, (k-1) x 255 >= 2^16)."""
+    that fill the 4-lane words exactly or not and past the 16-bit sums (k=260, (k-1) x 255 >= 2^16); in one
+    block of positions or in blocks of 5 (the last one shorter)."""
+    if block_positions:
+        monkeypatch.setattr(compact_module, "_BLOCK_VALUES", block_positions * k)
     rows = teacher_like_rows(b=3, seq_len=9 if k > 100 else SEQ_LEN, k=k, seed=k)
     step = DEFAULT_LOGPROB_STEP
     if k > 1:
