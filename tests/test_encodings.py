@@ -167,6 +167,37 @@ def test_ranks_split_into_bytes_round_trip_and_damaged_streams_are_refused():
         _join_ranks(heads, tails, far[:-1])
 
 
+def test_ids_are_encoded_by_byte_tables_as_their_ranks_split():
+    """The encoder's per-id byte tables give the streams _split_ranks makes of the ranks: in a table wide enough
+    for far ranks (past 48,960) and with ids beyond the table."""
+    from cache.encodings.compact import _split_ranks
+
+    size = 50_000
+    input_ids = np.random.default_rng(1).integers(0, size, 200_000).astype(np.int32)
+    params = CompactEncoding.new_params(first_block_input_ids=input_ids, vocab_size=size, min_logprob=None)
+    enc = CompactEncoding(version=3, seq_len=SEQ_LEN, k=K, params=params)
+    ids = np.random.default_rng(2).permutation(size).astype(np.int32)
+    for case in (ids, np.concatenate([ids, [size, size + 70_000, 2**31 - 1]]).astype(np.int32)):
+        expected = _split_ranks(enc._map(case, enc._tables[1]))
+        assert expected[2].size > 0  # far ranks are present
+        for got, want in zip(enc._id_bytes(case), expected, strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("min_logprob", [None, -7.0])
+def test_compact_encodes_the_same_bytes_in_blocks_and_refuses_nan(min_logprob, monkeypatch):
+    rows = teacher_like_rows(b=3)
+    rows.topk_logprobs[1, 2, 1:] -= 400 * DEFAULT_LOGPROB_STEP  # a saturated gap
+    whole = compact(rows, min_logprob).encode(rows)
+    monkeypatch.setattr(compact_module, "_BLOCK_VALUES", 7 * K)  # blocks of 7 positions, the last one shorter
+    assert compact(rows, min_logprob).encode(rows).equals(whole)
+    bad = replace(rows, topk_logprobs=rows.topk_logprobs.copy())
+    bad.topk_logprobs[2, 30, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        compact(rows, min_logprob).encode(bad)
+
+
 def reference_decode(encoding: CompactEncoding, table) -> tuple[np.ndarray, np.ndarray]:
     """The bytes read one position at a time as the compact module's docstring states them: what its vectorized
     decoder must reproduce bit for bit. → (ids [N, k] int32, log-probs [N, k] float32)."""
