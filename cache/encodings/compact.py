@@ -363,8 +363,10 @@ class CompactEncoding(Encoding):
                 raise ValueError("topk_logprobs must be sorted descending to be encoded")
             increments[part], shift[part] = self._quantize(lp[part], top[part], None if full else keep[part])
             lowest = increments[part].min() if increments[part].size else 0.0
-            if not lowest >= 0:  # NaN too
-                raise ValueError("topk_logprobs hold NaN" if np.isnan(lowest) else "topk_logprobs must be sorted descending to be encoded")
+            if np.isnan(lowest):
+                raise ValueError("topk_logprobs hold NaN")
+            if lowest < 0:
+                raise ValueError("topk_logprobs must be sorted descending to be encoded")
             np.minimum(increments[part], _SATURATED, out=steps[part], casting="unsafe")
 
         ids = rows.topk_ids.reshape(n, k).astype(np.int32, copy=False)
@@ -372,15 +374,14 @@ class CompactEncoding(Encoding):
             gap_steps, ids_kept = steps.reshape(-1), ids.reshape(-1)
         else:
             gap_steps, ids_kept = steps[keep[:, 1:]], ids[keep]
-        saturated = gap_steps == _SATURATED
-        if gap_steps.size and gap_steps.max() == _SATURATED:
-            overflow = (increments.reshape(-1) if full else increments[keep[:, 1:]])[saturated].astype(np.int32)
-        else:
-            overflow = np.empty(0, dtype=np.int32)
-
         per_row = count.reshape(b, positions).sum(-1)
         gaps_per_row = per_row - positions
-        overflow_per_row = _count_per_row(saturated, gaps_per_row) if overflow.size else np.zeros(b, np.int64)
+        if gap_steps.size and gap_steps.max() == _SATURATED:  # rare: a gap of >= 255 steps (11.6 nats)
+            saturated = gap_steps == _SATURATED
+            overflow = (increments.reshape(-1) if full else increments[keep[:, 1:]])[saturated].astype(np.int32)
+            overflow_per_row = _count_per_row(saturated, gaps_per_row)
+        else:
+            overflow, overflow_per_row = np.empty(0, dtype=np.int32), np.zeros(b, dtype=np.int64)
 
         schema = self.schema
         typ = lambda name: schema.field(name).type  # noqa: E731
