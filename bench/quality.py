@@ -91,6 +91,9 @@ class Settings:
     # Cache encoding of every cache (cache/encodings/). The recorded tables used "exact" (fp16, format v2's
     # content); `--encoding compact` reruns them on the default encoding.
     encoding: str = "exact"
+    # The compact encoding's support cut (--min-logprob of cache-teacher) on the training top-k cache and the
+    # caches sliced from it; the held-out cache keeps its full top-k, so every run is scored on the same bins.
+    min_logprob: float | None = None
 
     @property
     def train_sequences(self) -> int:
@@ -251,7 +254,7 @@ def build_caches(material: Material, s: Settings, root: Path, names: Sequence[st
         )
 
     builders = {
-        top: lambda: teacher_pass(top, material.data, s.train_sequences, top_k=s.top_k),
+        top: lambda: teacher_pass(top, material.data, s.train_sequences, top_k=s.top_k, min_logprob=s.min_logprob),
         **{
             f"top{k}": (lambda k=k: derive_topk_cache(root / top, root / f"top{k}", k))  # no teacher time
             for k in s.small_ks
@@ -678,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output directory (default: runs/quality or runs/quality-quick)")
     for field in dataclasses.fields(Settings):
         if field.name != "small_ks":
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})")
+            kind = float if field.default is None else type(field.default)  # the optional settings are floats
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})")
     parser.add_argument("--keep-students", action="store_true", help="keep each run's final/ student")
     parser.add_argument("--resume", action="store_true", help="keep the caches and finished runs of an interrupted run")
     parser.add_argument(

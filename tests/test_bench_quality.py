@@ -164,3 +164,24 @@ def test_runs_build_only_the_caches_they_read(tmp_path, teacher_dir, student_con
     assert "the caches top64, top8, heldout and the runs fkl-top8" in quality.format_report(second)
     record = json.loads((tmp_path / "caches" / quality.BUILD_RECORD).read_text())
     assert list(record["build_seconds"]) == ["top64", "top8", "heldout", "sampled16"]
+
+
+def test_min_logprob_cuts_the_training_cache_not_the_heldout_one(tmp_path, teacher_dir, student_config, corpus_jsonl, heldout_jsonl):
+    """--min-logprob X (the compact encoding's support cut) on the training cache only: the held-out cache keeps
+    its full top-k, so runs with and without the cut are scored on the same bins."""
+    from cache import read_all
+
+    material = quality.Material(str(teacher_dir), str(student_config), str(corpus_jsonl), str(heldout_jsonl))
+    cut = -5.0  # about the median log-prob of the tiny teacher's top-64
+    settings = dataclasses.replace(quality.QUICK, device="cpu", steps=2, eval_every=2, encoding="compact", min_logprob=cut)
+    with one_torch_thread():
+        report = quality.run_benchmark(material, settings, tmp_path, only=["fkl-top64"])
+    assert list(report["caches"]) == ["top64", "heldout"]
+    top, heldout = (load_cache(tmp_path / "caches" / name) for name in ("top64", "heldout"))
+    assert encoding_for(top.manifest).min_logprob == cut and encoding_for(heldout.manifest).min_logprob is None
+    lp = read_all(top).topk_logprobs
+    kept = np.isfinite(lp)
+    assert kept[..., 0].all() and not kept.all()  # the cut is real on the tiny teacher
+    below = kept & (lp < cut - encoding_for(top.manifest).error_bound())
+    assert not below[..., 1:].any()  # only the top-1, always kept, may lie below the cut
+    assert np.isfinite(read_all(heldout).topk_logprobs).all()
