@@ -324,7 +324,7 @@ class CompactEncoding(Encoding):
         if head_of_id.size <= _FAR_START:  # no rank in the table is far
             return heads, tails, np.empty(0, dtype=np.int32)
         far_ranks = np.take(self._tables[1], np.compress(heads == _FAR, ids))
-        return heads, tails, ((far_ranks - _FAR_START) >> 8).astype(np.int32)
+        return heads, tails, _split_ranks(far_ranks)[2]  # the few far ones split as every rank is
 
     # --------------------------------------------------------------------------------------- encode
     def encode(self, rows: CacheRows) -> pa.Table:
