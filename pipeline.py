@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, get_type_hints
+from typing import get_type_hints
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -15,10 +16,10 @@ from typer.core import TyperGroup
 class _Commands(TyperGroup):
     """The hand-written commands plus CONFIG_COMMANDS (below), built on demand."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx) -> list[str]:
         return [*CONFIG_COMMANDS, *super().list_commands(ctx)]
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+    def get_command(self, ctx, name: str):
         if name in CONFIG_COMMANDS:
             config, run, doc = CONFIG_COMMANDS[name]
             return _config_command(name, config(), run, doc)
@@ -38,14 +39,23 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _run_cache_teacher(config) -> None:
-    from cache.build import cache_teacher
-    from cache.manifest import CacheError
+@contextlib.contextmanager
+def _user_errors():
+    """A PipelineError (bad input, a mismatch, a damaged file) is one line and exit 2; anything else is a bug in
+    this tool and keeps its traceback (docs/reliability.md)."""
+    from kd_pipeline.errors import PipelineError
 
     try:
-        cache_teacher(config)
-    except (CacheError, ValueError, FileNotFoundError, ImportError) as e:  # ImportError: vLLM not installed
+        yield
+    except PipelineError as e:
         _fail(e)
+
+
+def _run_cache_teacher(config) -> None:
+    from kd_pipeline.cache.build import cache_teacher
+
+    with _user_errors():
+        cache_teacher(config)
 
 
 @app.command("verify")
@@ -54,7 +64,7 @@ def verify_cmd(
     quick: bool = typer.Option(False, help="Checksums, sizes and manifests only; skip decoding values."),
 ):
     """Check every shard: sha256, schema, row counts, seq_id ranges, sorted log-probs <= 0, tail mass in [0, 1]."""
-    from cache.verify import verify_cache
+    from kd_pipeline.cache.format.verify import verify_cache
 
     report = verify_cache(cache, check_values=not quick)
     for warning in report.warnings:
@@ -72,20 +82,21 @@ def verify_cmd(
 def inspect_cmd(
     cache: Path = typer.Argument(..., help="Cache directory."),
     seq: int = typer.Option(0, help="Sequence id to show."),
-    position: Optional[int] = typer.Option(None, help="Position in the sequence (default: a trained one mid-way)."),
+    position: int | None = typer.Option(None, help="Position in the sequence (default: a trained one mid-way)."),
     show: int = typer.Option(10, help="How many of the top-k entries to print."),
-    tokenizer: Optional[str] = typer.Option(
+    tokenizer: str | None = typer.Option(
         None, help="Tokenizer to decode with (default: the teacher's, saved with the cache)."
     ),
     trust_remote_code: bool = typer.Option(False, help="Allow a tokenizer's custom code (auto_map) to run."),
 ):
     """Summarize a cache and show one position's teacher distribution as decoded tokens."""
-    from cache.format import TOKENIZER_DIR
-    from cache.manifest import CacheError, load_cache
-    from cache.models import ModelLoadError, load_tokenizer
-    from cache.verify import inspect_cache
+    from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+    from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.cache.format.verify import inspect_cache
+    from kd_pipeline.errors import ModelLoadError
+    from kd_pipeline.models import load_tokenizer
 
-    try:
+    with _user_errors():
         tok = None
         info = load_cache(cache, require_complete=False)
         saved = info.root / TOKENIZER_DIR
@@ -95,56 +106,48 @@ def inspect_cmd(
         except ModelLoadError as e:  # a missing tokenizer only costs the decoding: show ids instead
             typer.secho(f"note: {e}; showing token ids", err=True)
         typer.echo(inspect_cache(cache, seq=seq, position=position, show=show, tokenizer=tok))
-    except CacheError as e:
-        _fail(e)
 
 
 def _run_distill(config) -> None:
-    from cache.manifest import CacheError
-    from train.trainer import distill
+    from kd_pipeline.train.trainer import distill
 
-    try:
+    with _user_errors():
         distill(config)
-    except (CacheError, ValueError, FileNotFoundError) as e:
-        _fail(e)
 
 
 @app.command("plot")
 def plot_cmd(
     runs: list[Path] = typer.Argument(..., help="One or more `pipeline distill` run directories."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/curves.png of the first run)."),
+    out: Path | None = typer.Option(None, help="PNG to write (default: RUN/curves.png of the first run)."),
 ):
     """Plot training loss and eval CE / KL / top-1 agreement against steps (needs matplotlib)."""
-    from train.plot import plot_runs
+    from kd_pipeline.train.plot import plot_runs
 
-    try:
+    with _user_errors():
         path = plot_runs(runs, out or runs[0] / "curves.png")
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        _fail(e)
     typer.echo(f"wrote {path}")
 
 
 def _run_generate(config) -> None:
-    from cache.generate import GenerateError, generate
+    from kd_pipeline.cache.generate import generate
 
-    try:
+    with _user_errors():
         generate(config)
-    except (GenerateError, ValueError, FileNotFoundError) as e:
-        _fail(e)
 
 
 @app.command("plan-teacher")
 def plan_teacher_cmd(
     student: str = typer.Option(..., help="Student: a model dir / hub id / config.json, or a size such as 1B."),
-    candidate: Optional[list[str]] = typer.Option(
+    candidate: list[str] | None = typer.Option(
         None, help="A possible teacher (repeat): model dir / hub id / config.json, NAME=SIZE, or a size such as 7B."
     ),
     ratio: float = typer.Option(2.5, help="Optimal teacher / student size (law of capacity gap, arXiv 2311.07052)."),
-    assistants: Optional[Path] = typer.Option(
+    assistants: Path | None = typer.Option(
         None, help="CSV/JSON of trained assistants (name, params, metric or eval_loss) to rank with MiniDisc."
     ),
-    teacher: Optional[str] = typer.Option(
-        None, help="The teacher the assistants come from (their sparsity is relative to it); default: the largest candidate."
+    teacher: str | None = typer.Option(
+        None,
+        help="The teacher the assistants come from (their sparsity is relative to it); default: the largest candidate.",
     ),
     lam: float = typer.Option(0.2, help="MiniDisc lambda: score = metric + lambda * sparsity."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
@@ -153,22 +156,25 @@ def plan_teacher_cmd(
     """Recommend a teacher by the law of capacity gap, a teacher-assistant chain for large gaps, rank assistants (MiniDisc)."""
     import json
 
-    from train.capacity import PlanConfig, plan_teacher
+    from kd_pipeline.train.capacity import PlanConfig, plan_teacher
 
     config = PlanConfig(
-        student=student, candidates=list(candidate or []), ratio=ratio, assistants=assistants, teacher=teacher,
-        lam=lam, trust_remote_code=trust_remote_code,
-    )  # fmt: skip
-    try:
+        student=student,
+        candidates=list(candidate or []),
+        ratio=ratio,
+        assistants=assistants,
+        teacher=teacher,
+        lam=lam,
+        trust_remote_code=trust_remote_code,
+    )
+    with _user_errors():
         plan = plan_teacher(config)
-    except (ValueError, FileNotFoundError) as e:
-        _fail(e)
     typer.echo(json.dumps(plan.to_dict(), indent=1) if json_output else plan.render())
 
 
-def _config_command(name: str, config_cls: type, run: Callable, doc: str) -> click.Command:
+def _config_command(name: str, config_cls: type, run: Callable, doc: str):
     """`pipeline NAME` as a click command whose options are generated from `config_cls`'s `option(...)` fields."""
-    from cache.options import cli_fields, flag_of
+    from kd_pipeline.config import cli_fields, flag_of
 
     hints = get_type_hints(config_cls)
     parameters = []
@@ -179,10 +185,12 @@ def _config_command(name: str, config_cls: type, run: Callable, doc: str) -> cli
         declarations = [flag_of(f)] if f.metadata.get("flag") else []
         parameters.append(
             inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=hints[f.name],
                 default=typer.Option(default, *declarations, help=f.metadata["help"]),
             )
-        )  # fmt: skip
+        )
 
     def command(**options) -> None:
         run(config_cls(**options))
@@ -196,19 +204,19 @@ def _config_command(name: str, config_cls: type, run: Callable, doc: str) -> cli
 
 
 def _cache_teacher_config():
-    from cache.build import CacheConfig
+    from kd_pipeline.cache.build import CacheConfig
 
     return CacheConfig
 
 
 def _distill_config():
-    from train.trainer import DistillConfig
+    from kd_pipeline.train.trainer import DistillConfig
 
     return DistillConfig
 
 
 def _generate_config():
-    from cache.generate import GenerateConfig
+    from kd_pipeline.cache.generate import GenerateConfig
 
     return GenerateConfig
 
@@ -217,19 +225,27 @@ def _generate_config():
 # which would otherwise cost every `pipeline verify` or `plot` seconds of start-up.
 CONFIG_COMMANDS: dict[str, tuple[Callable[[], type], Callable, str]] = {
     "cache-teacher": (
-        _cache_teacher_config, _run_cache_teacher,
+        _cache_teacher_config,
+        _run_cache_teacher,
         "Run the teacher over a dataset and write its top-k log-probabilities (resumable: rerun to continue).",
     ),
     "distill": (
-        _distill_config, _run_distill,
+        _distill_config,
+        _run_distill,
         "Train a student on a teacher cache. Several GPUs or nodes: `torchrun --nproc-per-node N --no-python pipeline distill ... [--parallel fsdp]`.",
     ),
     "generate": (
-        _generate_config, _run_generate,
+        _generate_config,
+        _run_generate,
         "Write responses for cache-teacher: SWITCH (Koo et al. 2024), or student- or teacher-only. HF backend (no vLLM).",
     ),
-}  # fmt: skip
+}
+
+
+def main() -> None:
+    """The `pipeline` console command and `python -m kd_pipeline`."""
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -23,15 +23,23 @@ from bench import material
 
 
 def _cache(data: Path, out: Path, args, sequences: int) -> float:
-    from cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
 
     if (out / "manifest.json").exists():
         return 0.0  # built by an earlier run of this bench with the same --work: reused
     started = time.perf_counter()
-    cache_teacher(CacheConfig(
-        teacher=str(material.teacher_dir()), data=str(data), out=out, top_k=args.top_k, seq_len=args.seq_len,
-        max_sequences=sequences, batch_size=8, progress=False,
-    ))  # fmt: skip
+    cache_teacher(
+        CacheConfig(
+            teacher=str(material.teacher_dir()),
+            data=str(data),
+            out=out,
+            top_k=args.top_k,
+            seq_len=args.seq_len,
+            max_sequences=sequences,
+            batch_size=8,
+            progress=False,
+        )
+    )
     return time.perf_counter() - started
 
 
@@ -43,10 +51,17 @@ def _student(root: Path, args) -> Path:
     path = root / "student"
     tok.save_pretrained(path)
     LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * args.seq_len, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    ).save_pretrained(path)  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * args.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    ).save_pretrained(path)
     return path
 
 
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
 
-    from train.trainer import DistillConfig, distill
+    from kd_pipeline.train.trainer import DistillConfig, distill
 
     started = time.perf_counter()
     load = os.getloadavg()
@@ -96,31 +111,54 @@ def main(argv: list[str] | None = None) -> None:
 
             shutil.rmtree(out)
         run_started = time.perf_counter()
-        distill(DistillConfig(
-            student=str(student), cache=train_cache, out=out, loss=loss, cross_tokenizer=True, max_steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, warmup_steps=max(1, args.steps // 10), eval_cache=eval_cache,
-            eval_every=args.steps, save_every=10 * args.steps, log_every=10, progress=False, seed=0, **extra,
-        ))  # fmt: skip
+        distill(
+            DistillConfig(
+                student=str(student),
+                cache=train_cache,
+                out=out,
+                loss=loss,
+                cross_tokenizer=True,
+                max_steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                warmup_steps=max(1, args.steps // 10),
+                eval_cache=eval_cache,
+                eval_every=args.steps,
+                save_every=10 * args.steps,
+                log_every=10,
+                progress=False,
+                seed=0,
+                **extra,
+            )
+        )
         evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_bpb" in line]
         rows.append((name, loss, extra, evals[0], evals[-1], time.perf_counter() - run_started))
 
     total = time.perf_counter() - started
     ce_bpb = next((last["eval_bpb"] for name, *_, last, _s in rows if name == "ce"), None)
-    print(f"\nMachine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average at start "
-          f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")  # fmt: skip
-    print(f"Teacher: SmolLM2-135M-Instruct (49,152 ids), top-{args.top_k} cache of {args.train_sequences} x "
-          f"{args.seq_len} Moby Dick tokens (train) and {args.eval_sequences} x {args.seq_len} of the held-out chapters; "
-          f"student: Llama {args.layers} layers x {args.hidden} wide, GPT-2 tokenizer (50,257 ids, tied embeddings), "
-          f"random init; budget {args.steps} steps x {args.batch_size} sequences, lr {args.lr}.")  # fmt: skip
-    print("\n| run | loss | distilled at | held-out bits/byte | vs ce | held-out CE (nats per GPT-2 token) | "
-          "KD positions | train + eval s |")
+    print(
+        f"\nMachine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average at start "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
+    print(
+        f"Teacher: SmolLM2-135M-Instruct (49,152 ids), top-{args.top_k} cache of {args.train_sequences} x "
+        f"{args.seq_len} Moby Dick tokens (train) and {args.eval_sequences} x {args.seq_len} of the held-out chapters; "
+        f"student: Llama {args.layers} layers x {args.hidden} wide, GPT-2 tokenizer (50,257 ids, tied embeddings), "
+        f"random init; budget {args.steps} steps x {args.batch_size} sequences, lr {args.lr}."
+    )
+    print(
+        "\n| run | loss | distilled at | held-out bits/byte | vs ce | held-out CE (nats per GPT-2 token) | "
+        "KD positions | train + eval s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, loss, extra, first, last, seconds in rows:
         where = "-" if loss == "ce" else extra.get("cross_tokenizer_positions", "same-token")
         rel = "" if ce_bpb is None or name == "ce" else f"{100 * (last['eval_bpb'] / ce_bpb - 1):+.1f}%"
-        print(f"| {name} | {loss} | {where} | {first['eval_bpb']:.3f} -> {last['eval_bpb']:.3f} | {rel} | "
-              f"{last['eval_ce']:.3f} | {last['eval_kd_tokens'] / max(last['eval_tokens'], 1):.0%} of "
-              f"{last['eval_tokens']:,} | {seconds:.0f} |")  # fmt: skip
+        print(
+            f"| {name} | {loss} | {where} | {first['eval_bpb']:.3f} -> {last['eval_bpb']:.3f} | {rel} | "
+            f"{last['eval_ce']:.3f} | {last['eval_kd_tokens'] / max(last['eval_tokens'], 1):.0%} of "
+            f"{last['eval_tokens']:,} | {seconds:.0f} |"
+        )
     print(f"\nteacher caches built in {cache_s:.0f} s; whole bench {total:.0f} s")
 
 

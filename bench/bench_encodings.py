@@ -8,7 +8,7 @@ rows; bench/bench_writer.py writes the same file); smaller k are the first colum
 Variants, at k = 16, 50, 64, 128:
 
 - ``v2``: format v2 (the ``exact`` encoding at version 2, fp16 log-probs, int32 ids): the baseline.
-- ``v3 exact`` and ``v3 compact`` (cache/encodings/), as ``pipeline cache-teacher`` writes them: the id
+- ``v3 exact`` and ``v3 compact`` (cache/format/encodings/), as ``pipeline cache-teacher`` writes them: the id
   table from the input tokens of the first block that command cuts from this corpus (the first 1M tokens
   of the packed stream, i.e. all of Moby Dick's 311k; ``--table-from rows``: only the scored rows' own
   input tokens); ``v3 compact, min-logprob X``: the support cut.
@@ -25,7 +25,7 @@ tokens); encode and decode speed per core (CPU seconds, one thread, best of ``--
 rounds) as ratios to v2 in the same run, and the absolute decode rate of one row group (the reader's
 unit); max |Δ log-prob| over the stored support vs the teacher's fp32 values; ΔKL = mean over positions of
 KL(teacher ‖ stored) on the k+1 bins (support + rest), the stored side as the trainer decodes it
-(cache.format.tail_mass of the decoded support, renormalized if over 1: train.losses.teacher_bin_logprobs),
+(kd_pipeline.cache.format.rows.tail_mass of the decoded support, renormalized if over 1: kd_pipeline.train.losses.teacher_bin_logprobs),
 in float64. Where the stored rest bin is empty but the teacher's is not, that position's KL is infinite:
 those are counted (``∞ KL``) and left out of the mean. With a support cut the bins are the stored ones
 (cut entries belong to the rest bin on both sides).
@@ -37,9 +37,9 @@ import argparse
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -56,11 +56,11 @@ from bench.bench_writer import (
     time_all,
     with_k,
 )
-from cache.build import CacheConfig
-from cache.encodings import Encoding
-from cache.encodings.compact import CompactEncoding
-from cache.encodings.exact import ExactEncoding
-from cache.format import CacheRows, tail_mass
+from kd_pipeline.cache.build import CacheConfig
+from kd_pipeline.cache.format.encodings import Encoding
+from kd_pipeline.cache.format.encodings.compact import CompactEncoding
+from kd_pipeline.cache.format.encodings.exact import ExactEncoding
+from kd_pipeline.cache.format.rows import CacheRows, tail_mass
 
 SIZE_KS = (16, 50, 64, 128)
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -128,7 +128,9 @@ class DistillKitStyle:
         input_ids = pa.ListArray.from_arrays(
             pa.array(np.arange(b + 1, dtype=np.int32) * rows.seq_len), pa.array(rows.input_ids.reshape(-1))
         )
-        return pa.table({"input_ids": input_ids, "compressed_logprobs": nested(value_bytes), "bytepacked_indices": nested(id_bytes)})
+        return pa.table(
+            {"input_ids": input_ids, "compressed_logprobs": nested(value_bytes), "bytepacked_indices": nested(id_bytes)}
+        )
 
     def decode(self, data: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """→ (ids [N, k] int32, log-probs [N, k] float32)."""
@@ -168,7 +170,7 @@ def kl_teacher_to_stored(teacher_lp: np.ndarray, stored_lp: np.ndarray) -> tuple
     ``teacher_lp`` [N, k] the teacher's fp32 values; ``stored_lp`` [N, k] as decoded (``-inf`` = cut)."""
     import torch
 
-    from train.losses import teacher_bin_logprobs
+    from kd_pipeline.train.losses import teacher_bin_logprobs
 
     cut = np.isneginf(stored_lp)
     # The stored side, exactly as the trainer builds its bins from the decoded values.
@@ -270,9 +272,18 @@ def measure_k(real: CacheRows, first_block_input_ids: np.ndarray, k: int, repeat
         kl, infinite = kl_teacher_to_stored(teacher_lp, lp)
         results.append(
             dict(
-                k=k, label=v.label, bytes=len(data) / tokens, encode_cpu=enc.cpu, decode_cpu=dec.cpu, tokens=tokens,
-                max_error=float(np.abs(lp[kept] - teacher_lp[kept]).max()), kl=float(kl[~infinite].mean()),
-                kl_max=float(kl[~infinite].max()), infinite=int(infinite.sum()), positions=kl.size, ids_ok=ids_ok,
+                k=k,
+                label=v.label,
+                bytes=len(data) / tokens,
+                encode_cpu=enc.cpu,
+                decode_cpu=dec.cpu,
+                tokens=tokens,
+                max_error=float(np.abs(lp[kept] - teacher_lp[kept]).max()),
+                kl=float(kl[~infinite].mean()),
+                kl_max=float(kl[~infinite].max()),
+                infinite=int(infinite.sum()),
+                positions=kl.size,
+                ids_ok=ids_ok,
                 kept=float(kept.sum(-1).mean()),
                 tail=float(np.abs(tail_mass(lp) - tail_mass(teacher_lp)).max()),
                 columns={c: b / tokens for c, b in column_bytes(data).items()} if v.label == "v3 compact" else None,
@@ -303,17 +314,38 @@ def report(results: list[dict]) -> None:
         for r in rs:
             body.append(
                 [
-                    k, r["label"], f"{r['bytes']:.1f}", f"{r['bytes'] / budget['bytes']:.2f}",
-                    f"{base['encode_cpu'] / r['encode_cpu']:.2f}", f"{base['decode_cpu'] / r['decode_cpu']:.2f}",
-                    f"{r['tokens'] / r['decode_cpu'] / 1e6:.2f}M", f"{r['max_error']:.4f}", f"{r['kl']:.1e}",
-                    f"{r['kl_max']:.1e}", f"{r['infinite']}/{r['positions']}" if r["infinite"] else "0",
-                    f"{r['kept']:.1f}", "yes" if r["ids_ok"] else "NO",
+                    k,
+                    r["label"],
+                    f"{r['bytes']:.1f}",
+                    f"{r['bytes'] / budget['bytes']:.2f}",
+                    f"{base['encode_cpu'] / r['encode_cpu']:.2f}",
+                    f"{base['decode_cpu'] / r['decode_cpu']:.2f}",
+                    f"{r['tokens'] / r['decode_cpu'] / 1e6:.2f}M",
+                    f"{r['max_error']:.4f}",
+                    f"{r['kl']:.1e}",
+                    f"{r['kl_max']:.1e}",
+                    f"{r['infinite']}/{r['positions']}" if r["infinite"] else "0",
+                    f"{r['kept']:.1f}",
+                    "yes" if r["ids_ok"] else "NO",
                 ]
-            )  # fmt: skip
+            )
     table(
         "Encodings on the same teacher rows",
-        ["k", "encoding", "B/token", "vs DK budget", "encode vs v2", "decode vs v2", "decode tok/s/core",
-         "max abs Δ lp", "ΔKL mean", "ΔKL max", "∞ KL", "ids kept", "ids exact"],
+        [
+            "k",
+            "encoding",
+            "B/token",
+            "vs DK budget",
+            "encode vs v2",
+            "decode vs v2",
+            "decode tok/s/core",
+            "max abs Δ lp",
+            "ΔKL mean",
+            "ΔKL max",
+            "∞ KL",
+            "ids kept",
+            "ids exact",
+        ],
         body,
         [
             "encode = encode + pq.write_table into memory; decode = pq.read_table from memory + decode to numpy "
@@ -333,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ks", default=",".join(map(str, SIZE_KS)))
     parser.add_argument(
-        "--table-from", choices=("first-block", "rows"), default="first-block",
+        "--table-from",
+        choices=("first-block", "rows"),
+        default="first-block",
         help="input tokens the compact id table is built from: the first block cache-teacher cuts from the "
         "corpus (default), or the scored rows alone",
     )

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from train import fused, losses
 from bench.common import cpu_model
+from kd_pipeline.train import fused, losses
 
 CE_WEIGHT = 0.1
 # The logits path holds about this many [N, V] fp32 buffers at its peak (the logits, the complement copy and the
@@ -140,8 +140,25 @@ def worker(method: str, n: int, vocab: int, d: int, k: int, chunk: int, repeats:
 
 def measure(method: str, n: int, vocab: int, d: int, k: int, chunk: int, repeats: int) -> dict:
     """:func:`worker` in a fresh process, so one measurement's allocations cannot hide in another's peak."""
-    cmd = [sys.executable, "-m", "bench.bench_fused", "--worker", method, "--positions", str(n), "--vocab", str(vocab),
-           "--hidden", str(d), "--k", str(k), "--chunk-size", str(chunk), "--repeats", str(repeats)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.bench_fused",
+        "--worker",
+        method,
+        "--positions",
+        str(n),
+        "--vocab",
+        str(vocab),
+        "--hidden",
+        str(d),
+        "--k",
+        str(k),
+        "--chunk-size",
+        str(chunk),
+        "--repeats",
+        str(repeats),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:120]}
@@ -203,8 +220,11 @@ def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     repeats = args.repeats or (5 if cuda else 2)
     flops = matmul_flops_per_s() if not cuda else float("inf")
-    avail = (torch.cuda.mem_get_info()[0] if cuda else
-             int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024)  # fmt: skip
+    avail = (
+        torch.cuda.mem_get_info()[0]
+        if cuda
+        else int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    )
     header = (
         "| V | N (asked) | peak extra: logits | fused | ratio | beyond the grads: logits | fused | ratio "
         "| fwd+bwd: logits | fused | fused/logits |\n" + "|---:" * 11 + "|"

@@ -37,15 +37,21 @@ BIN = Path(sys.executable).parent
 
 
 def build_cache(out: Path, sequences: int, seq_len: int) -> Path:
-    from cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
 
     cache = out / "cache"
     if not (cache / "manifest.json").exists():
         cache_teacher(
             CacheConfig(
-                teacher=str(material.teacher_dir()), data=str(material.corpus("moby-dick")), out=cache, top_k=16,
-                seq_len=seq_len + 1, batch_size=8, max_sequences=sequences, progress=False,
-            )  # fmt: skip
+                teacher=str(material.teacher_dir()),
+                data=str(material.corpus("moby-dick")),
+                out=cache,
+                top_k=16,
+                seq_len=seq_len + 1,
+                batch_size=8,
+                max_sequences=sequences,
+                progress=False,
+            )
         )
     return cache
 
@@ -54,12 +60,40 @@ def run(strategy: str, nproc: int, cache: Path, student: Path, out: Path, args, 
     run_dir = out / strategy
     shutil.rmtree(run_dir, ignore_errors=True)
     distill = [
-        str(BIN / "pipeline"), "distill", "--student", str(student), "--cache", str(cache), "--out", str(run_dir),
-        "--batch-size", str(args.batch_size), "--max-steps", str(args.steps), "--save-every", str(args.steps),
-        "--eval-sequences", "0", "--log-every", "1", "--no-progress", "--device", "cpu", "--parallel", strategy,
-    ]  # fmt: skip
+        str(BIN / "pipeline"),
+        "distill",
+        "--student",
+        str(student),
+        "--cache",
+        str(cache),
+        "--out",
+        str(run_dir),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-steps",
+        str(args.steps),
+        "--save-every",
+        str(args.steps),
+        "--eval-sequences",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--parallel",
+        strategy,
+    ]
     if nproc > 1:
-        distill = [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), "--no-python", *distill]
+        distill = [
+            str(BIN / "torchrun"),
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(port),
+            "--no-python",
+            *distill,
+        ]
     started = time.perf_counter()
     result = subprocess.run(distill, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - started
@@ -70,11 +104,14 @@ def run(strategy: str, nproc: int, cache: Path, student: Path, out: Path, args, 
     step_s = statistics.median(r["seconds_per_step"] for r in steps)
     memory = json.loads((run_dir / "memory.json").read_text())
     return {
-        "strategy": strategy, "processes": nproc, "step_seconds": step_s,
+        "strategy": strategy,
+        "processes": nproc,
+        "step_seconds": step_s,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
         "parameter_bytes": max(r["parameter_bytes"] for r in memory["ranks"]),
-        "optimizer_bytes": max(r["optimizer_bytes"] for r in memory["ranks"]), "run_seconds": seconds,
-    }  # fmt: skip
+        "optimizer_bytes": max(r["optimizer_bytes"] for r in memory["ranks"]),
+        "run_seconds": seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         run("fsdp", 2, cache, student, args.out, args, 29712),
     ]
     base = rows[0]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} x {cpu_model()}; student {student.name}, "
-          f"{args.batch_size} x {args.seq_len} tokens per process per step, fp32, OMP_NUM_THREADS=1\n")  # fmt: skip
-    print("| strategy | processes | s/step | tokens/s (all ranks) | tokens/s vs one process | parameters per rank | "
-          "optimizer state per rank | (params + optimizer) vs one process |")  # fmt: skip
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} x {cpu_model()}; student {student.name}, "
+        f"{args.batch_size} x {args.seq_len} tokens per process per step, fp32, OMP_NUM_THREADS=1\n"
+    )
+    print(
+        "| strategy | processes | s/step | tokens/s (all ranks) | tokens/s vs one process | parameters per rank | "
+        "optimizer state per rank | (params + optimizer) vs one process |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         held = r["parameter_bytes"] + r["optimizer_bytes"]

@@ -3,7 +3,7 @@ and how much memory it holds while doing so.
 
     python -m bench.bench_reader [--cache DIR] [--sequences 2048] [--seq-len 1024] [--k 64] [--profile]
 
-The cache is written once through the project's writer path (``cache.format.write_shard``, one
+The cache is written once through the project's writer path (``kd_pipeline.cache.format.files.write_shard``, one
 ``ShardEntry`` per shard, ``Manifest.save``), with build.py's default layout: 1M-token shards, 64k-token
 row groups. Teacher values are synthetic (the reader's speed depends on the bytes, not on where they came
 from): uniform random top-k ids (the incompressible case: real ids compress a little better) and sorted
@@ -42,10 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.encodings import encoding_for
-from cache.format import CacheRows, sha256_file, tokens_sha256, write_shard
-from cache.manifest import Manifest, ShardEntry, load_cache, shard_name
 from bench.common import cpu_model
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.files import sha256_file, write_shard
+from kd_pipeline.cache.format.layout import shard_name
+from kd_pipeline.cache.format.manifest import Manifest, ShardEntry, load_cache
+from kd_pipeline.cache.format.rows import CacheRows, tokens_sha256
 
 GOAL_TOKENS_PER_S = 1_000_000
 VOCAB = 49152  # SmolLM2's
@@ -99,10 +101,16 @@ def build_cache(root: Path, sequences: int, seq_len: int, k: int, seed: int = 0)
         write_shard(rows, path, manifest.row_group_rows, encoding_for(manifest))
         manifest.shards.append(
             ShardEntry(
-                name=shard_name(block), block=block, rows=rows.num_rows, tokens=int(rows.input_ids.size),
-                bytes=path.stat().st_size, sha256=sha256_file(path), first_seq_id=int(rows.seq_ids[0]),
-                last_seq_id=int(rows.seq_ids[-1]), tokens_sha256=tokens_sha256(rows.input_ids),
-            )  # fmt: skip
+                name=shard_name(block),
+                block=block,
+                rows=rows.num_rows,
+                tokens=int(rows.input_ids.size),
+                bytes=path.stat().st_size,
+                sha256=sha256_file(path),
+                first_seq_id=int(rows.seq_ids[0]),
+                last_seq_id=int(rows.seq_ids[-1]),
+                tokens_sha256=tokens_sha256(rows.input_ids),
+            )
         )
         manifest.save(root)
     manifest.stream = {"num_sequences": sequences, "sha256": "synthetic"}
@@ -159,16 +167,21 @@ def run_pass(
     ``_read_chunk`` (Parquet decode into numpy) over every row group in file order: the floor of any reader."""
     import pyarrow as pa
 
-    from train.reader import CacheReader
+    from kd_pipeline.train.reader import CacheReader
 
     _single_core()
     # Warm up on one row group: lazy imports and first-use initialization are not the reader's steady state.
     warm = CacheReader(cache, batch, shuffle=False, shuffle_rows=1, verify_checksums=False, prefetch=0)
     next(iter(warm.iter_epoch(0)))
     reader = CacheReader(
-        cache, batch, seed=0, shuffle=True, shuffle_rows=shuffle_rows, verify_checksums=verify,
+        cache,
+        batch,
+        seed=0,
+        shuffle=True,
+        shuffle_rows=shuffle_rows,
+        verify_checksums=verify,
         prefetch=0 if profile else 4,
-    )  # fmt: skip
+    )
     if cold:  # drop our shards (only ours) from the page cache, so the pass reads the disk
         for shard in reader.info.shards:
             fd = os.open(reader.info.root / shard.name, os.O_RDONLY)
@@ -198,9 +211,14 @@ def run_pass(
         pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
         print("```", flush=True)
     return PassResult(
-        tokens, wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, rss_base, _rss_mb("VmHWM"),
+        tokens,
+        wall,
+        after.ru_utime - before.ru_utime,
+        after.ru_stime - before.ru_stime,
+        rss_base,
+        _rss_mb("VmHWM"),
         pa.default_memory_pool().max_memory() / 2**20,
-    )  # fmt: skip
+    )
 
 
 def in_child(fn, *args, **kwargs):
@@ -270,9 +288,11 @@ def main() -> None:
             rate_cpu = r.tokens / r.cpu_s
             # The reader's window: whole row groups until shuffle_rows is reached (train/reader.py, _windows).
             window_rows = min(-(-options["shuffle_rows"] // m.row_group_rows) * m.row_group_rows, info.num_sequences)
-            shuffle, window = ("-", "-") if options.get("decode_only") else (
-                str(options["shuffle_rows"]), f"{window_rows * row_bytes / 2**20:,.0f}"
-            )  # fmt: skip
+            shuffle, window = (
+                ("-", "-")
+                if options.get("decode_only")
+                else (str(options["shuffle_rows"]), f"{window_rows * row_bytes / 2**20:,.0f}")
+            )
             print(
                 f"| {label} | {shuffle} | {r.tokens / r.wall_s:,.0f} | {rate_cpu:,.0f} | "
                 f"{'ok' if rate_cpu >= GOAL_TOKENS_PER_S else 'BELOW'} | {r.user_s:.2f} + {r.sys_s:.2f} | "

@@ -38,14 +38,14 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from train import losses
-from train.trainer import DistillConfig, batch_losses
 from bench.common import cpu_model
+from kd_pipeline.train import losses
+from kd_pipeline.train.trainer import DistillConfig, batch_losses
 
 KD_LOSSES = ("fkl", "taid", "atkd")
 BASELINE = "ce"
@@ -159,9 +159,7 @@ def loss_fns(batch: dict, vocab: int, names: tuple[str, ...]) -> dict[str, Calla
 
         return fn
 
-    fns = {
-        name: make(lambda loss=losses.build_loss(name): loss(teacher, logits).total) for name in names
-    }
+    fns = {name: make(lambda loss=losses.build_loss(name): loss(teacher, logits).total) for name in names}
 
     def bins_only() -> torch.Tensor:
         bins = losses.student_bins(logits, teacher.support_ids, teacher.target_ids)

@@ -39,9 +39,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache.build import CacheConfig, cache_teacher
-from cache.generate import DEFAULT_DECAY, DEFAULT_TAU0, MODES, GenerateConfig, generate, load_models, load_tokenizer
-from train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.generate import (
+    DEFAULT_DECAY,
+    DEFAULT_TAU0,
+    MODES,
+    GenerateConfig,
+    generate,
+    load_models,
+    load_tokenizer,
+)
+from kd_pipeline.train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,17 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(num_prompts=8, prompt_chars=80, max_new_tokens=24, gen_batch_size=4, seq_len=64, top_k=16,
-                 steps=8, warmup_steps=4, eval_sequences=4)  # fmt: skip
+QUICK = Settings(
+    num_prompts=8,
+    prompt_chars=80,
+    max_new_tokens=24,
+    gen_batch_size=4,
+    seq_len=64,
+    top_k=16,
+    steps=8,
+    warmup_steps=4,
+    eval_sequences=4,
+)
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,7 @@ def _log(message: str) -> None:
 
 def write_prompts(data: str, out: Path, s: Settings) -> Path:
     """Plain-text prompts: the opening ``prompt_chars`` characters of paragraphs long enough to hold them."""
-    from cache.data import iter_documents
+    from kd_pipeline.cache.data import iter_documents
 
     prompts = []
     for doc in iter_documents(data):
@@ -116,10 +133,17 @@ def write_prompts(data: str, out: Path, s: Settings) -> Path:
 def cache(teacher: str, data: Path | str, out: Path, s: Settings, max_sequences: int | None = None):
     return cache_teacher(
         CacheConfig(
-            teacher=teacher, data=str(data), out=out, top_k=s.top_k, seq_len=s.seq_len, device=s.device,
-            max_sequences=max_sequences, shard_tokens=s.seq_len * 64, row_group_tokens=s.seq_len * 16,
+            teacher=teacher,
+            data=str(data),
+            out=out,
+            top_k=s.top_k,
+            seq_len=s.seq_len,
+            device=s.device,
+            max_sequences=max_sequences,
+            shard_tokens=s.seq_len * 64,
+            row_group_tokens=s.seq_len * 16,
             progress=False,
-        )  # fmt: skip
+        )
     )
 
 
@@ -127,11 +151,24 @@ def train(student: str, cache_dir: Path, eval_cache: Path, out: Path, steps: int
     shutil.rmtree(out, ignore_errors=True)  # distill refuses to overwrite a finished run
     distill(
         DistillConfig(
-            student=student, cache=cache_dir, out=out, loss="fkl", batch_size=s.batch_size, lr=s.lr,
-            warmup_steps=max(1, steps // 10), max_steps=steps, seed=s.seed, eval_cache=eval_cache,
-            eval_every=steps, eval_at_start=True, save_every=steps, keep_checkpoints=1, log_every=max(1, steps // 8),
-            device=s.device, progress=False,
-        )  # fmt: skip
+            student=student,
+            cache=cache_dir,
+            out=out,
+            loss="fkl",
+            batch_size=s.batch_size,
+            lr=s.lr,
+            warmup_steps=max(1, steps // 10),
+            max_steps=steps,
+            seed=s.seed,
+            eval_cache=eval_cache,
+            eval_every=steps,
+            eval_at_start=True,
+            save_every=steps,
+            keep_checkpoints=1,
+            log_every=max(1, steps // 8),
+            device=s.device,
+            progress=False,
+        )
     )
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -174,10 +211,20 @@ def run_experiment(material: Material, s: Settings, out: Path) -> dict:
 
     prompts = write_prompts(material.data, out / "prompts.jsonl", s)
     base = GenerateConfig(
-        prompts=str(prompts), out=out, teacher=material.teacher, student=student, max_new_tokens=s.max_new_tokens,
-        temperature=s.temperature, top_p=s.top_p, seed=s.seed, tau0=s.tau0, decay=s.decay,
-        batch_size=s.gen_batch_size, device=s.device, progress=False,
-    )  # fmt: skip
+        prompts=str(prompts),
+        out=out,
+        teacher=material.teacher,
+        student=student,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        seed=s.seed,
+        tau0=s.tau0,
+        decay=s.decay,
+        batch_size=s.gen_batch_size,
+        device=s.device,
+        progress=False,
+    )
     models = None  # loaded once for the three modes, only if some generation is left to do
     results = {}
     for mode in MODES:
@@ -251,20 +298,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_switch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke-sized run")
     parser.add_argument("--teacher", help="teacher HF dir or hub id (default: the bench.material teacher)")
-    parser.add_argument("--student", help="student HF dir or hub id, same tokenizer (default: the teacher's 6-layer cut)")
-    parser.add_argument("--data", help="training text, any format cache-teacher reads (default: Moby Dick minus held-out)")
+    parser.add_argument(
+        "--student", help="student HF dir or hub id, same tokenizer (default: the teacher's 6-layer cut)"
+    )
+    parser.add_argument(
+        "--data", help="training text, any format cache-teacher reads (default: Moby Dick minus held-out)"
+    )
     parser.add_argument("--eval-data", help="held-out text (default: every tenth Moby Dick chapter)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/switch or runs/switch-quick)")
     for f in dataclasses.fields(Settings):
         quick = getattr(QUICK, f.name)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), help=f"(default: {f.default}; quick: {quick})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}", type=type(f.default), help=f"(default: {f.default}; quick: {quick})"
+        )
     args = parser.parse_args(argv)
 
     given = [args.teacher, args.student, args.data, args.eval_data]
     if any(given) and not all(given):
         parser.error("give all of --teacher, --student, --data and --eval-data, or none (the offline material)")
     material = Material(*given) if all(given) else default_material()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) is not None
+    }
     settings = dataclasses.replace(QUICK if args.quick else FULL, **overrides)
     out = args.out or Path("runs") / ("switch-quick" if args.quick else "switch")
 

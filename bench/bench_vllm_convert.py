@@ -43,9 +43,11 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--baseline", default=None, metavar="GIT_REV",
-        help="also time cache/vllm_backend.py as it was at this git revision (e.g. the converter before a change)",
-    )  # fmt: skip
+        "--baseline",
+        default=None,
+        metavar="GIT_REV",
+        help="also time cache/backends/vllm.py as it was at this git revision (e.g. the converter before a change)",
+    )
     return p.parse_args(argv)
 
 
@@ -58,7 +60,7 @@ def converter_at(rev: str):
 
     repo = Path(__file__).resolve().parents[1]
     source = subprocess.run(
-        ["git", "show", f"{rev}:cache/vllm_backend.py"], cwd=repo, capture_output=True, text=True, check=True
+        ["git", "show", f"{rev}:cache/backends/vllm.py"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout
     path = Path(tempfile.mkdtemp()) / "vllm_backend_baseline.py"
     path.write_text(source)
@@ -94,16 +96,20 @@ def vllm_build(arrays, k: int, keep_arrays: bool = False):
     from vllm.v1.engine.logprobs import LogprobsProcessor
     from vllm.v1.outputs import LogprobsTensors
 
-    from cache.vllm_backend import keep_prompt_logprob_arrays
+    from kd_pipeline.cache.backends.vllm import keep_prompt_logprob_arrays
 
     built = []
     keeping = keep_prompt_logprob_arrays(LogprobsProcessor, k) if keep_arrays else contextlib.nullcontext()
     with keeping:
         for _, ids, lps, ranks in arrays:
             proc = LogprobsProcessor(
-                tokenizer=None, logprobs=None, prompt_logprobs=create_prompt_logprobs(True),
-                cumulative_logprob=None, num_logprobs=None, num_prompt_logprobs=k,
-            )  # fmt: skip
+                tokenizer=None,
+                logprobs=None,
+                prompt_logprobs=create_prompt_logprobs(True),
+                cumulative_logprob=None,
+                num_logprobs=None,
+                num_prompt_logprobs=k,
+            )
             proc._update_prompt_logprobs(
                 LogprobsTensors(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(ranks))
             )
@@ -129,7 +135,7 @@ def main(argv=None) -> None:
     import vllm
 
     from bench.common import cpu_model
-    from cache.vllm_backend import PromptLogprobArrays, prompt_logprobs_to_scores
+    from kd_pipeline.cache.backends.vllm import PromptLogprobArrays, prompt_logprobs_to_scores
 
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -202,6 +208,7 @@ def main(argv=None) -> None:
         print(f"ours from lists / ours at {args.baseline}: {best['baseline'] / best['ours_lists']:.2f}x")
     print(f"ours from kept arrays / ours from lists: {best['ours_lists'] / best['ours_kept']:.1f}x")
     print(f"front end, kept arrays (3a+3b) / lists (1+2): {series_lists / series_kept:.1f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -17,9 +17,20 @@ import tempfile
 from pathlib import Path
 
 DEFAULTS = [
-    "--build-teacher", "small", "--device", "cpu", "--dtype", "float32", "--seq-len", "256", "--num-seqs", "32",
-    "--k", "64", "--enforce-eager",
-]  # fmt: skip
+    "--build-teacher",
+    "small",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--seq-len",
+    "256",
+    "--num-seqs",
+    "32",
+    "--k",
+    "64",
+    "--enforce-eager",
+]
 
 
 def main(argv=None) -> int:

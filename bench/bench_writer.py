@@ -15,7 +15,7 @@ of ``--repeats`` and are reported as CPU time (per core) and wall time, with the
 
 Sections printed (Markdown tables, to paste into bench/RESULTS.md):
 
-1. Bytes/token at k = 16, 50, 64, 128 with the current ``cache.format.PARQUET_WRITE_OPTIONS``, split
+1. Bytes/token at k = 16, 50, 64, 128 with the current ``kd_pipeline.cache.format.rows.shard_write_options``, split
    into ids, log-probs and the rest, next to DistillKit's published figures.
 2. Writer throughput at k=64 on one thread: ``to_table`` + ``pq.write_table`` (the ``write_shard`` path)
    and ``write_shard`` itself (adds fsync + rename), against plain zstd of the same numpy bytes.
@@ -35,22 +35,23 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cache.encodings.exact import PARQUET_WRITE_OPTIONS, ExactEncoding
-from cache.format import CacheRows, write_shard
 from bench.common import cpu_model
+from kd_pipeline.cache.format.encodings.exact import PARQUET_WRITE_OPTIONS, ExactEncoding
+from kd_pipeline.cache.format.files import write_shard
+from kd_pipeline.cache.format.rows import CacheRows
 
 K_MAX = 128
 SIZE_KS = (16, 50, 64, 128)
 STUDY_K = 64
-# DistillKit (arcee-ai), the closest peer, as summarized in shared/DESIGN.md: bit-packed ids and
+# DistillKit (arcee-ai), the closest peer, as summarized in docs/benchmarks.md: bit-packed ids and
 # polynomial-approximated log-prob tails, vocabularies of 128k+ tokens (ours: 49,152).
 DISTILLKIT_BYTES_PER_TOKEN = {50: "121-127", 128: "328-344"}
 # build.py's default row group: 64k tokens.
@@ -71,7 +72,7 @@ def moby_dick_sequences(seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     from transformers import AutoTokenizer
 
     from bench.material import corpus, teacher_dir
-    from cache.data import DataSpec, iter_sequences
+    from kd_pipeline.cache.data import DataSpec, iter_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir())
     stream = list(iter_sequences(DataSpec(path=str(corpus("moby-dick")), seq_len=seq_len), tokenizer))
@@ -83,7 +84,7 @@ def teacher_rows(num_sequences: int, seq_len: int) -> tuple[CacheRows, float]:
     book (one slice of the first chapters would be one register of prose), scored by the teacher.
     Returns the rows and the teacher's throughput in tokens/s."""
     from bench.material import teacher_dir
-    from cache.hf_backend import HFTeacher
+    from kd_pipeline.cache.backends.hf import HFTeacher
 
     stream_ids, stream_mask = moby_dick_sequences(seq_len)
     if len(stream_ids) < num_sequences:
@@ -492,12 +493,12 @@ def reference_bins(lp: np.ndarray):
 
 def forward_kl_added(decoded: np.ndarray, reference) -> tuple[float, float]:
     """Mean and max per position of ``KL(decoded ‖ teacher)`` on the k+1 bins, the decoded side built
-    exactly as the trainer builds it (train.losses.teacher_bin_logprobs: fp32 tail, renormalized if
+    exactly as the trainer builds it (kd_pipeline.train.losses.teacher_bin_logprobs: fp32 tail, renormalized if
     rounding pushed the support over 1). It is the forward-KL loss that a student reproducing the
     teacher perfectly would still be charged when trained on the stored target: 0 for a lossless cache."""
     import torch
 
-    from train.losses import forward_kl, join_bins, teacher_bin_logprobs
+    from kd_pipeline.train.losses import forward_kl, join_bins, teacher_bin_logprobs
 
     support = torch.from_numpy(decoded).reshape(-1, decoded.shape[-1])
     log_p_support, log_p_rest = teacher_bin_logprobs(support, dtype=torch.float64)

@@ -20,6 +20,13 @@ def cpu_model() -> str:
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), for random-init models of a real size:
 # scripts/gpu_check.py's teacher and scripts/fsdp_step.py's student.
 LLAMA_3_2_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-)  # fmt: skip
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)

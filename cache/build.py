@@ -15,32 +15,32 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from cache.data import DataSpec, iter_sequences, source_fingerprint
-from cache.encodings import DEFAULT_ENCODING, encoding_class, encoding_for, encoding_names
-from cache.format import SHARD_DIR, TOKENIZER_DIR, CacheRows, sha256_file, tokens_sha256, write_shard
-from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
-from cache.lock import hold_lock
-from cache.manifest import (
+from kd_pipeline.cache.backends import check_seq_len
+from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype, teacher_identity
+from kd_pipeline.cache.data import DataSpec, iter_sequences, source_fingerprint
+from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class, encoding_for, encoding_names
+from kd_pipeline.cache.format.files import sha256_file, write_shard
+from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR, manifest_name, shard_name
+from kd_pipeline.cache.format.lock import hold_lock
+from kd_pipeline.cache.format.manifest import (
     LINEAGE_FILE,
-    CacheError,
     Manifest,
     ShardEntry,
     identity_diff,
-    manifest_name,
     read_manifest,
-    shard_name,
     tokenizer_fingerprint,
 )
-from cache.models import check_model_path, load_config, load_tokenizer
-from cache.teacher import check_seq_len, id_list, invalid_rows
-from cache.options import option
+from kd_pipeline.cache.format.rows import CacheRows, id_list, invalid_rows, tokens_sha256
+from kd_pipeline.config import option
+from kd_pipeline.errors import CacheError, ConfigError
+from kd_pipeline.models import check_model_path, load_config, load_tokenizer
 
 
 @dataclass
@@ -62,7 +62,8 @@ class CacheConfig:
     backend: str = option("auto", "hf | vllm | auto (vLLM when CUDA and vllm are present, else HF).")
     batch_size: int = option(8, "Sequences per teacher forward (HF backend).")
     dtype: str = option(
-        "auto", "Teacher weights, both backends: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16."
+        "auto",
+        "Teacher weights, both backends: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.",
     )
     device: str = option("auto", "HF backend device: auto | cpu | cuda | cuda:N.")
     revision: str | None = option(None, "Hub revision of the teacher.")
@@ -72,16 +73,18 @@ class CacheConfig:
     tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per pipeline stage).")
     pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size (stages per teacher).")
     gpu_memory_utilization: float | None = option(
-        None, "vLLM: share of GPU memory (on CPU: of RAM) the engine reserves. Default 0.9 on CUDA; on CPU the "
+        None,
+        "vLLM: share of GPU memory (on CPU: of RAM) the engine reserves. Default 0.9 on CUDA; on CPU the "
         "teacher's weights x2 plus 2 GiB, at most half the free RAM.",
-    )  # fmt: skip
+    )
     enforce_eager: bool = option(False, "vLLM: no torch.compile / CUDA graphs (starts faster, may score slower).")
     max_num_seqs: int | None = option(None, "vLLM: most sequences in one engine step (vLLM's default if unset).")
     max_num_batched_tokens: int | None = option(None, "vLLM: most tokens in one engine step (vLLM's default if unset).")
     vllm_args: list[str] = option(
         help="vLLM: KEY=VALUE passed to vllm.LLM (repeat; VALUE read as JSON if it parses). Part of the cache identity.",
-        flag="--vllm-arg", default_factory=list,
-    )  # fmt: skip
+        flag="--vllm-arg",
+        default_factory=list,
+    )
     shard_tokens: int = option(1 << 20, "Tokens per shard file: the unit of crash-safety and resume.")
     row_group_tokens: int = option(1 << 16, "Tokens per Parquet row group: bounds reader memory.")
     max_tokens: int | None = option(None, "Stop after this many tokens of the stream.")
@@ -111,29 +114,35 @@ class CacheConfig:
 
     def validate(self) -> None:
         if self.top_k < 1:
-            raise ValueError("--top-k must be >= 1")
+            raise ConfigError("--top-k must be >= 1")
         if self.seq_len < 2:
-            raise ValueError("--seq-len must be >= 2 (one position predicts the next token)")
+            raise ConfigError("--seq-len must be >= 2 (one position predicts the next token)")
         if not 0 <= self.worker_index < self.num_workers:
-            raise ValueError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
+            raise ConfigError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
         if self.support not in ("topk", "sampled"):
-            raise ValueError(f"--support must be topk or sampled, got {self.support!r}")
+            raise ConfigError(f"--support must be topk or sampled, got {self.support!r}")
         if self.support == "sampled" and (self.num_samples < 1 or self.sample_temperature <= 0):
-            raise ValueError("--num-samples must be >= 1 and --sample-temperature > 0")
+            raise ConfigError("--num-samples must be >= 1 and --sample-temperature > 0")
         if self.backend not in ("auto", "hf", "vllm"):
-            raise ValueError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
+            raise ConfigError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
         if self.encoding not in encoding_names():
-            raise ValueError(f"--encoding must be one of {', '.join(encoding_names())}, got {self.encoding!r}")
+            raise ConfigError(f"--encoding must be one of {', '.join(encoding_names())}, got {self.encoding!r}")
         if self.min_logprob is not None and not self.min_logprob <= 0:
-            raise ValueError(f"--min-logprob must be a log-probability (<= 0), got {self.min_logprob}")
-        for name in ("batch_size", "shard_tokens", "row_group_tokens", "tensor_parallel_size", "pipeline_parallel_size"):
+            raise ConfigError(f"--min-logprob must be a log-probability (<= 0), got {self.min_logprob}")
+        for name in (
+            "batch_size",
+            "shard_tokens",
+            "row_group_tokens",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
+        ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
     def rows_per_shard(self) -> int:
@@ -157,7 +166,7 @@ def launcher_worker(env=None) -> tuple[int, int, str] | None:
             try:
                 return int(env[index_var]), int(env[count_var]), f"{index_var}/{count_var}"
             except ValueError:
-                raise ValueError(
+                raise ConfigError(
                     f"{index_var}={env[index_var]!r} / {count_var}={env[count_var]!r} are not integers; "
                     "unset them or pass --worker-index and --num-workers"
                 ) from None
@@ -204,10 +213,10 @@ def teacher_dtype(dtype: str, backend: str, device: str = "auto") -> str:
 
 def make_backend(config: CacheConfig, backend: str):
     if backend == "vllm":
-        from cache.vllm_backend import VLLMTeacher, parse_vllm_args
+        from kd_pipeline.cache.backends.vllm import VLLMTeacher, parse_vllm_args
 
         if config.support != "topk":
-            raise ValueError("--support sampled needs the full softmax: use --backend hf")
+            raise ConfigError("--support sampled needs the full softmax: use --backend hf")
         return VLLMTeacher(
             config.teacher,
             k=config.top_k,
@@ -223,7 +232,7 @@ def make_backend(config: CacheConfig, backend: str):
             trust_remote_code=config.trust_remote_code,
             llm_kwargs=parse_vllm_args(config.vllm_args),
         )
-    from cache.hf_backend import HFTeacher
+    from kd_pipeline.cache.backends.hf import HFTeacher
 
     return HFTeacher(
         config.teacher,
@@ -375,7 +384,7 @@ def writer_lock_name(worker_index: int) -> str:
 def cache_teacher(config: CacheConfig) -> Manifest:
     """Build (or resume, or finish) the cache described by ``config``; return its final manifest.
 
-    One writer per (out, worker index): a second one is refused while the first runs (cache/lock.py)."""
+    One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py)."""
     config = with_workers(config)
     config.validate()
     check_model_path(config.teacher, "--teacher")
@@ -419,7 +428,9 @@ def _build(config: CacheConfig) -> Manifest:
     # Resolve "auto" now: a resume on another device must not silently mix float32 and bf16 numbers.
     fresh = Manifest(
         teacher=teacher_identity(
-            config.teacher, config.revision, teacher_dtype(config.dtype, backend_name, config.device),
+            config.teacher,
+            config.revision,
+            teacher_dtype(config.dtype, backend_name, config.device),
             config.trust_remote_code,
         ),
         backend={"name": backend_name},
@@ -447,7 +458,7 @@ def _build(config: CacheConfig) -> Manifest:
     # make it depend on where a run was interrupted.
     fresh.teacher["backend"] = backend_name
     if backend_name == "vllm" and config.vllm_args:  # may change the numbers (quantization, ...): identity
-        from cache.vllm_backend import parse_vllm_args
+        from kd_pipeline.cache.backends.vllm import parse_vllm_args
 
         fresh.teacher["vllm_args"] = parse_vllm_args(config.vllm_args)
     manifest = _prepare_output(config, fresh)
@@ -504,7 +515,7 @@ def _build(config: CacheConfig) -> Manifest:
                 )
             scoring = time.perf_counter()
             scores = teacher.score(
-                input_ids, progress=lambda n: bar.update(n * config.seq_len), first_seq_id=first_seq
+                input_ids, progress=lambda n, bar=bar: bar.update(n * config.seq_len), first_seq_id=first_seq
             )
             score_seconds += time.perf_counter() - scoring
             rows = CacheRows(
@@ -522,7 +533,11 @@ def _build(config: CacheConfig) -> Manifest:
                 raise CacheError(
                     f"the teacher gave non-finite log-probabilities (NaN or inf) for sequences "
                     f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block"
-                    + (f" (the {len(manifest.shards)} shard(s) committed before it are kept)" if manifest.shards else "")
+                    + (
+                        f" (the {len(manifest.shards)} shard(s) committed before it are kept)"
+                        if manifest.shards
+                        else ""
+                    )
                     + ". Check the teacher's weights and --dtype (float16 overflows in some models)."
                 )
             with _naming_write_errors(path):

@@ -1,7 +1,7 @@
 """Stage one's input side: read a dataset, tokenize it, and pack it into fixed-length sequences.
 
 The output is a deterministic stream of ``(input_ids, loss_mask)`` pairs, each of exactly ``seq_len``
-tokens; the position of a pair in the stream is its ``seq_id`` in the cache (see cache/format.py for
+tokens; the position of a pair in the stream is its ``seq_id`` in the cache (see cache/format/rows.py for
 the alignment of ``loss_mask``).
 
 Sources (:func:`iter_documents`)
@@ -63,11 +63,14 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
+
+from kd_pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,6 @@ _PARQUET_BATCH_ROWS = 1024
 _HF_BATCH_ROWS = 1024
 _HASH_CHUNK = 1 << 22
 _GLOB_CHARS = "*?["
-
-
-class DataError(ValueError):
-    """A problem with the input data or options, worded for the person running the command."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,7 +108,7 @@ def _kind_of(path: Path) -> str | None:
 
 
 def _hf_layout(directory: Path) -> str | None:
-    """"dict" for a saved DatasetDict, "dataset" for a saved Dataset, None otherwise."""
+    """ "dict" for a saved DatasetDict, "dataset" for a saved Dataset, None otherwise."""
     if (directory / "dataset_dict.json").is_file():
         return "dict"
     if (directory / "state.json").is_file() and (directory / "dataset_info.json").is_file():
@@ -154,9 +153,7 @@ def _expand(path: Path, split: str | None, explicit: bool, walking: tuple[Path, 
             return [_hf_source(path, split)]
         sources: list[_Source] = []
         ignored: list[str] = []
-        entries = sorted(
-            (e for e in path.iterdir() if not e.name.startswith(".")), key=lambda e: e.name
-        )
+        entries = sorted((e for e in path.iterdir() if not e.name.startswith(".")), key=lambda e: e.name)
         for entry in entries:
             if entry.is_dir():
                 sources.extend(_expand(entry, split, explicit=False, walking=(*walking, real)))
@@ -285,9 +282,7 @@ def _check_messages(messages: Any, where: str, field: str) -> list[dict[str, Any
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(
-                f"{where}: {field}[{j}] must be a {{'role': str, 'content': str}} dict, got {m!r:.200}"
-            )
+            raise DataError(f"{where}: {field}[{j}] must be a {{'role': str, 'content': str}} dict, got {m!r:.200}")
         # Columnar sources (parquet, arrow) give every message every struct key, null where absent:
         # drop the nulls so that templates testing `is defined` see what the record meant.
         out.append({k: v for k, v in m.items() if v is not None})
@@ -318,8 +313,7 @@ def _decode_utf8(data: bytes, where: str) -> str:
         column = len(before[line_start:].decode("utf-8")) + 1  # in characters, as editors count
         at = f"line {line + 1}, column {column}" if line else f"column {column}"
         raise DataError(
-            f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at}: {e.reason}); "
-            "re-encode the file as UTF-8"
+            f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at {at}: {e.reason}); re-encode the file as UTF-8"
         ) from None
 
 
@@ -548,9 +542,7 @@ def encode_batch(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarra
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("chat data needs a fast tokenizer (character offsets locate the assistant tokens)")
         rendered = [assistant_spans(docs[i], tokenizer) for i in chat_idx]
-        enc = tokenizer(
-            [r[0] for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
+        enc = tokenizer([r[0] for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         for i, (_, spans), t, off in zip(chat_idx, rendered, enc["input_ids"], enc["offset_mapping"]):
             flat_off = np.fromiter(itertools.chain.from_iterable(off), dtype=np.int64, count=2 * len(off))
             m = _mask_from_offsets(flat_off.reshape(-1, 2), spans)

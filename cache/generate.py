@@ -56,30 +56,28 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.data import iter_documents, source_fingerprint
-from cache.format import atomic_write_bytes
-from cache.hf_backend import resolve_device, resolve_dtype, teacher_identity
-from cache.manifest import identity_diff, tokenizer_fingerprint
-from cache.models import check_model_path, load_causal_lm
-from cache.models import load_tokenizer as load_one_tokenizer
-from cache.options import option
+from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype, teacher_identity
+from kd_pipeline.cache.data import iter_documents, source_fingerprint
+from kd_pipeline.cache.format.files import atomic_write_bytes
+from kd_pipeline.cache.format.manifest import identity_diff, tokenizer_fingerprint
+from kd_pipeline.config import option
+from kd_pipeline.errors import ConfigError, GenerateError
+from kd_pipeline.models import check_model_path, load_causal_lm
+from kd_pipeline.models import load_tokenizer as load_one_tokenizer
 
 MODES = ("switch", "student", "teacher")
 DEFAULT_TAU0 = 0.5  # nats; our choice (the paper's value was not found), see the module docstring
 DEFAULT_DECAY = 0.1  # λ per response token ("decay factor of 1/10")
 META_SUFFIX = ".meta.json"
-
-
-class GenerateError(Exception):
-    """Generation cannot run as asked (mismatched resume, tokenizers that differ, bad prompts)."""
 
 
 @dataclass
@@ -92,7 +90,9 @@ class GenerateConfig:
     out: Path = option(help="Output .jsonl (resumable: rerun to continue); OUT.meta.json records its settings.")
     teacher: str | None = option(None, "Teacher: a local HF directory or a hub id (switch and teacher modes).")
     student: str | None = option(None, "Student: a local HF directory or a hub id (switch and student modes).")
-    mode: str = option("switch", "switch: the student writes, the teacher steps in where JSD > tau_t | student | teacher.")
+    mode: str = option(
+        "switch", "switch: the student writes, the teacher steps in where JSD > tau_t | student | teacher."
+    )
     tau0: float = option(
         DEFAULT_TAU0,
         "SWITCH threshold at the first response token, in nats (JSD <= ln 2 = 0.693). Our default: the paper's "
@@ -110,7 +110,8 @@ class GenerateConfig:
     batch_size: int = option(8, "Prompts per batch (one batch is the unit of resume).")
     prompt_field: str = option("prompt", "Record field holding a plain-text prompt.")
     messages_field: str = option(
-        "messages", "Record field holding chat messages (rendered with the chat template; trailing assistant turns dropped)."
+        "messages",
+        "Record field holding chat messages (rendered with the chat template; trailing assistant turns dropped).",
     )
     chat: bool = option(False, "Render plain prompts as a single user turn with the chat template.")
     split: str = option("train", "Split to read from a DatasetDict directory.")
@@ -128,21 +129,21 @@ class GenerateConfig:
 
     def validate(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         missing = [f"--{name}" for name in self.writers if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"--mode {self.mode} needs {' and '.join(missing)}")
+            raise ConfigError(f"--mode {self.mode} needs {' and '.join(missing)}")
         if self.tau0 < 0 or self.decay < 0:
-            raise ValueError("--tau0 and --decay must be >= 0")
+            raise ConfigError("--tau0 and --decay must be >= 0")
         if self.temperature < 0:
-            raise ValueError("--temperature must be >= 0 (0 is greedy)")
+            raise ConfigError("--temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+            raise ConfigError("--top-p must be in (0, 1]")
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise ValueError("--max-prompts must be >= 1")
+            raise ConfigError("--max-prompts must be >= 1")
 
     @property
     def meta_path(self) -> Path:
@@ -249,9 +250,13 @@ class _Decoder:
 
     def __call__(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            use_cache=True, logits_to_keep=1, **{self.cache_name: self.past},
-        )  # fmt: skip
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_name: self.past},
+        )
         self.past = getattr(out, self.cache_name)
         # Rows past the tokenizer's vocabulary (padded embeddings) are never tokens: drop them.
         return out.logits[:, -1, : self.vocab].float()
@@ -284,9 +289,7 @@ def generate_batch(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     decoders = {role: _Decoder(model, len(tokenizer)) for role, model in models.present().items()}
     logits = {role: decode(input_ids, mask, positions) for role, decode in decoders.items()}
-    generators = (
-        [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.temperature > 0 else None
-    )
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.temperature > 0 else None
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     tokens, from_teacher, divergences = [], [], []
@@ -421,9 +424,18 @@ def _identity(cfg: GenerateConfig) -> dict:
         **{
             name: getattr(cfg, name)
             for name in (
-                "mode", "tau0", "decay", "max_new_tokens", "temperature", "top_p", "seed",
-                "prompt_field", "messages_field", "chat", "split",
-            )  # fmt: skip
+                "mode",
+                "tau0",
+                "decay",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "seed",
+                "prompt_field",
+                "messages_field",
+                "chat",
+                "split",
+            )
         },
     }
 
@@ -438,7 +450,8 @@ def _prepare_output(cfg: GenerateConfig, identity: dict) -> set[int]:
         diff = identity_diff(json.loads(meta.read_text())["identity"], identity)
         if diff:
             raise GenerateError(
-                f"{out} was generated with other settings, refusing to append:\n  " + "\n  ".join(diff)
+                f"{out} was generated with other settings, refusing to append:\n  "
+                + "\n  ".join(diff)
                 + "\nUse another --out, or --overwrite to start over."
             )
     elif out.exists():
@@ -525,9 +538,12 @@ def generate(cfg: GenerateConfig, models: Models | None = None) -> GenerateSumma
 
     remaining = cfg.max_prompts - sum(i < cfg.max_prompts for i in done) if cfg.max_prompts else None
     bar = tqdm(
-        total=remaining, unit="prompt",
-        desc=f"generate ({cfg.mode})", disable=not cfg.progress, dynamic_ncols=True,
-    )  # fmt: skip
+        total=remaining,
+        unit="prompt",
+        desc=f"generate ({cfg.mode})",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     try:
         with open(cfg.out, "a", encoding="utf-8") as f:
             for batch in _batched(todo(), cfg.batch_size):
@@ -554,9 +570,15 @@ def generate(cfg: GenerateConfig, models: Models | None = None) -> GenerateSumma
     if seen == 0:
         raise GenerateError(f"{cfg.prompts}: no prompts")
     summary = GenerateSummary(
-        out=cfg.out, prompts=seen, skipped=len(done), generated=generated, tokens=tokens,
-        teacher_tokens=teacher_tokens, seconds=time.perf_counter() - started, generate_seconds=generate_seconds,
-    )  # fmt: skip
+        out=cfg.out,
+        prompts=seen,
+        skipped=len(done),
+        generated=generated,
+        tokens=tokens,
+        teacher_tokens=teacher_tokens,
+        seconds=time.perf_counter() - started,
+        generate_seconds=generate_seconds,
+    )
     _write_meta(cfg, identity, records=len(done) + generated)
     _log(
         f"done: {summary.generated} responses written ({summary.skipped} already there), {tokens:,} tokens, "

@@ -38,16 +38,22 @@ import torch  # noqa: E402
 
 from bench.bench_step import synthetic_batch  # noqa: E402
 from bench.common import LLAMA_3_2_1B  # noqa: E402
-from train import losses, trainer  # noqa: E402
-from train.parallel import init_processes, make_strategy  # noqa: E402
+from kd_pipeline.train import losses, trainer  # noqa: E402
+from kd_pipeline.train.parallel import init_processes, make_strategy  # noqa: E402
 
 SIZES = {
     "1b": LLAMA_3_2_1B,  # random init
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     ),
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     d, device = init_processes("auto")
     strategy = make_strategy(args.parallel, d, device)
     cfg = trainer.DistillConfig(
-        student="-", cache=Path("-"), out=Path("-"), loss=args.loss, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, precision=args.precision, fused_loss=args.fused_loss, parallel=args.parallel,
-    )  # fmt: skip
+        student="-",
+        cache=Path("-"),
+        out=Path("-"),
+        loss=args.loss,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        precision=args.precision,
+        fused_loss=args.fused_loss,
+        parallel=args.parallel,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SIZES[args.size])).to(device)  # fp32 master weights, then sharded
     params = sum(p.numel() for p in model.parameters())
@@ -109,19 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     held = strategy.local_bytes(model, optimizer)
     step_s = statistics.median(times)
     result = {
-        "size": args.size, "parameters": params, "parallel": strategy.name, "world_size": d.world_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "bf16": bf16,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum, "k": args.k,
-        "loss": args.loss, "fused_loss": args.fused_loss, "step_seconds": step_s,
+        "size": args.size,
+        "parameters": params,
+        "parallel": strategy.name,
+        "world_size": d.world_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bf16": bf16,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "grad_accum": args.grad_accum,
+        "k": args.k,
+        "loss": args.loss,
+        "fused_loss": args.fused_loss,
+        "step_seconds": step_s,
         "tokens_per_s_per_rank": args.batch_size * args.seq_len * args.grad_accum / step_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "last_loss": float(parts.total.detach()), **held,
-    }  # fmt: skip
+        "last_loss": float(parts.total.detach()),
+        **held,
+    }
     ranks = d.all_gather_objects(result)
     if d.main:
         args.out.write_text(json.dumps(ranks, indent=1) + "\n")
         for r in ranks[:1]:
-            peak = f"{r['peak_memory_bytes'] / 2**30:.2f} GiB" if r["peak_memory_bytes"] is not None else "not measured (CPU)"
+            peak = (
+                f"{r['peak_memory_bytes'] / 2**30:.2f} GiB"
+                if r["peak_memory_bytes"] is not None
+                else "not measured (CPU)"
+            )
             print(
                 f"{r['size']} ({r['parameters'] / 1e6:,.1f}M params, {r['parallel']} x {r['world_size']}, {r['device']}, "
                 f"bf16={r['bf16']}): {r['step_seconds']:.3f} s/step, {r['tokens_per_s_per_rank']:.0f} tokens/s per rank, "

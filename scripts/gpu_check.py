@@ -11,7 +11,7 @@ config with random weights (``--build-teacher 1b``: Llama-3.2-1B's shape, 1.24B 
 smoke run) into OUT/teacher, and without ``--data`` it scores random token ids. Steps:
 
 1. ``hf``: the HF backend's ``score()`` in tokens/s at ``--seq-len`` (default 2048; load and one warm-up
-   batch excluded), then ``cache.format.write_shard`` on those scores: the writer's share of
+   batch excluded), then ``kd_pipeline.cache.format.files.write_shard`` on those scores: the writer's share of
    score + write time (the writer runs on the host while a GPU would wait).
 2. ``vllm`` (only where vllm imports): the same sequences through the vLLM backend, its tokens/s and its
    parity with HF: top-1 agreement, top-k overlap, |Δ log-prob| on shared ids, |Δ target log-prob|.
@@ -49,28 +49,46 @@ TEACHER_SHAPES = {
     "1b": LLAMA_3_2_1B,
     # Heads of 32: vLLM's CPU attention has kernels for head sizes 32, 64, 80, ... only.
     "small": dict(
-        vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     ),
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
     ),
-}  # fmt: skip
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="output directory (gpu_check.jsonl, built teacher, caches)")
     p.add_argument("--teacher", default=None, help="teacher: local HF directory or hub id (default: build one)")
-    p.add_argument("--build-teacher", choices=sorted(TEACHER_SHAPES), default="1b",
-                   help="shape of the random-weight Llama built when --teacher is not given (default 1b)")  # fmt: skip
+    p.add_argument(
+        "--build-teacher",
+        choices=sorted(TEACHER_SHAPES),
+        default="1b",
+        help="shape of the random-weight Llama built when --teacher is not given (default 1b)",
+    )
     p.add_argument("--data", default=None, help="dataset (any format cache-teacher reads); default: random token ids")
     p.add_argument("--k", type=int, default=64, help="top-k support size (default 64)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--num-seqs", type=int, default=64, help="sequences to score (default 64)")
     p.add_argument("--device", default="auto", help="HF backend device: auto (CUDA if present) | cpu | cuda:N")
-    p.add_argument("--dtype", default="auto", help="both backends: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    p.add_argument(
+        "--dtype", default="auto", help="both backends: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16"
+    )
     p.add_argument("--hf-batch-size", type=int, default=8, help="sequences per HF forward (default 8)")
     p.add_argument("--shard-rows", type=int, default=16, help="sequences per shard in the writer step (default 16)")
     p.add_argument("--backends", default="hf,vllm", help="comma list; vllm is skipped where it does not import")
@@ -151,8 +169,10 @@ class Results:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
             f.flush()
-        print(f"[{step}] " + ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not isinstance(v, dict)),
-              flush=True)  # fmt: skip
+        print(
+            f"[{step}] " + ", ".join(f"{k}={_short(v)}" for k, v in values.items() if not isinstance(v, dict)),
+            flush=True,
+        )
         return record
 
 
@@ -195,13 +215,17 @@ def build_sequences(args, teacher: str) -> np.ndarray:
         return np.random.default_rng(0).integers(0, vocab, size=(args.num_seqs, args.seq_len), dtype=np.int32)
     from transformers import AutoTokenizer
 
-    from cache.data import DataSpec, iter_sequences
+    from kd_pipeline.cache.data import DataSpec, iter_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(teacher, revision=args.revision, trust_remote_code=args.trust_remote_code)
     spec = DataSpec(
-        path=args.data, seq_len=args.seq_len, text_field=args.text_field, messages_field=args.messages_field,
-        split=args.split, max_sequences=args.num_seqs,
-    )  # fmt: skip
+        path=args.data,
+        seq_len=args.seq_len,
+        text_field=args.text_field,
+        messages_field=args.messages_field,
+        split=args.split,
+        max_sequences=args.num_seqs,
+    )
     pairs = list(iter_sequences(spec, tokenizer))
     if not pairs:
         raise SystemExit(f"{args.data}: produced no token sequences")
@@ -234,8 +258,10 @@ def free_cuda() -> None:
 
 def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, int]:
     """Write the scores as cache-teacher would (shards of shard_rows sequences); seconds and bytes."""
-    from cache.encodings import DEFAULT_ENCODING, encoding_class
-    from cache.format import FORMAT_VERSION, CacheRows, write_shard
+    from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class
+    from kd_pipeline.cache.format.files import write_shard
+    from kd_pipeline.cache.format.layout import FORMAT_VERSION
+    from kd_pipeline.cache.format.rows import CacheRows
 
     # The default encoding, its parameters derived from the first shard's tokens as cache-teacher derives them.
     cls = encoding_class(DEFAULT_ENCODING)
@@ -263,13 +289,18 @@ def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, 
 
 
 def step_hf(args, teacher: str, input_ids: np.ndarray, results: Results):
-    from cache.hf_backend import HFTeacher
+    from kd_pipeline.cache.backends.hf import HFTeacher
 
     start = time.perf_counter()
     hf = HFTeacher(
-        teacher, k=args.k, batch_size=args.hf_batch_size, dtype=args.dtype, device=args.device,
-        revision=args.revision, trust_remote_code=args.trust_remote_code,
-    )  # fmt: skip
+        teacher,
+        k=args.k,
+        batch_size=args.hf_batch_size,
+        dtype=args.dtype,
+        device=args.device,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+    )
     load_s = time.perf_counter() - start
     described = hf.describe()
     scores, score_s = timed_score(hf, input_ids)
@@ -279,28 +310,41 @@ def step_hf(args, teacher: str, input_ids: np.ndarray, results: Results):
     write_s, nbytes = time_writer(scores, input_ids, args.shard_rows)
     tokens = int(input_ids.size)
     results.add(
-        "hf", device=described["backend"]["device"], dtype=described["teacher"]["dtype"], load_s=load_s,
-        tokens=tokens, score_s=score_s, tokens_per_s=tokens / score_s, write_s=write_s,
-        write_tokens_per_s=tokens / write_s, writer_share=write_s / (score_s + write_s),
+        "hf",
+        device=described["backend"]["device"],
+        dtype=described["teacher"]["dtype"],
+        load_s=load_s,
+        tokens=tokens,
+        score_s=score_s,
+        tokens_per_s=tokens / score_s,
+        write_s=write_s,
+        write_tokens_per_s=tokens / write_s,
+        writer_share=write_s / (score_s + write_s),
         bytes_per_token=nbytes / tokens,
-    )  # fmt: skip
+    )
     return scores
 
 
 def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Results) -> list[str]:
-    from cache.build import teacher_dtype
-    from cache.vllm_backend import VLLMTeacher
+    from kd_pipeline.cache.backends.vllm import VLLMTeacher
+    from kd_pipeline.cache.build import teacher_dtype
 
     dtype = teacher_dtype(args.dtype, "vllm")
     # A teacher built here has no tokenizer; prompts are token ids and nothing is detokenized.
     no_tokenizer = Path(teacher).is_dir() and not any(Path(teacher).glob("tokenizer*"))
     start = time.perf_counter()
     with VLLMTeacher(
-        teacher, k=args.k, seq_len=args.seq_len, tensor_parallel_size=args.tensor_parallel_size, dtype=dtype,
-        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        revision=args.revision, trust_remote_code=args.trust_remote_code,
+        teacher,
+        k=args.k,
+        seq_len=args.seq_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
         llm_kwargs={"skip_tokenizer_init": True} if no_tokenizer else None,
-    ) as vl:  # fmt: skip
+    ) as vl:
         load_s = time.perf_counter() - start
         scores, score_s = timed_score(vl, input_ids)
     tokens = int(input_ids.size)
@@ -308,9 +352,13 @@ def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Res
     problems = []
     if hf_scores is not None:
         parity = compare(
-            hf_scores.topk_ids, hf_scores.topk_logprobs, hf_scores.target_logprob,
-            scores.topk_ids, scores.topk_logprobs, scores.target_logprob,
-        )  # fmt: skip
+            hf_scores.topk_ids,
+            hf_scores.topk_logprobs,
+            hf_scores.target_logprob,
+            scores.topk_ids,
+            scores.topk_logprobs,
+            scores.target_logprob,
+        )
         record.update(parity)
         problems = [f"in-process: {p}" for p in verdict(parity, args)]
     results.add("vllm", **record)
@@ -318,9 +366,9 @@ def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Res
 
 
 def read_cache(root: Path):
-    from cache import read_all
-    from cache.format import CacheRows
-    from cache.manifest import load_cache
+    from kd_pipeline import read_all
+    from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.cache.format.rows import CacheRows
 
     info = load_cache(root)
     rows = read_all(info)
@@ -331,15 +379,41 @@ def read_cache(root: Path):
 def run_pipeline(args, teacher: str, backend: str) -> tuple[Path, float]:
     out = args.out / f"cache_{backend}"
     cmd = [
-        sys.executable, str(REPO / "pipeline.py"), "cache-teacher",
-        "--teacher", teacher, "--data", args.data, "--out", str(out),
-        "--top-k", str(args.k), "--seq-len", str(args.seq_len), "--backend", backend,
-        "--max-sequences", str(args.num_seqs), "--dtype", args.dtype,
-        "--batch-size", str(args.hf_batch_size), "--device", args.device,
-        "--tensor-parallel-size", str(args.tensor_parallel_size),
-        "--text-field", args.text_field, "--messages-field", args.messages_field, "--split", args.split,
-        "--overwrite", "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "kd_pipeline",
+        "cache-teacher",
+        "--teacher",
+        teacher,
+        "--data",
+        args.data,
+        "--out",
+        str(out),
+        "--top-k",
+        str(args.k),
+        "--seq-len",
+        str(args.seq_len),
+        "--backend",
+        backend,
+        "--max-sequences",
+        str(args.num_seqs),
+        "--dtype",
+        args.dtype,
+        "--batch-size",
+        str(args.hf_batch_size),
+        "--device",
+        args.device,
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
+        "--text-field",
+        args.text_field,
+        "--messages-field",
+        args.messages_field,
+        "--split",
+        args.split,
+        "--overwrite",
+        "--no-progress",
+    ]
     if args.gpu_memory_utilization is not None:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.enforce_eager:
@@ -361,9 +435,13 @@ def step_pipeline(args, teacher: str, backends: list[str], results: Results) -> 
         info, rows = read_cache(out)
         caches[backend] = rows
         results.add(
-            f"pipeline_{backend}", cache=str(out), wall_s_incl_load=seconds, tokens=info.num_tokens,
-            bytes_per_token=info.num_bytes / max(info.num_tokens, 1), backend=info.manifest.backend,
-        )  # fmt: skip
+            f"pipeline_{backend}",
+            cache=str(out),
+            wall_s_incl_load=seconds,
+            tokens=info.num_tokens,
+            bytes_per_token=info.num_bytes / max(info.num_tokens, 1),
+            backend=info.manifest.backend,
+        )
     if len(caches) < 2:
         return []
     a, b = caches["hf"], caches["vllm"]
@@ -419,9 +497,12 @@ def main(argv=None) -> int:
         print("note: vllm is not installed here; the vLLM steps are skipped", file=sys.stderr)
         backends.remove("vllm")
     results.add(
-        "machine", device=torch.cuda.get_device_name(0) if on_cuda else f"{os.cpu_count()} CPUs ({cpu_model()})",
-        torch=torch.__version__, python=platform.python_version(), args={k: str(v) for k, v in vars(args).items()},
-    )  # fmt: skip
+        "machine",
+        device=torch.cuda.get_device_name(0) if on_cuda else f"{os.cpu_count()} CPUs ({cpu_model()})",
+        torch=torch.__version__,
+        python=platform.python_version(),
+        args={k: str(v) for k, v in vars(args).items()},
+    )
     teacher = args.teacher
     if teacher is None:
         path, params, seconds = build_teacher(args.build_teacher, args.out, args.dtype)

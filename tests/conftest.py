@@ -50,9 +50,7 @@ def build_tokenizer(directory: Path, vocab_size: int = 320):
         show_progress=False,
     )
     tok.train_from_iterator(make_corpus(200, seed=123), trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(directory)
     return hf
@@ -153,14 +151,22 @@ def corpus_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, teacher_dir, corpus_jsonl) -> Path:
     """A complete cache: 90 sequences of 32 tokens, k=8, 6 sequences per shard, 4 per row group."""
-    from cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
 
     out = tmp_path_factory.mktemp("small_cache") / "cache"
     cache_teacher(
         CacheConfig(
-            teacher=str(teacher_dir), data=str(corpus_jsonl), out=out, top_k=8, seq_len=32, batch_size=8,
-            shard_tokens=32 * 6, row_group_tokens=32 * 4, max_sequences=90, progress=False,
-        )  # fmt: skip
+            teacher=str(teacher_dir),
+            data=str(corpus_jsonl),
+            out=out,
+            top_k=8,
+            seq_len=32,
+            batch_size=8,
+            shard_tokens=32 * 6,
+            row_group_tokens=32 * 4,
+            max_sequences=90,
+            progress=False,
+        )
     )
     return out
 
@@ -172,9 +178,14 @@ def student_config(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("student_config")
     LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    ).save_pretrained(d)  # fmt: skip
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ).save_pretrained(d)
     return d
 
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench import quality
-from cache.build import CacheConfig, cache_teacher
-from cache.encodings import encoding_for
-from cache.manifest import load_cache
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.manifest import load_cache
 from tests.conftest import make_corpus, one_torch_thread
 
 
@@ -29,8 +29,21 @@ def heldout_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, teacher_dir, student_config, corpus_jsonl, heldout_jsonl) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("quality")
-    argv = ["--quick", "--teacher", str(teacher_dir), "--student", str(student_config), "--data", str(corpus_jsonl),
-            "--eval-data", str(heldout_jsonl), "--out", str(out), "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--quick",
+        "--teacher",
+        str(teacher_dir),
+        "--student",
+        str(student_config),
+        "--data",
+        str(corpus_jsonl),
+        "--eval-data",
+        str(heldout_jsonl),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     with one_torch_thread():
         return quality.main(argv), out
 
@@ -41,7 +54,9 @@ def test_quick_mode_passes_and_reports_every_run(quick):
     assert code == 0, quality.quick_failures(report)
     expected = [r.name for r in quality.runs_for(quality.QUICK)]
     assert list(report["runs"]) == expected
-    assert {"ce-top64", "fkl-top64", "taid-top64", "atkd-top64", "fkl-top8", "fkl-sampled16", "dense-online"} <= set(expected)
+    assert {"ce-top64", "fkl-top64", "taid-top64", "atkd-top64", "fkl-top8", "fkl-sampled16", "dense-online"} <= set(
+        expected
+    )
     table = (out / "report.md").read_text()
     for name in expected:
         assert f"| {name} |" in table
@@ -51,7 +66,9 @@ def test_quick_mode_passes_and_reports_every_run(quick):
         assert run["tokens"] == report["reference"]["teacher"]["tokens"] > 0
         assert 0 <= run["ece"] <= 1 and 0 <= run["top1"] <= 1 and run["step_seconds"] > 0
         # Bits per byte is the CE over the bytes the targets stand for: nats/token x tokens/byte / ln 2.
-        assert run["bpb"] == pytest.approx(run["ce"] * run["tokens"] / (report["reference"]["teacher"]["bytes"] * math.log(2)))
+        assert run["bpb"] == pytest.approx(
+            run["ce"] * run["tokens"] / (report["reference"]["teacher"]["bytes"] * math.log(2))
+        )
     for ref in report["reference"].values():  # tiny random models: no order between them to assert
         assert ref["bytes"] == report["reference"]["teacher"]["bytes"] > ref["tokens"] and ref["bpb"] > 0
     assert report["reference"]["teacher"]["kl"] == pytest.approx(0, abs=1e-6)
@@ -75,8 +92,15 @@ def test_quick_mode_exits_nonzero_when_kd_does_not_beat_ce(quick):
 
 def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_jsonl):
     """Slicing the sorted top-64 gives exactly what the teacher's own top-8 run stores (ids and values)."""
-    common = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), seq_len=32, max_sequences=12, progress=False,
-                  shard_tokens=32 * 5, encoding="exact")  # fmt: skip
+    common = dict(
+        teacher=str(teacher_dir),
+        data=str(corpus_jsonl),
+        seq_len=32,
+        max_sequences=12,
+        progress=False,
+        shard_tokens=32 * 5,
+        encoding="exact",
+    )
     cache_teacher(CacheConfig(out=tmp_path / "top64", top_k=64, **common))
     cache_teacher(CacheConfig(out=tmp_path / "top8", top_k=8, **common))
     derived = quality.derive_topk_cache(tmp_path / "top64", tmp_path / "derived8", 8)
@@ -84,7 +108,9 @@ def test_derived_top8_equals_a_direct_top8_cache(tmp_path, teacher_dir, corpus_j
     assert derived.manifest.identity() == direct.manifest.identity()
     assert [s.rows for s in derived.shards] == [s.rows for s in direct.shards]
     for a, b in zip(derived.shards, direct.shards):
-        ra, rb = (encoding_for(c.manifest).decode(pq.read_table(c.root / s.name)) for c, s in ((derived, a), (direct, b)))
+        ra, rb = (
+            encoding_for(c.manifest).decode(pq.read_table(c.root / s.name)) for c, s in ((derived, a), (direct, b))
+        )
         for field in ("input_ids", "topk_ids", "topk_logprobs", "target_logprob"):
             np.testing.assert_array_equal(getattr(ra, field), getattr(rb, field))
     assert [s.sha256 for s in derived.shards] == [s.sha256 for s in direct.shards]  # even the bytes
@@ -132,9 +158,11 @@ def test_noise_seeds_rerun_fkl_and_taid_with_other_trainer_seeds_on_the_same_cac
     settings = dataclasses.replace(quality.QUICK, seed=3, noise_seeds=2)
     extra = [r for r in quality.runs_for(settings) if r.seed_offset]
     assert [(r.name, r.cache, r.loss, r.seed_offset) for r in extra] == [
-        ("fkl-top64-seed4", "top64", "fkl", 1), ("taid-top64-seed4", "top64", "taid", 1),
-        ("fkl-top64-seed5", "top64", "fkl", 2), ("taid-top64-seed5", "top64", "taid", 2),
-    ]  # fmt: skip
+        ("fkl-top64-seed4", "top64", "fkl", 1),
+        ("taid-top64-seed4", "top64", "taid", 1),
+        ("fkl-top64-seed5", "top64", "fkl", 2),
+        ("taid-top64-seed5", "top64", "taid", 2),
+    ]
 
 
 def test_runs_are_trained_in_the_order_given():
@@ -166,14 +194,18 @@ def test_runs_build_only_the_caches_they_read(tmp_path, teacher_dir, student_con
     assert list(record["build_seconds"]) == ["top64", "top8", "heldout", "sampled16"]
 
 
-def test_min_logprob_cuts_the_training_cache_not_the_heldout_one(tmp_path, teacher_dir, student_config, corpus_jsonl, heldout_jsonl):
+def test_min_logprob_cuts_the_training_cache_not_the_heldout_one(
+    tmp_path, teacher_dir, student_config, corpus_jsonl, heldout_jsonl
+):
     """--min-logprob X (the compact encoding's support cut) on the training cache only: the held-out cache keeps
     its full top-k, so runs with and without the cut are scored on the same bins."""
-    from cache import read_all
+    from kd_pipeline import read_all
 
     material = quality.Material(str(teacher_dir), str(student_config), str(corpus_jsonl), str(heldout_jsonl))
     cut = -5.0  # about the median log-prob of the tiny teacher's top-64
-    settings = dataclasses.replace(quality.QUICK, device="cpu", steps=2, eval_every=2, encoding="compact", min_logprob=cut)
+    settings = dataclasses.replace(
+        quality.QUICK, device="cpu", steps=2, eval_every=2, encoding="compact", min_logprob=cut
+    )
     with one_torch_thread():
         report = quality.run_benchmark(material, settings, tmp_path, only=["fkl-top64"])
     assert list(report["caches"]) == ["top64", "heldout"]

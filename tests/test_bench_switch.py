@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import bench_switch
-from cache.generate import MODES
+from kd_pipeline.cache.generate import MODES
 from tests.conftest import make_corpus, one_torch_thread
 
 
@@ -18,8 +18,21 @@ def quick(tmp_path_factory, teacher_dir, student_config, corpus_jsonl) -> tuple[
     heldout = tmp_path_factory.mktemp("switch-heldout") / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in make_corpus(20, seed=7)))
     out = tmp_path_factory.mktemp("switch")
-    argv = ["--quick", "--teacher", str(teacher_dir), "--student", str(student_config), "--data", str(corpus_jsonl),
-            "--eval-data", str(heldout), "--out", str(out), "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--quick",
+        "--teacher",
+        str(teacher_dir),
+        "--student",
+        str(student_config),
+        "--data",
+        str(corpus_jsonl),
+        "--eval-data",
+        str(heldout),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     with one_torch_thread():
         return bench_switch.main(argv), out
 
@@ -36,7 +49,7 @@ def test_quick_run_reports_every_mode(quick):
     assert modes["teacher"]["teacher_share"] == 1.0
     assert modes["student"]["teacher_share"] == 0.0
     assert 0.0 <= modes["switch"]["teacher_share"] <= 1.0
-    for mode, m in modes.items():
+    for m in modes.values():
         assert m["responses"] == s.num_prompts
         assert 0 < m["mean_response_tokens"] <= s.max_new_tokens
         assert m["mean_jsd"] is not None and 0 <= m["mean_jsd"] <= math.log(2)  # JSD in nats is at most ln 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,21 +16,31 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache.build import CacheConfig, cache_teacher
-from cache import read_all as read_rows
-from cache.format import SHARD_DIR, tail_mass
-from cache.manifest import CacheError, load_cache
-from cache.verify import verify_cache
-from pipeline import app
+from kd_pipeline import read_all as read_rows
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.format.layout import SHARD_DIR
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.cache.format.verify import verify_cache
+from kd_pipeline.errors import CacheError
+from kd_pipeline.pipeline import app
 
 K, SEQ_LEN = 8, 32
 
 
 def config(teacher, data, out, **kw) -> CacheConfig:
     base = dict(
-        teacher=str(teacher), data=str(data), out=Path(out), top_k=K, seq_len=SEQ_LEN, batch_size=4,
-        shard_tokens=SEQ_LEN * 6, row_group_tokens=SEQ_LEN * 4, max_sequences=40, progress=False,
-    )  # fmt: skip
+        teacher=str(teacher),
+        data=str(data),
+        out=Path(out),
+        top_k=K,
+        seq_len=SEQ_LEN,
+        batch_size=4,
+        shard_tokens=SEQ_LEN * 6,
+        row_group_tokens=SEQ_LEN * 4,
+        max_sequences=40,
+        progress=False,
+    )
     base.update(kw)
     return CacheConfig(**base)
 
@@ -69,7 +78,7 @@ def test_cache_matches_float64_dense_reference(reference_cache, teacher_dir):
     ids_agree = (torch.from_numpy(rows.topk_ids.astype(np.int64)) == ref_ids).float().mean().item()
     assert ids_agree > 0.999
     # Within the cache encoding's bound of the teacher's fp32 values, plus fp32-vs-float64 noise.
-    from cache.encodings import encoding_for
+    from kd_pipeline.cache.format.encodings import encoding_for
 
     bound = encoding_for(info.manifest).error_bound() + 2e-3
     np.testing.assert_allclose(rows.topk_logprobs.astype(np.float64), ref_lp.numpy(), atol=bound, rtol=2e-3)
@@ -179,11 +188,30 @@ def kill_reference(tmp_path_factory, teacher_dir, corpus_jsonl) -> dict[str, byt
 def test_kill_9_and_rerun_gives_identical_bytes(tmp_path, kill_reference, teacher_dir, corpus_jsonl, kill_after_shards):
     out = tmp_path / "cache"
     cmd = [
-        sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(teacher_dir), "--data",
-        str(corpus_jsonl), "--out", str(out), "--top-k", str(K), "--seq-len", str(SEQ_LEN),
-        "--batch-size", "4", "--shard-tokens", str(SEQ_LEN * 6), "--row-group-tokens", str(SEQ_LEN * 4),
-        "--max-sequences", str(KILL_SEQUENCES), "--no-progress",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline",
+        "cache-teacher",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(corpus_jsonl),
+        "--out",
+        str(out),
+        "--top-k",
+        str(K),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--batch-size",
+        "4",
+        "--shard-tokens",
+        str(SEQ_LEN * 6),
+        "--row-group-tokens",
+        str(SEQ_LEN * 4),
+        "--max-sequences",
+        str(KILL_SEQUENCES),
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 600  # a loaded machine takes minutes to import torch and reach the first shard
     while _count_shards(out) < kill_after_shards and proc.poll() is None and time.time() < deadline:
@@ -218,8 +246,8 @@ def test_verify_detects_corruption_and_names_the_file(tmp_path, teacher_dir, cor
 def test_verify_checks_values_not_just_checksums(tmp_path, teacher_dir, corpus_jsonl):
     """A shard rewritten with unsorted log-probs and a matching manifest checksum is still caught (the
     exact encoding stores any values; the compact one cannot even encode them)."""
-    from cache.encodings import encoding_for
-    from cache.format import sha256_file, write_shard
+    from kd_pipeline.cache.format.encodings import encoding_for
+    from kd_pipeline.cache.format.files import sha256_file, write_shard
 
     out = tmp_path / "cache"
     cache_teacher(config(teacher_dir, corpus_jsonl, out, max_sequences=6, encoding="exact"))
@@ -263,8 +291,22 @@ def test_incomplete_multi_worker_cache_is_refused(tmp_path, teacher_dir, corpus_
 def test_cli_cache_teacher_inspect_and_errors(tmp_path, teacher_dir, corpus_jsonl):
     runner = CliRunner()
     out = tmp_path / "cache"
-    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl), "--out", str(out),
-            "--top-k", "4", "--seq-len", "16", "--max-tokens", "160", "--no-progress"]  # fmt: skip
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(corpus_jsonl),
+        "--out",
+        str(out),
+        "--top-k",
+        "4",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "160",
+        "--no-progress",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     info = load_cache(out)
@@ -284,9 +326,9 @@ def test_format_v1_and_v2_caches_still_read_verify_and_train(tmp_path, teacher_d
     """v2 only made the list elements non-nullable and v3 named the encoding: a v1/v2 cache (version in its
     manifest, no encoding entry) decodes to the arrays of a v3 ``exact`` cache, verifies, and feeds the
     reader; resuming it is refused."""
-    from cache.encodings.exact import PARQUET_WRITE_OPTIONS, shard_schema
-    from cache.format import sha256_file
-    from train.reader import CacheReader
+    from kd_pipeline.cache.format.encodings.exact import PARQUET_WRITE_OPTIONS, shard_schema
+    from kd_pipeline.cache.format.files import sha256_file
+    from kd_pipeline.train.reader import CacheReader
 
     exact = tmp_path / "exact"
     cache_teacher(config(teacher_dir, corpus_jsonl, exact, max_sequences=12, encoding="exact"))

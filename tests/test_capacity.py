@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import app
-from train.capacity import (
+from kd_pipeline.pipeline import app
+from kd_pipeline.train.capacity import (
     CapacityError,
     ModelSize,
     PlanConfig,
@@ -32,9 +32,15 @@ def llama_config(hidden: int, layers: int, tie: bool = False):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
-    )  # fmt: skip
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+    )
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -105,7 +111,9 @@ def test_chain_only_beyond_ratio_squared_and_geometrically_spaced():
 
 def test_minidisc_scores_by_hand(tmp_path):
     csv = tmp_path / "assistants.csv"
-    csv.write_text("name,params,metric\nta-6L,600M,0.80\nta-4L,400M,0.78\nta-2L,200M,0.70\nbig,1.2B,0.9\ntiny,100M,0.5\n")
+    csv.write_text(
+        "name,params,metric\nta-6L,600M,0.80\nta-4L,400M,0.78\nta-2L,200M,0.70\nbig,1.2B,0.9\ntiny,100M,0.5\n"
+    )
     rows = read_assistants(csv)
     ranked = rank_assistants(rows, teacher_params=10**9, student_params=100 * 10**6, lam=0.2)
     # score = metric + 0.2 * (1 - params / 1B)
@@ -146,10 +154,23 @@ def test_plan_teacher_cli_on_synthetic_configs(tmp_path):
 
     csv = tmp_path / "ta.csv"
     csv.write_text(f"name,params,eval_loss\nmid,{ratios['t-mid'] * s:.0f},2.0\nsmall,{ratios['t-small'] * s:.0f},2.2\n")
-    result = CliRunner().invoke(app, [
-        "plan-teacher", "--student", str(paths["student"]), "--candidate", str(paths["t-small"]), "--candidate",
-        str(paths["t-mid"]), "--candidate", str(paths["t-big"]), "--assistants", str(csv), "--json",
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan-teacher",
+            "--student",
+            str(paths["student"]),
+            "--candidate",
+            str(paths["t-small"]),
+            "--candidate",
+            str(paths["t-mid"]),
+            "--candidate",
+            str(paths["t-big"]),
+            "--assistants",
+            str(csv),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["recommended"]["name"] == str(paths[nearest]) and out["teacher"]["name"] == str(paths["t-big"])

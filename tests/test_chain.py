@@ -8,17 +8,22 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from cache.manifest import LINEAGE_FILE, load_cache
-from pipeline import app
+from kd_pipeline.cache.format.manifest import LINEAGE_FILE, load_cache
+from kd_pipeline.pipeline import app
 
 
 def config_dir(root: Path, hidden: int, layers: int) -> Path:
     from transformers import LlamaConfig
 
     LlamaConfig(
-        vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    ).save_pretrained(root)  # fmt: skip
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ).save_pretrained(root)
     return root
 
 
@@ -28,10 +33,36 @@ def invoke(*args: str) -> None:
 
 
 def test_teacher_assistant_chain_records_lineage(tmp_path, teacher_dir, corpus_jsonl):
-    cache_opts = ["--data", corpus_jsonl, "--top-k", "8", "--seq-len", "32", "--max-sequences", "24",
-                  "--shard-tokens", "192", "--row-group-tokens", "128", "--no-progress"]  # fmt: skip
-    distill_opts = ["--max-steps", "5", "--batch-size", "4", "--eval-sequences", "4", "--eval-every", "5",
-                    "--save-every", "5", "--log-every", "5", "--no-progress"]  # fmt: skip
+    cache_opts = [
+        "--data",
+        corpus_jsonl,
+        "--top-k",
+        "8",
+        "--seq-len",
+        "32",
+        "--max-sequences",
+        "24",
+        "--shard-tokens",
+        "192",
+        "--row-group-tokens",
+        "128",
+        "--no-progress",
+    ]
+    distill_opts = [
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "4",
+        "--eval-sequences",
+        "4",
+        "--eval-every",
+        "5",
+        "--save-every",
+        "5",
+        "--log-every",
+        "5",
+        "--no-progress",
+    ]
     cache1, cache2 = tmp_path / "cache-teacher", tmp_path / "cache-assistant"
     assistant_run, student_run = tmp_path / "assistant", tmp_path / "student"
 

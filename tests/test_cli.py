@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner as ClickRunner
 from typer.testing import CliRunner
 
-import pipeline
-from cache.options import cli_fields, flag_of, option
+from kd_pipeline import pipeline
+from kd_pipeline.config import cli_fields, flag_of, option
 
 
 @dataclasses.dataclass

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from train import cross_tokenizer as xt
-from train import losses
+from kd_pipeline.train import cross_tokenizer as xt
+from kd_pipeline.train import losses
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,9 @@ def test_pieces_spell_the_text(teacher_tok, student_tok, pieces):
     assert student.pieces[student_tok.convert_tokens_to_ids("<0xC3>")] == b"\xc3"
     # Specials are flagged and spelled by their content; text tokens are not special.
     assert teacher.special[teacher_tok.eos_token_id] and teacher.pieces[teacher_tok.eos_token_id] == b"<|endoftext|>"
-    assert student.special[student_tok.eos_token_id] and not student.special[student_tok.convert_tokens_to_ids("<0x41>")]
+    assert (
+        student.special[student_tok.eos_token_id] and not student.special[student_tok.convert_tokens_to_ids("<0x41>")]
+    )
     assert teacher.text_bytes(np.array([teacher_tok.eos_token_id])).tolist() == [0]
 
 
@@ -93,7 +95,9 @@ def test_vocab_map_matches_bytes_specials_by_content_or_role(teacher_tok, studen
             assert teacher.pieces[t] == student.pieces[m[t]] and not student.special[m[t]]
     # Text tokens the student cannot spell as one token stay unmatched: their mass goes to the tail bin.
     unmatched = [t for t in np.flatnonzero(m < 0) if not teacher.special[t]]
-    assert unmatched and all(teacher.pieces[t] not in {student.pieces[s] for s in range(student.vocab_size)} for t in unmatched[:20])
+    assert unmatched and all(
+        teacher.pieces[t] not in {student.pieces[s] for s in range(student.vocab_size)} for t in unmatched[:20]
+    )
 
 
 def test_vocab_map_is_kept_on_disk_per_tokenizer_pair(tmp_path, teacher_tok, student_tok, pieces, monkeypatch):
@@ -128,7 +132,9 @@ def _check_invariants(seq: xt.StudentSequence, ids: np.ndarray, teacher: xt.Toke
     assert (seq.teacher_pos[aligned] <= len(ids) - 2).all()
     # Every byte of text after the first student token is some target's: nothing lost, nothing counted twice.
     first_end = seq.starts[1] if len(seq.starts) > 1 else 0
-    assert seq.target_bytes.sum() == teacher.text_bytes(ids).sum() - first_end + _special_bytes_before(ids, teacher, first_end)
+    assert seq.target_bytes.sum() == teacher.text_bytes(ids).sum() - first_end + _special_bytes_before(
+        ids, teacher, first_end
+    )
 
 
 def _special_bytes_before(ids, teacher, end) -> int:
@@ -178,11 +184,16 @@ def test_alignment_byte_fallback_and_cut_characters(teacher_tok, student_tok, pi
 def test_alignment_special_tokens(teacher_tok, student_tok, pieces, vocab_map):
     teacher, student = pieces
     im_start, im_end = (teacher_tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
-    ids = np.concatenate([
-        [im_start], teacher_tok("user\nthe sea", add_special_tokens=False)["input_ids"], [im_end],
-        teacher_tok("\nthe ship", add_special_tokens=False)["input_ids"], [teacher_tok.eos_token_id],
-        teacher_tok("old man", add_special_tokens=False)["input_ids"],
-    ]).astype(np.int64)  # fmt: skip
+    ids = np.concatenate(
+        [
+            [im_start],
+            teacher_tok("user\nthe sea", add_special_tokens=False)["input_ids"],
+            [im_end],
+            teacher_tok("\nthe ship", add_special_tokens=False)["input_ids"],
+            [teacher_tok.eos_token_id],
+            teacher_tok("old man", add_special_tokens=False)["input_ids"],
+        ]
+    ).astype(np.int64)
     seq = _retokenize(teacher_tok, student_tok, pieces, vocab_map, ids)
     _check_invariants(seq, ids, teacher)
     ids_list = seq.input_ids.tolist()
@@ -263,7 +274,9 @@ def test_projected_bins_give_the_loss_of_the_student_vocabulary():
         torch.testing.assert_close(got_p, ref_p, rtol=2e-3, atol=2e-3)  # fp32 projection of fp64 teacher
         torch.testing.assert_close(got_q, ref_q)
         fkl = (ref_p * (ref_p.log() - ref_q.log())).sum()
-        torch.testing.assert_close(losses.forward_kl(log_p[row : row + 1], log_q[row : row + 1])[0], fkl, rtol=5e-3, atol=5e-3)
+        torch.testing.assert_close(
+            losses.forward_kl(log_p[row : row + 1], log_q[row : row + 1])[0], fkl, rtol=5e-3, atol=5e-3
+        )
 
 
 def test_bits_per_byte():
@@ -289,7 +302,9 @@ def test_uld_equals_dense_when_k_covers_both_vocabularies(vt, vs):
     k = max(vt, vs)
     log_p_sorted = torch.nn.functional.pad(p.sort(-1, descending=True).values.log(), (0, k - vt), value=-math.inf)
     log_q_sorted, log_q_rest = losses.student_sorted_bins(z, k)
-    log_p, log_q = losses.join_bins(log_p_sorted, torch.full((n,), -math.inf, dtype=torch.float64), log_q_sorted, log_q_rest)
+    log_p, log_q = losses.join_bins(
+        log_p_sorted, torch.full((n,), -math.inf, dtype=torch.float64), log_q_sorted, log_q_rest
+    )
     got = losses.uld_distance(log_p, log_q)
     want = _dense_uld(p, z.softmax(-1))
     torch.testing.assert_close(got, want)
@@ -316,13 +331,13 @@ def test_uld_on_top_k_bins_is_the_tail_lumped_lower_bound():
 
 # ------------------------------------------------------------------------------------------ batches
 def _reader_batch(small_cache):
-    from train.reader import CacheReader
+    from kd_pipeline.train.reader import CacheReader
 
     return next(iter(CacheReader(small_cache, 6, shuffle=False, prefetch=0)))
 
 
 def test_student_batches_with_the_teachers_tokenizer_are_the_cached_batch(small_cache, teacher_tok):
-    from cache.manifest import load_cache
+    from kd_pipeline.cache.format.manifest import load_cache
 
     info = load_cache(small_cache)
     batch = _reader_batch(small_cache)
@@ -344,14 +359,14 @@ def test_student_batches_with_the_teachers_tokenizer_are_the_cached_batch(small_
     torch.testing.assert_close(out["p_rest"][mask], losses.tail_mass(batch["topk_logprobs"][mask]))
     # The target's log-prob comes from the support where the target is in it: within the encoding's bound of
     # the stored target_logprob (both roundings of the teacher's one value).
-    from cache.encodings import encoding_for
+    from kd_pipeline.cache.format.encodings import encoding_for
 
     bound = 1e-3 + encoding_for(info.manifest).error_bound()
     torch.testing.assert_close(out["target_logprob"][mask], batch["target_logprob"][mask].float(), rtol=0, atol=bound)
 
 
 def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces):
-    from cache.manifest import load_cache
+    from kd_pipeline.cache.format.manifest import load_cache
 
     _, student = pieces
     batch = _reader_batch(small_cache)
@@ -404,7 +419,9 @@ def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces)
             first = batch["input_ids"][row, t + 1]
             in_top = cached_ids == first
             share = batch["topk_logprobs"][row, t].float().exp()[in_top].sum() if in_top.any() else 1.0
-            torch.testing.assert_close(got.double(), torch.minimum(chain, torch.tensor(float(share))).double(), rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(
+                got.double(), torch.minimum(chain, torch.tensor(float(share))).double(), rtol=1e-3, atol=1e-4
+            )
             checked += 1
     assert checked >= 3  # multi-token spellings were exercised
     assert torch.isfinite(out["target_logprob"][matched]).float().mean() > 0.9
@@ -413,7 +430,7 @@ def test_student_batches_for_another_tokenizer(small_cache, student_tok, pieces)
 def _teacher_tok_of(cache):
     from transformers import AutoTokenizer
 
-    from cache.format import TOKENIZER_DIR
+    from kd_pipeline.cache.format.layout import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(cache / TOKENIZER_DIR)
 
@@ -432,7 +449,13 @@ def test_repeated_columns_are_empty_bins_and_the_loss_is_the_loss_without_them()
     short = losses.student_bins(z, ids[:, :2], target)
     log_p2, log_q2 = losses.join_bins(lp[:, :2], rest, short.log_q_support, short.log_q_rest)
     torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(4, dtype=torch.float64))
-    for f in (losses.forward_kl, losses.reverse_kl, losses.js_divergence, losses.skew_forward_kl, losses.skew_reverse_kl):
+    for f in (
+        losses.forward_kl,
+        losses.reverse_kl,
+        losses.js_divergence,
+        losses.skew_forward_kl,
+        losses.skew_reverse_kl,
+    ):
         torch.testing.assert_close(f(log_p, log_q), f(log_p2, log_q2))
     # ATKD: the target's bin is the first column holding it, whether or not a repeat follows.
     atkd_full = losses.student_bins(z, ids, target, include_target=True)
@@ -473,18 +496,22 @@ def test_uld_on_the_unmatched_part_equals_golds_dense_term():
     unmatched_cols = mapping[top.indices] < 0
     got = losses.uld_unmatched(top.values.masked_fill(~unmatched_cols, -math.inf), z, student_unmatched)
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(*(torch.autograd.grad(x.sum(), z)[0] for x in (got, _dense_uld(u, z.softmax(-1)[:, student_unmatched]))))
+    torch.testing.assert_close(
+        *(torch.autograd.grad(x.sum(), z)[0] for x in (got, _dense_uld(u, z.softmax(-1)[:, student_unmatched])))
+    )
 
 
 # ------------------------------------------------------------------------------------ the trainer's seam
 @pytest.mark.parametrize("fused", [False, True])
-def test_cross_tokenizer_with_the_teachers_tokenizer_gives_the_normal_loss(small_cache, student_config, teacher_tok, fused):
+def test_cross_tokenizer_with_the_teachers_tokenizer_gives_the_normal_loss(
+    small_cache, student_config, teacher_tok, fused
+):
     """Every registered loss, its parts and the eval numbers: the cross-tokenizer path (re-tokenized batches,
     projected bins, CE elsewhere) on the teacher's own tokenizer is the normal path, up to fp32 rounding."""
     import contextlib
 
-    from cache.manifest import load_cache
-    from train import trainer
+    from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.train import trainer
 
     info = load_cache(small_cache)
     model = trainer.load_student(str(student_config), info, seed=0)
@@ -495,17 +522,23 @@ def test_cross_tokenizer_with_the_teachers_tokenizer_gives_the_normal_loss(small
     for name in losses.LOSS_NAMES:
         if fused and losses.LOSSES[name].needs_logits:
             continue
-        cfg = trainer.DistillConfig(student="s", cache=small_cache, out=small_cache, loss=name, fused_loss=fused, ce_weight=0.5)
+        cfg = trainer.DistillConfig(
+            student="s", cache=small_cache, out=small_cache, loss=name, fused_loss=fused, ce_weight=0.5
+        )
         loss = losses.build_loss(name, cfg)
         want = trainer.batch_losses(model, batch, cfg, loss, cpu, off, trainer.CACHED_TEACHER)
         got = trainer.batch_losses(model, projected(batch), cfg, loss, cpu, off, trainer.ProjectedTeacher())
         for field in ("total", "kd", "ce", "kl", "soft_ce"):
-            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=2e-5, atol=2e-6, msg=f"{name} {field}")
-    from train.parallel import Dist
-    from train.reader import CacheReader
+            torch.testing.assert_close(
+                getattr(got, field), getattr(want, field), rtol=2e-5, atol=2e-6, msg=f"{name} {field}"
+            )
+    from kd_pipeline.train.parallel import Dist
+    from kd_pipeline.train.reader import CacheReader
 
     reader = CacheReader(info, 8, shuffle=False, prefetch=0, drop_remainder=False)
-    same = trainer.evaluate(model, reader, cpu, off, Dist(), fused_loss=fused, tokens=xt.CachedTokens(xt.TokenPieces.of(teacher_tok)))
+    same = trainer.evaluate(
+        model, reader, cpu, off, Dist(), fused_loss=fused, tokens=xt.CachedTokens(xt.TokenPieces.of(teacher_tok))
+    )
     cross = trainer.evaluate(model, reader, cpu, off, Dist(), fused_loss=fused, tokens=projected)
     assert same.keys() == cross.keys() and same["eval_tokens"] == cross["eval_tokens"] == cross["eval_kd_tokens"]
     for key in same:
@@ -515,13 +548,34 @@ def test_cross_tokenizer_with_the_teachers_tokenizer_gives_the_normal_loss(small
 def _distill(student, cache, out, *extra) -> dict:
     from typer.testing import CliRunner
 
-    from pipeline import app
+    from kd_pipeline.pipeline import app
 
-    result = CliRunner().invoke(app, [
-        "distill", "--student", str(student), "--cache", str(cache), "--out", str(out), "--batch-size", "8",
-        "--lr", "3e-3", "--warmup-steps", "5", "--eval-every", "1000", "--eval-sequences", "12", "--save-every",
-        "1000", "--no-progress", *extra,
-    ])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            "--student",
+            str(student),
+            "--cache",
+            str(cache),
+            "--out",
+            str(out),
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "5",
+            "--eval-every",
+            "1000",
+            "--eval-sequences",
+            "12",
+            "--save-every",
+            "1000",
+            "--no-progress",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output[-3000:]
     import json
 
@@ -536,7 +590,7 @@ def taught_cache(tmp_path_factory, corpus_jsonl):
     conftest's byte-level BPE with enough merges for whole words, as real vocabularies have for common ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
     from tests.conftest import build_tokenizer, make_corpus
 
     root = tmp_path_factory.mktemp("taught")
@@ -550,19 +604,34 @@ def taught_cache(tmp_path_factory, corpus_jsonl):
     log_p = np.log((counts + 100 * unigram) / (counts.sum(1, keepdims=True) + 100))  # backed off to the unigram
     width = v + (-v % 8)
     config = LlamaConfig(
-        vocab_size=v, hidden_size=width, intermediate_size=8, num_hidden_layers=0, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-12,
-    )  # fmt: skip
+        vocab_size=v,
+        hidden_size=width,
+        intermediate_size=8,
+        num_hidden_layers=0,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-12,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # the final norm scales a one-hot row by sqrt(width): the head undoes it
         model.model.embed_tokens.weight.copy_(torch.eye(v, width))
         model.lm_head.weight.zero_()[:, :v] = torch.from_numpy(log_p.T / math.sqrt(width))
     model.save_pretrained(root / "teacher")
     out = root / "cache"
-    cache_teacher(CacheConfig(
-        teacher=str(root / "teacher"), data=str(corpus_jsonl), out=out, top_k=64, seq_len=32, batch_size=8,
-        max_sequences=90, progress=False,
-    ))  # fmt: skip
+    cache_teacher(
+        CacheConfig(
+            teacher=str(root / "teacher"),
+            data=str(corpus_jsonl),
+            out=out,
+            top_k=64,
+            seq_len=32,
+            batch_size=8,
+            max_sequences=90,
+            progress=False,
+        )
+    )
     return out
 
 
@@ -575,9 +644,16 @@ def test_cross_tokenizer_kd_beats_ce_in_heldout_bits_per_byte(tmp_path, taught_c
     tok = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
     tok.save_pretrained(student)
     LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-    ).save_pretrained(student)  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    ).save_pretrained(student)
     steps = ("--max-steps", "60", "--cross-tokenizer")
     ce = _distill(student, taught_cache, tmp_path / "ce", "--loss", "ce", *steps)
     kd = _distill(student, taught_cache, tmp_path / "fkl", "--loss", "fkl", *steps)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_corpus
 
-from cache.data import (
-    DataError,
+from kd_pipeline.cache.data import (
     DataSpec,
     encode_document,
     iter_documents,
@@ -18,7 +18,7 @@ from cache.data import (
     same_source,
     source_fingerprint,
 )
-from conftest import make_corpus
+from kd_pipeline.errors import DataError
 
 CHATS = [
     [
@@ -253,7 +253,7 @@ def test_packing_caps(tok, corpus_jsonl):
 
 def test_empty_documents_skipped(tmp_path, tok):
     p = _write_jsonl(tmp_path / "c.jsonl", [{"text": ""}, {"text": "the whale"}, {"messages": []}])
-    (ids, mask), = list(iter_sequences(DataSpec(p, 16), tok))
+    ((ids, mask),) = list(iter_sequences(DataSpec(p, 16), tok))
     n = len(tok("the whale")["input_ids"]) + 1
     assert ids[:n].tolist() == tok("the whale")["input_ids"] + [tok.eos_token_id]
     assert mask.tolist() == [False] + [True] * (n - 1) + [False] * (16 - n)

@@ -11,15 +11,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from cache import read_cache
-from cache.build import CacheConfig, cache_teacher
-from cache.encodings import compact as compact_module
-from cache.encodings import encoding_class, encoding_for
-from cache.encodings.compact import DEFAULT_LOGPROB_STEP, CompactEncoding
-from cache.encodings.exact import ExactEncoding
-from cache.format import CacheRows, sha256_file, tail_mass
-from cache.manifest import CacheError, load_cache
-from cache.verify import verify_cache
+from kd_pipeline import read_cache
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.format.encodings import compact as compact_module
+from kd_pipeline.cache.format.encodings import encoding_class, encoding_for
+from kd_pipeline.cache.format.encodings.compact import DEFAULT_LOGPROB_STEP, CompactEncoding
+from kd_pipeline.cache.format.encodings.exact import ExactEncoding
+from kd_pipeline.cache.format.files import sha256_file
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.rows import CacheRows, tail_mass
+from kd_pipeline.cache.format.verify import verify_cache
+from kd_pipeline.errors import CacheError
 
 VOCAB, SEQ_LEN, K = 500, 33, 16
 MASS_ATOL = 8e-6
@@ -154,7 +156,7 @@ def test_frequency_table_is_a_deterministic_bijection():
 
 
 def test_ranks_split_into_bytes_round_trip_and_damaged_streams_are_refused():
-    from cache.encodings.compact import _join_ranks, _split_ranks
+    from kd_pipeline.cache.format.encodings.compact import _join_ranks, _split_ranks
 
     ranks = np.concatenate([np.arange(70_000), [150_000, 2**31 - 1]]).astype(np.int32)
     heads, tails, far = _split_ranks(ranks)
@@ -170,7 +172,7 @@ def test_ranks_split_into_bytes_round_trip_and_damaged_streams_are_refused():
 def test_ids_are_encoded_by_byte_tables_as_their_ranks_split():
     """The encoder's per-id byte tables give the streams _split_ranks makes of the ranks: in a table wide enough
     for far ranks (past 48,960) and with ids beyond the table."""
-    from cache.encodings.compact import _split_ranks
+    from kd_pipeline.cache.format.encodings.compact import _split_ranks
 
     size = 50_000
     input_ids = np.random.default_rng(1).integers(0, size, 200_000).astype(np.int32)
@@ -282,7 +284,9 @@ def test_caches_written_with_int32_ranks_still_read():
     table = legacy.encode(rows)
     assert "topk_ids" in table.schema.names and "id_heads" not in table.schema.names
     np.testing.assert_array_equal(legacy.decode(table).topk_ids, rows.topk_ids)
-    np.testing.assert_array_equal(legacy.decode(table).topk_logprobs, compact(rows).decode(compact(rows).encode(rows)).topk_logprobs)
+    np.testing.assert_array_equal(
+        legacy.decode(table).topk_logprobs, compact(rows).decode(compact(rows).encode(rows)).topk_logprobs
+    )
 
 
 def test_registry_and_unknown_encodings():
@@ -300,8 +304,18 @@ def test_registry_and_unknown_encodings():
 
 
 def _config(teacher_dir, corpus_jsonl, out, **kw) -> CacheConfig:
-    base = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), out=Path(out), top_k=8, seq_len=32,
-                batch_size=8, shard_tokens=32 * 6, row_group_tokens=32 * 4, max_sequences=12, progress=False)  # fmt: skip
+    base = dict(
+        teacher=str(teacher_dir),
+        data=str(corpus_jsonl),
+        out=Path(out),
+        top_k=8,
+        seq_len=32,
+        batch_size=8,
+        shard_tokens=32 * 6,
+        row_group_tokens=32 * 4,
+        max_sequences=12,
+        progress=False,
+    )
     return CacheConfig(**{**base, **kw})
 
 
@@ -355,14 +369,16 @@ def test_verify_names_a_compact_shard_whose_streams_disagree(tmp_path, teacher_d
     values[5] -= 1
     broken = pa.ListArray.from_arrays(sizes.offsets, pa.array(values, pa.uint16()), type=sizes.type)
     table = table.set_column(table.schema.get_field_index("support_size"), table.schema.field("support_size"), broken)
-    pq.write_table(table, path, row_group_size=info.manifest.row_group_rows, **encoding_for(info.manifest).write_options)
+    pq.write_table(
+        table, path, row_group_size=info.manifest.row_group_rows, **encoding_for(info.manifest).write_options
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0].update(sha256=sha256_file(path), bytes=path.stat().st_size)
     (out / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_cache(out).problems
     assert len(problems) == 1 and "00000000.parquet: unreadable" in problems[0] and "ids and" in problems[0]
     with pytest.raises(CacheError, match="does not decode"):
-        from train.reader import CacheReader
+        from kd_pipeline.train.reader import CacheReader
 
         next(iter(CacheReader(out, batch_size=2, shuffle=False)))
 
@@ -370,11 +386,25 @@ def test_verify_names_a_compact_shard_whose_streams_disagree(tmp_path, teacher_d
 def test_cli_encoding_options(tmp_path, teacher_dir, corpus_jsonl):
     from typer.testing import CliRunner
 
-    from pipeline import app
+    from kd_pipeline.pipeline import app
 
     runner = CliRunner()
-    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl), "--out", str(tmp_path / "c"),
-            "--top-k", "4", "--seq-len", "16", "--max-tokens", "96", "--no-progress"]  # fmt: skip
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher_dir),
+        "--data",
+        str(corpus_jsonl),
+        "--out",
+        str(tmp_path / "c"),
+        "--top-k",
+        "4",
+        "--seq-len",
+        "16",
+        "--max-tokens",
+        "96",
+        "--no-progress",
+    ]
     bad = runner.invoke(app, args + ["--encoding", "zip"])
     assert bad.exit_code == 2 and "--encoding must be one of compact, exact" in bad.output
     cut_exact = runner.invoke(app, args + ["--encoding", "exact", "--min-logprob", "-3"])
@@ -383,5 +413,7 @@ def test_cli_encoding_options(tmp_path, teacher_dir, corpus_jsonl):
     assert ok.exit_code == 0, ok.output
     assert load_cache(tmp_path / "c").manifest.encoding["min_logprob"] == -3.0
     shown = runner.invoke(app, ["inspect", str(tmp_path / "c")])
-    assert shown.exit_code == 0 and "encoding: compact" in shown.output and "support cut below log p = -3" in shown.output
+    assert (
+        shown.exit_code == 0 and "encoding: compact" in shown.output and "support cut below log p = -3" in shown.output
+    )
     assert verify_cache(tmp_path / "c").ok

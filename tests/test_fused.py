@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache.format import TOKENIZER_DIR
-from cache.manifest import load_cache
-from train import fused, losses, trainer
-from train.fused import UnsplittableHead, fused_student_bins, lm_head_inputs
-from train.losses import LOSS_NAMES, LOSSES, KDBatch, build_loss, student_bins
-from train.reader import CacheReader, plan_chunks
+from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.train import fused, losses, trainer
+from kd_pipeline.train.fused import UnsplittableHead, fused_student_bins, lm_head_inputs
+from kd_pipeline.train.losses import LOSS_NAMES, LOSSES, KDBatch, build_loss, student_bins
+from kd_pipeline.train.reader import CacheReader, plan_chunks
 
 F64 = torch.float64
 OPTIONS = dict(js_beta=0.5, skew_alpha=0.1, atkd_alpha=0.2, ce_weight=0.3)
@@ -242,9 +242,15 @@ def tiny_llama(vocab=64, tied=True, seed=0, cls=None):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=tied,
-    )  # fmt: skip
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     return (cls or LlamaForCausalLM)(config)
 
 
@@ -282,9 +288,17 @@ def test_softcapped_model_is_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     model = Gemma2ForCausalLM(
-        Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
-    )  # fmt: skip
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(UnsplittableHead, match="final_logit_softcapping"):
         lm_head_inputs(model, input_ids=torch.zeros(1, 4, dtype=torch.long))
 
@@ -325,9 +339,15 @@ def tied_student(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("tied_student")
     LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    ).save_pretrained(d)  # fmt: skip
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ).save_pretrained(d)
     return d
 
 
@@ -357,7 +377,9 @@ def test_batch_losses_and_gradients_equal_the_logits_path(small_cache, tied_stud
         )
         model.zero_grad()
         loss_fn = make_loss(loss, ce_weight=0.2)
-        parts = trainer.batch_losses(model, batch, cfg, loss_fn, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        parts = trainer.batch_losses(
+            model, batch, cfg, loss_fn, torch.device("cpu"), torch.autocast("cpu", enabled=False)
+        )
         parts.total.backward()
         results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (want, want_grads), (got, got_grads) = results
@@ -389,9 +411,15 @@ def test_softcapped_student_falls_back_with_one_message(tmp_path, small_cache, c
 
     student = tmp_path / "gemma2"
     Gemma2Config(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-    ).save_pretrained(student)  # fmt: skip
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+    ).save_pretrained(student)
     # The teacher's tokenizer beside it (for a bare gemma2 config, AutoTokenizer would build an empty one).
     AutoTokenizer.from_pretrained(Path(small_cache) / TOKENIZER_DIR).save_pretrained(student)
     _train(student, small_cache, tmp_path / "run", loss="fkl", fused_loss=True, max_steps=3)

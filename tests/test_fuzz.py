@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cache.build import cache_teacher
-from cache.format import sha256_file
-from cache.manifest import CacheError, load_cache
-from cache.verify import verify_cache
 from test_cache import config
-from train.reader import CacheReader
+
+from kd_pipeline.cache.build import cache_teacher
+from kd_pipeline.cache.format.files import sha256_file
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.verify import verify_cache
+from kd_pipeline.errors import CacheError
+from kd_pipeline.train.reader import CacheReader
 
 CASES = 300
 SEED = 20261201

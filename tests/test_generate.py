@@ -13,16 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cache.generate import (
-    GenerateConfig,
-    GenerateError,
-    Models,
-    generate,
-    iter_prompts,
-    jensen_shannon,
-    switch_threshold,
-)
-from pipeline import app
+from kd_pipeline.cache.generate import GenerateConfig, Models, generate, jensen_shannon, switch_threshold
+from kd_pipeline.errors import GenerateError
+from kd_pipeline.pipeline import app
 
 PROMPT_LEN = 4  # every prompt of the table tests has this many tokens
 
@@ -83,9 +76,13 @@ def plain_prompts(tmp_path_factory, tok) -> Path:
 
 def run(tok, prompts, out, teacher=None, student=None, **kw):
     cfg = GenerateConfig(
-        prompts=str(prompts), out=Path(out), teacher="table-teacher" if teacher is not None else None,
-        student="table-student" if student is not None else None, progress=False, **kw,
-    )  # fmt: skip
+        prompts=str(prompts),
+        out=Path(out),
+        teacher="table-teacher" if teacher is not None else None,
+        student="table-student" if student is not None else None,
+        progress=False,
+        **kw,
+    )
     summary = generate(cfg, Models(tok, teacher, student, torch.device("cpu")))
     return summary, [json.loads(line) for line in Path(out).read_text().splitlines()]
 
@@ -121,14 +118,25 @@ def test_teacher_steps_in_exactly_where_the_models_disagree(tmp_path, tok, plain
     t_table[mild], s_table[mild] = 0.0, 0.0
     t_table[mild, [A, B]], s_table[mild, [A, B]] = torch.tensor([1.0, 0.9]), torch.tensor([0.9, 1.0])
     teacher, student = TableLM(t_table, eos), TableLM(s_table, eos)
-    summary, records = run(tok, plain_prompts, tmp_path / "out.jsonl", teacher, student, tau0=0.3, decay=0.0,
-                           max_new_tokens=8, batch_size=2)  # fmt: skip
+    summary, records = run(
+        tok,
+        plain_prompts,
+        tmp_path / "out.jsonl",
+        teacher,
+        student,
+        tau0=0.3,
+        decay=0.0,
+        max_new_tokens=8,
+        batch_size=2,
+    )
     assert [r["index"] for r in records] == list(range(5)) and summary.generated == 5
     for r in records:
         assert r["teacher_chosen"] == [t in (2, 5) for t in range(8)]
         assert r["token_ids"] == [A, A, A, B, A, A, A, A]  # the student's B at the mild position
         assert r["finish_reason"] == "length" and r["text"] == r["prompt"] + r["response"]
-        expected = [reference_jsd(teacher.table[PROMPT_LEN - 1 + t], student.table[PROMPT_LEN - 1 + t]) for t in range(8)]
+        expected = [
+            reference_jsd(teacher.table[PROMPT_LEN - 1 + t], student.table[PROMPT_LEN - 1 + t]) for t in range(8)
+        ]
         assert r["jsd"] == pytest.approx(expected, abs=1e-5)
         assert r["jsd"][3] < 0.01 and min(r["jsd"][2], r["jsd"][5]) > 0.5
     assert summary.teacher_tokens == 10 and summary.tokens == 40
@@ -142,8 +150,17 @@ def test_threshold_decays_with_the_response_position(tmp_path, tok, plain_prompt
     tau0, decay = 0.5, 0.1
     crossing = math.floor(math.log(tau0 / c) / decay) + 1  # first t with c > tau_t
     assert 2 <= crossing <= 10
-    _, records = run(tok, plain_prompts, tmp_path / "out.jsonl", TableLM(teacher, eos), TableLM(student, eos),
-                     tau0=tau0, decay=decay, max_new_tokens=16, max_prompts=1)  # fmt: skip
+    _, records = run(
+        tok,
+        plain_prompts,
+        tmp_path / "out.jsonl",
+        TableLM(teacher, eos),
+        TableLM(student, eos),
+        tau0=tau0,
+        decay=decay,
+        max_new_tokens=16,
+        max_prompts=1,
+    )
     [r] = records
     assert r["teacher_chosen"] == [t >= crossing for t in range(16)]
     assert r["token_ids"] == [50 if t >= crossing else 60 for t in range(16)]
@@ -252,8 +269,20 @@ def test_real_models_kv_cache_and_padding_match_full_recomputation(tmp_path, tok
     texts = ["The whale", "Ahab said to the crew under the dark night", "A ship", "Queequeg and Starbuck went"]
     prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
     out, teacher_only = tmp_path / "switch.jsonl", tmp_path / "teacher.jsonl"
-    common = ["generate", "--prompts", str(prompts), "--teacher", str(teacher_dir), "--max-new-tokens", "10",
-              "--batch-size", "4", "--device", "cpu", "--no-progress"]  # fmt: skip
+    common = [
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--teacher",
+        str(teacher_dir),
+        "--max-new-tokens",
+        "10",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     switch = ["--out", str(out), "--student", str(student_dir), "--tau0", "0.35", "--decay", "0.15"]
     for extra in (switch, ["--out", str(teacher_only), "--mode", "teacher"]):
         result = CliRunner().invoke(app, [*common, *extra])
@@ -280,18 +309,21 @@ def test_real_models_kv_cache_and_padding_match_full_recomputation(tmp_path, tok
     for text, line in zip(texts, teacher_only.read_text().splitlines()):
         ids = tok(text)["input_ids"]
         ref = models["t"].generate(
-            torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=[tok.eos_token_id, stop],
+            torch.tensor([ids]),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=[tok.eos_token_id, stop],
             pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
-        assert json.loads(line)["token_ids"] == ref[0, len(ids):].tolist()
+        )
+        assert json.loads(line)["token_ids"] == ref[0, len(ids) :].tolist()
 
 
 def test_chat_output_trains_only_the_response_in_cache_teacher(tmp_path, tok, teacher_dir):
     """Chat prompts rendered with the template; the reply is appended as the assistant turn, so the cache
     built from the output trains exactly the response and its end-of-turn token."""
-    from cache.build import CacheConfig, cache_teacher
-    from cache import read_all
-    from cache.manifest import load_cache
+    from kd_pipeline import read_all
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.format.manifest import load_cache
 
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     reply_text = "The old ship"
@@ -299,14 +331,19 @@ def test_chat_output_trains_only_the_response_in_cache_teacher(tmp_path, tok, te
     prompts = tmp_path / "chat.jsonl"
     conversations = [
         [{"role": "user", "content": "hello captain"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "where is the ship"},
-         {"role": "assistant", "content": "to be regenerated"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "where is the ship"},
+            {"role": "assistant", "content": "to be regenerated"},
+        ],
         "plain prompt turned into a user turn",
-    ]  # fmt: skip
+    ]
     inputs = ({"messages": c} if isinstance(c, list) else {"prompt": c} for c in conversations)
     prompts.write_text("".join(json.dumps(r) + "\n" for r in inputs))
-    start = tok(tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False)["input_ids"][-1]  # fmt: skip
+    start = tok(
+        tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"][-1]
     table = peaked(len(tok), len(tok), im_end)  # a bigram model: after `start`, write the reply, then stop
     assert len({start, *reply}) == len(reply) + 1  # each token has one successor
     for a, b in zip([start, *reply], [*reply, im_end]):

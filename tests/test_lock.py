@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cache.lock import LockHeld, hold_lock
+from kd_pipeline.cache.format.lock import hold_lock
+from kd_pipeline.errors import LockHeld
 
-HOLD = "import sys, time; from cache.lock import hold_lock\nwith hold_lock(sys.argv[1], 'x'):\n print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from kd_pipeline.cache.format.lock import hold_lock\nwith hold_lock(sys.argv[1], 'x'):\n print('held', flush=True); time.sleep(60)"
 
 
 def _holder(path: Path) -> subprocess.Popen:

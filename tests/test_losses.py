@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.format import tail_mass
-from train.losses import (
+from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.train.losses import (
     LOSS_NAMES,
     KDBatch,
     StudentBins,
@@ -117,7 +117,13 @@ def make_case(n, v, k, seed, t_scale=2.0, s_scale=2.0):
     compl = torch.ones(n, v, dtype=torch.bool).scatter(-1, ids, False)
     p_rest64 = (logp.exp() * compl).sum(-1)
     return dict(
-        logp=logp, z=z, ids=ids, targets=targets, mask=mask, compl=compl, p_rest64=p_rest64,
+        logp=logp,
+        z=z,
+        ids=ids,
+        targets=targets,
+        mask=mask,
+        compl=compl,
+        p_rest64=p_rest64,
         tlp=logp.gather(-1, targets[:, None]).squeeze(-1),
     )
 
@@ -360,8 +366,13 @@ def test_leading_dims_are_flattened():
     c = make_case(n=8, v=10, k=4, seed=9)
     flat = loss_of("fkl", c)
     b = batch_of(c)
-    shaped = KDBatch(b.support_ids.view(2, 4, 4), b.teacher_logprobs.view(2, 4, 4), b.mask.view(2, 4),
-                     b.target_ids.view(2, 4), b.teacher_target_logprob.view(2, 4))
+    shaped = KDBatch(
+        b.support_ids.view(2, 4, 4),
+        b.teacher_logprobs.view(2, 4, 4),
+        b.mask.view(2, 4),
+        b.target_ids.view(2, 4),
+        b.teacher_target_logprob.view(2, 4),
+    )
     assert abs(kd("fkl", shaped, c["z"].view(2, 4, 10)).total.item() - flat.item()) < 1e-12
 
 
@@ -419,7 +430,6 @@ def test_masked_mean():
 def test_atkd_hand_computed():
     p = [0.5, 0.3, 0.15, 0.05]
     q = [0.4, 0.4, 0.1, 0.1]
-    g = 1
     tkd = 0.3 * math.log(0.3 / 0.4) + 0.7 * math.log(0.7 / 0.6)
     dkd = sum((a / 0.7) * math.log((a / 0.7) / (b / 0.6)) for a, b in [(0.5, 0.4), (0.15, 0.1), (0.05, 0.1)])
     log_p = torch.log(torch.tensor([p], dtype=F64))
@@ -482,7 +492,7 @@ def test_atkd_median_split():
 
 def _all_finite(c, names=ALL, z=None, **kw):
     for name in names:
-        zz = (c["z"] if z is None else z)
+        zz = c["z"] if z is None else z
         out = loss_of(name, c, z=zz, ce_weight=0.1, **kw)
         (g,) = torch.autograd.grad(out, zz)
         assert torch.isfinite(out), name
@@ -531,7 +541,9 @@ def test_fp16_teacher_logprobs_summing_above_one():
     assert torch.allclose(log_p_s.exp().sum(-1), torch.ones(n), atol=1e-6)  # renormalized
     ids = torch.arange(k).expand(n, k).contiguous()
     targets = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8])
-    batch = KDBatch(ids, lp16, torch.ones(n, dtype=torch.bool), targets, lp.gather(-1, targets[:, None]).squeeze(-1).half())
+    batch = KDBatch(
+        ids, lp16, torch.ones(n, dtype=torch.bool), targets, lp.gather(-1, targets[:, None]).squeeze(-1).half()
+    )
     for name in ALL:
         z = torch.randn(n, v, generator=gen, requires_grad=True)
         out = kd(name, batch, z, t=0.5, ce_weight=0.1).total
@@ -718,11 +730,13 @@ def test_ce_baseline_trains_on_ce_only():
 
 
 def test_tvd_by_hand():
-    p, q = [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]
+    p = [0.5, 0.3, 0.2]
     batch = KDBatch(
-        support_ids=torch.tensor([[0, 1]]), teacher_logprobs=torch.log(torch.tensor([p[:2]], dtype=F64)),
-        mask=torch.ones(1, dtype=torch.bool), p_rest=torch.tensor([0.2], dtype=F64),
-    )  # fmt: skip
+        support_ids=torch.tensor([[0, 1]]),
+        teacher_logprobs=torch.log(torch.tensor([p[:2]], dtype=F64)),
+        mask=torch.ones(1, dtype=torch.bool),
+        p_rest=torch.tensor([0.2], dtype=F64),
+    )
     logits = torch.log(torch.tensor([[0.2, 0.3, 0.25, 0.25]], dtype=F64))  # the rest bin holds 0.5 over two ids
     assert abs(kd("tvd", batch, logits).kd.item() - 0.3) < 1e-12
 
@@ -776,14 +790,14 @@ def test_uld_loss_is_the_sorted_l1_of_the_paper(k):
     # It ranks the student's whole distribution: precomputed support bins alone are refused.
     with pytest.raises(ValueError, match="uld loss needs the student's logits"):
         loss(batch_of(c), student=student_bins(z, c["ids"], c["targets"]))
-    from train.trainer import DistillConfig
+    from kd_pipeline.train.trainer import DistillConfig
 
     with pytest.raises(ValueError, match="drop --fused-loss"):
         DistillConfig(student="s", cache=Path("c"), out=Path("o"), loss="uld", fused_loss=True).validate()
 
 
 def test_options_come_from_a_config_and_are_checked():
-    from train.trainer import DistillConfig
+    from kd_pipeline.train.trainer import DistillConfig
 
     cfg = DistillConfig(student="s", cache=Path("c"), out=Path("o"), js_beta=0.3, skew_alpha=0.25, temperature=2.0)
     assert build_loss("js", cfg).options.js_beta == 0.3
@@ -793,9 +807,14 @@ def test_options_come_from_a_config_and_are_checked():
     assert build_loss("js", {"js_beta": 0.4}).options.js_beta == 0.4
     with pytest.raises(TypeError, match="unknown loss options"):
         build_loss("js", jsbeta=0.4)
-    for name, bad, flag in [("js", dict(js_beta=1.0), "--js-beta"), ("sfkl", dict(skew_alpha=0.0), "--skew-alpha"),
-                            ("atkd", dict(atkd_alpha=2.0), "--atkd-alpha"), ("fkl", dict(temperature=0.0), "--temperature"),
-                            ("fkl", dict(ce_weight=-1.0), "--ce-weight"), ("taid", dict(taid_t_start=1.5), "--taid-t-start")]:  # fmt: skip
+    for name, bad, flag in [
+        ("js", dict(js_beta=1.0), "--js-beta"),
+        ("sfkl", dict(skew_alpha=0.0), "--skew-alpha"),
+        ("atkd", dict(atkd_alpha=2.0), "--atkd-alpha"),
+        ("fkl", dict(temperature=0.0), "--temperature"),
+        ("fkl", dict(ce_weight=-1.0), "--ce-weight"),
+        ("taid", dict(taid_t_start=1.5), "--taid-t-start"),
+    ]:
         with pytest.raises(ValueError, match=flag):
             build_loss(name, **bad)
         with pytest.raises(ValueError, match=flag):
@@ -805,8 +824,8 @@ def test_options_come_from_a_config_and_are_checked():
 def test_distill_config_declares_every_option_once_with_help():
     import dataclasses
 
-    from train.losses import LOSSES, loss_help
-    from train.trainer import DistillConfig
+    from kd_pipeline.train.losses import LOSSES, loss_help
+    from kd_pipeline.train.trainer import DistillConfig
 
     config_fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
     for cls in LOSSES.values():

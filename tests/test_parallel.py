@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import latest_checkpoint
+from kd_pipeline.train.checkpoint import latest_checkpoint
 
 BIN = Path(sys.executable).parent  # the venv's console scripts: torchrun, pipeline
 STEPS = 30
@@ -31,27 +31,63 @@ def step_losses(out: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def user_project(tmp_path_factory) -> Path:
-    """A working directory like a user's ML project: its own train.py (and cache.py) that must never be imported."""
+    """A working directory like a user's ML project: its own train.py, cache.py and pipeline.py that must never be
+    imported."""
     d = tmp_path_factory.mktemp("user_project")
-    for name in ("train.py", "cache.py"):
+    for name in ("train.py", "cache.py", "pipeline.py"):
         (d / name).write_text("raise SystemExit('the user\\'s own %s was imported' % __file__)\n")
     return d
 
 
 def distill_args(student, cache, out, *extra) -> list[str]:
     return [
-        "distill", "--student", str(student), "--cache", str(cache), "--out", str(out), "--loss", "fkl",
-        "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "3", "--max-steps", str(STEPS),
-        "--save-every", "5", "--eval-every", "20", "--eval-sequences", "12", "--log-every", "1", "--no-progress",
-        "--device", "cpu", *extra,
-    ]  # fmt: skip
+        "distill",
+        "--student",
+        str(student),
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--loss",
+        "fkl",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "3",
+        "--max-steps",
+        str(STEPS),
+        "--save-every",
+        "5",
+        "--eval-every",
+        "20",
+        "--eval-sequences",
+        "12",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def torchrun(args: list[str], port: int, nproc: int = 2) -> list[str]:
-    """The launch form of the README: torchrun runs the `pipeline` console script, so nothing is imported from the
-    working directory (``-m pipeline`` would put it first on sys.path)."""
-    return [str(BIN / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), "--no-python",
-            str(BIN / "pipeline"), *args]  # fmt: skip
+    """The launch form of the README: torchrun runs the `pipeline` console script (its imports are all under
+    kd_pipeline, so the working directory's own modules never shadow them)."""
+    return [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(port),
+        "--no-python",
+        str(BIN / "pipeline"),
+        *args,
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -83,21 +119,29 @@ def runs(tmp_path_factory, small_cache, student_config, user_project) -> dict[st
     root = tmp_path_factory.mktemp("parallel")
     out = {}
     for port, (name, extra) in enumerate(
-        {"ddp": ["--parallel", "ddp"], "fsdp": ["--parallel", "fsdp"], "fsdp_fused": ["--parallel", "fsdp", "--fused-loss"]}.items()
-    ):  # fmt: skip
+        {
+            "ddp": ["--parallel", "ddp"],
+            "fsdp": ["--parallel", "fsdp"],
+            "fsdp_fused": ["--parallel", "fsdp", "--fused-loss"],
+        }.items()
+    ):
         out[name] = root / name
-        result = launch(torchrun(distill_args(student_config, small_cache, out[name], *extra), 29540 + port), user_project)
+        result = launch(
+            torchrun(distill_args(student_config, small_cache, out[name], *extra), 29540 + port), user_project
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         out[name + "_stderr"] = result.stderr
     return out
 
 
-def test_module_form_breaks_in_a_user_project_and_the_console_script_does_not(user_project, small_cache, student_config, tmp_path):
-    args = distill_args(student_config, small_cache, tmp_path / "one", "--max-steps", "2")
-    broken = launch([sys.executable, "-m", "pipeline", *args], user_project)  # the cwd comes first on sys.path
-    assert broken.returncode != 0 and "the user's own" in broken.stderr + broken.stdout
-    single = launch([str(BIN / "pipeline"), *args], user_project)
-    assert single.returncode == 0, single.stderr[-3000:]
+def test_module_form_and_console_script_work_in_a_user_project(user_project, small_cache, student_config, tmp_path):
+    """The working directory comes first on sys.path under ``python -m``: its train.py, cache.py and pipeline.py
+    must not shadow the package's modules."""
+    for i, launcher in enumerate(([sys.executable, "-m", "kd_pipeline"], [str(BIN / "pipeline")])):
+        args = distill_args(student_config, small_cache, tmp_path / f"run{i}", "--max-steps", "2")
+        result = launch([*launcher, *args], user_project)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "the user's own" not in result.stderr + result.stdout
 
 
 def test_fsdp_gives_ddp_losses_step_for_step(runs):
@@ -129,7 +173,10 @@ def test_final_student_is_a_plain_save_pretrained_folder(runs):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(runs["fsdp"] / "final")
-    ddp, fsdp = load_file(runs["ddp"] / "final" / "model.safetensors"), load_file(runs["fsdp"] / "final" / "model.safetensors")
+    ddp, fsdp = (
+        load_file(runs["ddp"] / "final" / "model.safetensors"),
+        load_file(runs["fsdp"] / "final" / "model.safetensors"),
+    )
     assert ddp.keys() == fsdp.keys() and len(fsdp) == len(model.state_dict())
     assert all(torch.allclose(ddp[k], fsdp[k], atol=1e-5) for k in ddp)
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cache import read_all
-from cache.format import CacheRows
-from cache.manifest import CacheError, load_cache
-from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+from kd_pipeline import read_all
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.rows import CacheRows
+from kd_pipeline.errors import CacheError
+from kd_pipeline.train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
 
 def all_rows(cache_dir) -> CacheRows:
@@ -102,7 +103,9 @@ def test_holdout_is_disjoint_from_training(small_cache):
     assert set(train_ids.tolist()).isdisjoint(held_ids.tolist())
     assert len(train_ids) + len(held_ids) == 90
     assert sorted(held_ids.tolist()) == list(range(80, 90))  # the last 10 of the stream
-    with pytest.raises(CacheError, match=r"--eval-sequences 1000 would hold out the whole cache \(90 sequences\): give at most 89"):
+    with pytest.raises(
+        CacheError, match=r"--eval-sequences 1000 would hold out the whole cache \(90 sequences\): give at most 89"
+    ):
         split_holdout(plan_chunks(info), 1000)
     with pytest.raises(CacheError, match="whole cache"):
         split_holdout(plan_chunks(info), 90)
@@ -136,8 +139,9 @@ def test_corrupted_shard_is_named_on_first_read(small_cache, tmp_path):
 
 
 def test_tokenizer_check(small_cache, tokenizer_dir, tmp_path):
-    from tests.conftest import build_tokenizer
     from transformers import AutoTokenizer
+
+    from tests.conftest import build_tokenizer
 
     info = load_cache(small_cache)
     check_tokenizer(info, AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -8,27 +8,25 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from cache import build
-from cache.build import cache_teacher
-from cache.data import DataError, DataSpec, iter_documents, iter_sequences, source_fingerprint
-from cache.format import SHARD_DIR, TOKENIZER_DIR
-from cache.lock import LockHeld
-from cache.manifest import CacheError, load_cache
-from cache.verify import verify_cache
-from pipeline import app
 from test_cache import cache_bytes, config
 from test_lock import _holder, _release
-from train.trainer import RUN_LOCK, DistillConfig, distill
+from typer.testing import CliRunner
+
+from kd_pipeline.cache import build
+from kd_pipeline.cache.build import cache_teacher
+from kd_pipeline.cache.data import DataSpec, iter_documents, iter_sequences, source_fingerprint
+from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.verify import verify_cache
+from kd_pipeline.errors import CacheError, DataError, LockHeld
+from kd_pipeline.pipeline import app
+from kd_pipeline.train.trainer import RUN_LOCK, DistillConfig, distill
 
 runner = CliRunner()
 
@@ -92,9 +90,25 @@ def test_nan_teacher_weights_fail_cache_teacher_with_exit_2(tmp_path, teacher_di
         model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
     model.save_pretrained(nan_teacher)
     out = tmp_path / "cache"
-    result = runner.invoke(app, ["cache-teacher", "--teacher", str(nan_teacher), "--data", str(corpus_jsonl),
-                                 "--out", str(out), "--top-k", "4", "--seq-len", "16", "--max-sequences", "8",
-                                 "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            str(nan_teacher),
+            "--data",
+            str(corpus_jsonl),
+            "--out",
+            str(out),
+            "--top-k",
+            "4",
+            "--seq-len",
+            "16",
+            "--max-sequences",
+            "8",
+            "--no-progress",
+        ],
+    )
     _one_line_error(result, "non-finite", "sequences 0, 1, 2", "shards/00000000.parquet", "nothing was written")
     assert not list((out / SHARD_DIR).iterdir()) and not (out / "manifest.json").exists()
 
@@ -104,8 +118,23 @@ def test_second_cache_writer_is_refused_naming_the_holder(tmp_path, teacher_dir,
     out = tmp_path / "cache"
     holder = _holder(out / build.writer_lock_name(0))  # a live writer of worker 0, as another process
     try:
-        result = runner.invoke(app, ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl),
-                                     "--out", str(out), "--top-k", "8", "--max-sequences", "4", "--no-progress"])  # fmt: skip
+        result = runner.invoke(
+            app,
+            [
+                "cache-teacher",
+                "--teacher",
+                str(teacher_dir),
+                "--data",
+                str(corpus_jsonl),
+                "--out",
+                str(out),
+                "--top-k",
+                "8",
+                "--max-sequences",
+                "4",
+                "--no-progress",
+            ],
+        )
         _one_line_error(result, f"cache {out} is being written by another run", f"pid {holder.pid}", "host")
         # Worker 1 of a two-worker layout is another writer: it is not held up.
         cache_teacher(config(teacher_dir, corpus_jsonl, out, worker_index=1, num_workers=2, max_sequences=12))
@@ -128,7 +157,16 @@ def test_second_distill_on_one_out_is_refused(tmp_path, small_cache, student_con
 
 
 # -------------------------------------------------------------------------------------- shard names
-@pytest.mark.parametrize("name", ["/etc/hostname", "../../etc/passwd", "shards/../manifest.json", "shards/sub/x.parquet", "../outside/00000000.parquet"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/hostname",
+        "../../etc/passwd",
+        "shards/../manifest.json",
+        "shards/sub/x.parquet",
+        "../outside/00000000.parquet",
+    ],
+)
 def test_shard_names_outside_the_shard_folder_are_a_corrupt_manifest(tmp_path, reference, student_config, name):
     cache = _copy(reference, tmp_path / "cache")
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -139,8 +177,21 @@ def test_shard_names_outside_the_shard_folder_are_a_corrupt_manifest(tmp_path, r
     (cache / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_cache(cache).problems
     assert len(problems) == 1 and "manifest.json: corrupt manifest" in problems[0] and repr(name) in problems[0]
-    result = runner.invoke(app, ["distill", "--student", str(student_config), "--cache", str(cache), "--out",
-                                 str(tmp_path / "run"), "--max-steps", "1", "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "distill",
+            "--student",
+            str(student_config),
+            "--cache",
+            str(cache),
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--no-progress",
+        ],
+    )
     _one_line_error(result, "corrupt manifest", "is not a file name inside shards/")
 
 
@@ -151,13 +202,13 @@ def test_a_folder_linking_to_itself_is_read_once_and_the_loop_reported(tmp_path,
     shutil.copy(corpus_jsonl, data / "corpus.jsonl")
     (data / "again").symlink_to(data, target_is_directory=True)  # data/again/again/... forever
     (data / "same.jsonl").symlink_to(data / "corpus.jsonl")  # one file under two names
-    with caplog.at_level(logging.WARNING, logger="cache.data"):
+    with caplog.at_level(logging.WARNING, logger="kd_pipeline.cache.data"):
         documents = list(iter_documents(data))
     assert documents == list(iter_documents(corpus_jsonl))  # 60 documents, each once
     assert [f[0] for f in source_fingerprint(data)["files"]] == ["corpus.jsonl"]
     assert any("symlink loop" in r.message and "again" in r.message for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cache.data"):  # a ** glob follows links: the same holds
+    with caplog.at_level(logging.WARNING, logger="kd_pipeline.cache.data"):  # a ** glob follows links: the same holds
         assert list(iter_documents(f"{data}/**/*.jsonl")) == documents
     assert [f[0] for f in source_fingerprint(f"{data}/**/*.jsonl")["files"]] == ["corpus.jsonl"]
     assert any("again: symlink loop" in r.message for r in caplog.records)
@@ -168,7 +219,9 @@ def test_a_folder_linking_to_itself_is_read_once_and_the_loop_reported(tmp_path,
 
 
 # ------------------------------------------------------------------------------------- crash states
-def test_kill_after_the_first_shard_rename_before_any_manifest_resumes(tmp_path, reference, teacher_dir, corpus_jsonl, capsys):
+def test_kill_after_the_first_shard_rename_before_any_manifest_resumes(
+    tmp_path, reference, teacher_dir, corpus_jsonl, capsys
+):
     """The state a kill -9 leaves between the first shard's rename and the first manifest write."""
     out = _copy(reference, tmp_path / "cache")
     (out / "manifest.json").unlink()
@@ -214,8 +267,13 @@ def small_tmpfs(tmp_path):
     """A 48 KiB tmpfs (room for the tokenizer and a shard or two): a real full disk (needs root to mount; skipped elsewhere)."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:  # fmt: skip
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         yield mount
@@ -226,7 +284,9 @@ def small_tmpfs(tmp_path):
 def test_a_real_full_disk_names_the_file_and_the_cache_resumes(small_tmpfs, reference, teacher_dir, corpus_jsonl):
     out = small_tmpfs / "cache"
     # pyarrow words it "Error writing bytes to file. Detail: [errno 28] No space left on device"
-    with pytest.raises(CacheError, match=r"cache/\S+: cannot write \(.*No space left on device\); the shards committed"):
+    with pytest.raises(
+        CacheError, match=r"cache/\S+: cannot write \(.*No space left on device\); the shards committed"
+    ):
         cache_teacher(config(teacher_dir, corpus_jsonl, out))
     committed = len(load_cache(out, require_complete=False).shards)
     assert 0 < committed < 7
@@ -238,15 +298,40 @@ def test_a_real_full_disk_names_the_file_and_the_cache_resumes(small_tmpfs, refe
 # ----------------------------------------------------------------------------------- one-line errors
 def test_missing_model_paths_are_one_line_errors(tmp_path, small_cache, corpus_jsonl):
     missing = str(tmp_path / "no" / "such" / "model")
-    result = runner.invoke(app, ["cache-teacher", "--teacher", missing, "--data", str(corpus_jsonl), "--out",
-                                 str(tmp_path / "cache"), "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            missing,
+            "--data",
+            str(corpus_jsonl),
+            "--out",
+            str(tmp_path / "cache"),
+            "--no-progress",
+        ],
+    )
     _one_line_error(result, f"--teacher {missing}: no such file or directory")
     assert not (tmp_path / "cache").exists()
-    result = runner.invoke(app, ["distill", "--student", missing, "--cache", str(small_cache), "--out",
-                                 str(tmp_path / "run"), "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["distill", "--student", missing, "--cache", str(small_cache), "--out", str(tmp_path / "run"), "--no-progress"],
+    )
     _one_line_error(result, f"--student {missing}: no such file or directory")
-    result = runner.invoke(app, ["generate", "--prompts", str(corpus_jsonl), "--out", str(tmp_path / "g.jsonl"),
-                                 "--mode", "teacher", "--teacher", "./nope"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--prompts",
+            str(corpus_jsonl),
+            "--out",
+            str(tmp_path / "g.jsonl"),
+            "--mode",
+            "teacher",
+            "--teacher",
+            "./nope",
+        ],
+    )
     _one_line_error(result, "--teacher ./nope: no such file or directory")
     assert not (tmp_path / "g.jsonl.meta.json").exists()
 
@@ -255,9 +340,25 @@ def test_a_truncated_weights_file_is_named(tmp_path, teacher_dir, corpus_jsonl):
     broken = _copy(teacher_dir, tmp_path / "teacher")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    result = runner.invoke(app, ["cache-teacher", "--teacher", str(broken), "--data", str(corpus_jsonl), "--out",
-                                 str(tmp_path / "cache"), "--top-k", "4", "--seq-len", "16", "--max-sequences", "4",
-                                 "--no-progress"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "cache-teacher",
+            "--teacher",
+            str(broken),
+            "--data",
+            str(corpus_jsonl),
+            "--out",
+            str(tmp_path / "cache"),
+            "--top-k",
+            "4",
+            "--seq-len",
+            "16",
+            "--max-sequences",
+            "4",
+            "--no-progress",
+        ],
+    )
     _one_line_error(result, f"{weights}: truncated or damaged weights file")
 
 
@@ -285,7 +386,7 @@ def test_a_non_utf8_byte_is_named_by_file_line_and_column(tmp_path, kind):
         data = zstandard.ZstdCompressor().compress(data)
     path.write_bytes(data)
     where = f"{path}:4" if kind != "txt" else f"{path}"
-    column = 'column 14' if kind != "txt" else "line 4, column 14"
+    column = "column 14" if kind != "txt" else "line 4, column 14"
     with pytest.raises(DataError, match=rf"{where}: not UTF-8 text \(byte 0xe9 at {column}"):
         list(iter_documents(path))
 
@@ -296,7 +397,9 @@ def test_verify_checks_the_saved_tokenizer(tmp_path, reference, tokenizer_dir):
     cache = _copy(reference, tmp_path / "cache")
     assert verify_cache(cache).ok
     shutil.rmtree(cache / TOKENIZER_DIR)
-    assert verify_cache(cache, check_values=False).problems == [f"{cache / TOKENIZER_DIR}: missing (the teacher's tokenizer, saved with the cache; distill and inspect use it)"]
+    assert verify_cache(cache, check_values=False).problems == [
+        f"{cache / TOKENIZER_DIR}: missing (the teacher's tokenizer, saved with the cache; distill and inspect use it)"
+    ]
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_tokens(["<extra>"])
     tok.save_pretrained(cache / TOKENIZER_DIR)
@@ -305,7 +408,7 @@ def test_verify_checks_the_saved_tokenizer(tmp_path, reference, tokenizer_dir):
 
 
 def test_plot_labels_runs_that_share_a_folder_name_apart(tmp_path):
-    from train.plot import plot_runs, run_labels
+    from kd_pipeline.train.plot import run_labels
 
     runs = []
     for parent, loss in (("a", 2.0), ("b", 1.0)):
@@ -323,6 +426,8 @@ def test_inspect_out_of_range_is_an_error(reference):
     info = load_cache(reference)
     _one_line_error(runner.invoke(app, ["inspect", str(reference), "--seq", "40"]), "no sequence 40", "0..5")
     _one_line_error(runner.invoke(app, ["inspect", str(reference), "--seq", "-1"]), "no sequence -1")
-    _one_line_error(runner.invoke(app, ["inspect", str(reference), "--position", "31"]), "--position 31 is outside [0, 30]")
+    _one_line_error(
+        runner.invoke(app, ["inspect", str(reference), "--position", "31"]), "--position 31 is outside [0, 30]"
+    )
     shown = runner.invoke(app, ["inspect", str(reference), "--seq", str(info.num_sequences - 1)])
     assert shown.exit_code == 0 and f"seq {info.num_sequences - 1}," in shown.output

@@ -11,14 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from pipeline import app
+from kd_pipeline.pipeline import app
 
 YES = "y\n" * 50
 
-CONFIG_CODE = '''
+CONFIG_CODE = """
 from pathlib import Path
 from transformers import LlamaConfig
 
@@ -27,9 +26,9 @@ Path({marker!r}).open("a").write("config code ran\\n")
 
 class TinyCustomConfig(LlamaConfig):
     model_type = "tiny-custom"
-'''
+"""
 
-MODEL_CODE = '''
+MODEL_CODE = """
 from transformers import LlamaForCausalLM
 
 from .configuration_tiny import TinyCustomConfig
@@ -37,7 +36,7 @@ from .configuration_tiny import TinyCustomConfig
 
 class TinyCustomForCausalLM(LlamaForCausalLM):
     config_class = TinyCustomConfig
-'''
+"""
 
 
 @pytest.fixture
@@ -72,8 +71,22 @@ def _refused(result, marker: Path) -> None:
 
 
 def _cache_args(teacher: Path, data: Path, out: Path) -> list[str]:
-    return ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--top-k", "4",
-            "--seq-len", "16", "--max-sequences", "8", "--no-progress"]  # fmt: skip
+    return [
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--top-k",
+        "4",
+        "--seq-len",
+        "16",
+        "--max-sequences",
+        "8",
+        "--no-progress",
+    ]
 
 
 def test_cache_teacher_refuses_custom_code_without_the_flag_and_runs_it_with(tmp_path, custom_model, corpus_jsonl):
@@ -86,8 +99,22 @@ def test_cache_teacher_refuses_custom_code_without_the_flag_and_runs_it_with(tmp
 
 def test_distill_refuses_a_custom_student_without_the_flag_and_trains_it_with(tmp_path, custom_model, small_cache):
     model, marker = custom_model
-    args = ["distill", "--student", str(model), "--cache", str(small_cache), "--out", str(tmp_path / "run"),
-            "--max-steps", "1", "--eval-sequences", "0", "--batch-size", "4", "--no-progress"]  # fmt: skip
+    args = [
+        "distill",
+        "--student",
+        str(model),
+        "--cache",
+        str(small_cache),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--eval-sequences",
+        "0",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     _refused(_invoke(args), marker)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
     ok = _invoke(args + ["--trust-remote-code"])
@@ -100,8 +127,20 @@ def test_generate_refuses_custom_code_without_the_flag_and_runs_it_with(tmp_path
     model, marker = custom_model
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "The whale"}) + "\n")
-    args = ["generate", "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"), "--mode", "teacher",
-            "--teacher", str(model), "--max-new-tokens", "3", "--no-progress"]  # fmt: skip
+    args = [
+        "generate",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        "--mode",
+        "teacher",
+        "--teacher",
+        str(model),
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
     _refused(_invoke(args), marker)
     ok = _invoke(args + ["--trust-remote-code", "--overwrite"])
     assert ok.exit_code == 0, ok.output
@@ -122,10 +161,10 @@ def test_plan_teacher_refuses_custom_code_without_the_flag_and_counts_with(tmp_p
     assert ok.exit_code == 0, ok.output
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
     assert marker.exists()
-    assert json.loads(ok.output[ok.output.index("{"):])["student"]["params"] == expected
+    assert json.loads(ok.output[ok.output.index("{") :])["student"]["params"] == expected
 
 
-TOKENIZER_CODE = '''
+TOKENIZER_CODE = """
 from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
@@ -134,7 +173,7 @@ Path({marker!r}).open("a").write("tokenizer code ran\\n")
 
 class TinyCustomTokenizerFast(PreTrainedTokenizerFast):
     pass
-'''
+"""
 
 
 def test_inspect_decodes_with_a_custom_tokenizer_only_with_the_flag(tmp_path, tokenizer_dir, small_cache):
@@ -142,12 +181,17 @@ def test_inspect_decodes_with_a_custom_tokenizer_only_with_the_flag(tmp_path, to
     shutil.copytree(tokenizer_dir, tokenizer)
     (tokenizer / "tokenization_tiny.py").write_text(TOKENIZER_CODE.format(marker=str(marker)))
     settings = json.loads((tokenizer / "tokenizer_config.json").read_text())
-    settings.update(tokenizer_class="TinyCustomTokenizerFast", auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyCustomTokenizerFast"]})
+    settings.update(
+        tokenizer_class="TinyCustomTokenizerFast",
+        auto_map={"AutoTokenizer": [None, "tokenization_tiny.TinyCustomTokenizerFast"]},
+    )
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(settings))
     args = ["inspect", str(small_cache), "--tokenizer", str(tokenizer)]
     shown = _invoke(args)  # the summary still prints, with token ids instead of text
     assert shown.exit_code == 0, shown.output
-    assert "contains custom code" in shown.output and "--trust-remote-code" in shown.output and "[y/N]" not in shown.output
+    assert (
+        "contains custom code" in shown.output and "--trust-remote-code" in shown.output and "[y/N]" not in shown.output
+    )
     assert "showing token ids" in shown.output and not marker.exists()
     decoded = _invoke(args + ["--trust-remote-code"])
     assert decoded.exit_code == 0, decoded.output

@@ -10,26 +10,62 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import app
-from train import trainer
-from train.checkpoint import checkpoint_dirs
-from train.trainer import DistillConfig, distill
+from kd_pipeline.pipeline import app
+from kd_pipeline.train import trainer
+from kd_pipeline.train.checkpoint import checkpoint_dirs
+from kd_pipeline.train.trainer import DistillConfig, distill
 
 
 def config(student, cache, out, **kw) -> DistillConfig:
     base = dict(
-        student=str(student), cache=Path(cache), out=Path(out), batch_size=4, grad_accum=2, lr=3e-3,
-        max_steps=4, eval_every=1000, eval_sequences=12, save_every=2, keep_checkpoints=3, log_every=1,
+        student=str(student),
+        cache=Path(cache),
+        out=Path(out),
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        max_steps=4,
+        eval_every=1000,
+        eval_sequences=12,
+        save_every=2,
+        keep_checkpoints=3,
+        log_every=1,
         progress=False,
-    )  # fmt: skip
+    )
     base.update(kw)
     return DistillConfig(**base)
 
 
 def cli(student, cache, out, *extra) -> tuple[int, str]:
-    args = ["distill", "--student", str(student), "--cache", str(cache), "--out", str(out), "--batch-size", "4",
-            "--grad-accum", "2", "--lr", "3e-3", "--max-steps", "4", "--eval-every", "1000", "--eval-sequences", "12",
-            "--save-every", "2", "--keep-checkpoints", "3", "--log-every", "1", "--no-progress", *extra]  # fmt: skip
+    args = [
+        "distill",
+        "--student",
+        str(student),
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "1000",
+        "--eval-sequences",
+        "12",
+        "--save-every",
+        "2",
+        "--keep-checkpoints",
+        "3",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
     result = CliRunner().invoke(app, args)
     return result.exit_code, result.output
 
@@ -59,7 +95,9 @@ def test_nonfinite_loss_stops_naming_step_and_micro_batch(tmp_path, small_cache,
     with pytest.raises(trainer.NonFiniteStep) as error:
         distill(config(student_config, small_cache, out, max_steps=6), teacher=PoisonedTeacher({5}))
     message = str(error.value)
-    assert message.startswith("step 3: non-finite loss (nan) in micro-batch 2 of 2; stopped before the optimizer update")
+    assert message.startswith(
+        "step 3: non-finite loss (nan) in micro-batch 2 of 2; stopped before the optimizer update"
+    )
     assert "checkpoints/step-00000002" in message and "--skip-nonfinite-steps" in message
     assert [p.name for p in checkpoint_dirs(out)] == ["step-00000002"]  # the last good one, nothing after it
     assert not (out / "final").exists()
@@ -74,7 +112,10 @@ def test_nonfinite_steps_can_be_skipped_up_to_a_count(tmp_path, small_cache, stu
     assert sorted(logged) == [1, 2, 3, 4]  # a skipped step does not count toward --max-steps
     assert all(m["loss"] == m["loss"] for m in logged.values())
     with pytest.raises(trainer.NonFiniteStep, match="step 2: non-finite loss"):
-        distill(config(student_config, small_cache, tmp_path / "two", skip_nonfinite_steps=1), teacher=PoisonedTeacher({2, 4}))
+        distill(
+            config(student_config, small_cache, tmp_path / "two", skip_nonfinite_steps=1),
+            teacher=PoisonedTeacher({2, 4}),
+        )
 
 
 def test_exploding_gradient_exits_2_with_one_line(tmp_path, small_cache, student_config):
@@ -115,8 +156,9 @@ def test_resume_refuses_options_that_change_training(four_steps, small_cache, st
 def test_longer_max_steps_is_refused_then_rebuilds_the_schedule(four_steps, small_cache, student_config):
     code, output = cli(student_config, small_cache, four_steps, "--max-steps", "7", "--resume")
     assert code == 2 and "--max-steps: 4 in the checkpoint, 7 now" in output and "cosine schedule" in output
-    code, output = cli(student_config, small_cache, four_steps, "--max-steps", "7", "--lr", "1e-2", "--resume",
-                       "--allow-config-change")  # fmt: skip
+    code, output = cli(
+        student_config, small_cache, four_steps, "--max-steps", "7", "--lr", "1e-2", "--resume", "--allow-config-change"
+    )
     assert code == 0, output
     logged = losses_logged(four_steps)
     assert sorted(logged) == list(range(1, 8))
@@ -147,7 +189,10 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(four_steps, small_c
     shard.write_bytes(data[: len(data) // 2])
     code, output = cli(student_config, small_cache, four_steps, "--max-steps", "6", "--resume", "--allow-config-change")
     assert code == 0, output
-    assert f"warning: skipping checkpoint {latest}: {shard}: {len(data) // 2} bytes, the checkpoint recorded {len(data)}" in output
+    assert (
+        f"warning: skipping checkpoint {latest}: {shard}: {len(data) // 2} bytes, the checkpoint recorded {len(data)}"
+        in output
+    )
     assert "resumed from" in output and "step-00000002 at step 2" in output
     assert sorted(losses_logged(four_steps)) == list(range(1, 7))
 

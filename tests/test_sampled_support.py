@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache.build import CacheConfig, cache_teacher
-from cache.manifest import load_cache
-from cache.teacher import sample_support
-from cache.verify import verify_cache
+from kd_pipeline.cache.backends.hf import sample_support
+from kd_pipeline.cache.build import CacheConfig, cache_teacher
+from kd_pipeline.cache.format.manifest import load_cache
+from kd_pipeline.cache.format.verify import verify_cache
 
 
 def _distribution(v: int = 12, seed: int = 0) -> torch.Tensor:
@@ -21,8 +21,9 @@ def _distribution(v: int = 12, seed: int = 0) -> torch.Tensor:
 
 def _mean_estimate(logp: torch.Tensor, rows: int, num_samples: int, temperature: float) -> torch.Tensor:
     lp = logp.expand(rows, -1).contiguous()
-    ids, logw = sample_support(lp, k=lp.shape[-1], num_samples=num_samples, temperature=temperature,
-                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    ids, logw = sample_support(
+        lp, k=lp.shape[-1], num_samples=num_samples, temperature=temperature, generator=torch.Generator().manual_seed(1)
+    )
     dense = torch.zeros_like(lp).scatter_(-1, ids, logw.exp())
     return dense.double().mean(0)
 
@@ -67,15 +68,29 @@ def sampled_cache(tmp_path_factory, teacher_dir, corpus_jsonl) -> Path:
 
 
 def _config(teacher_dir, corpus_jsonl, out, **kw) -> CacheConfig:
-    base = dict(teacher=str(teacher_dir), data=str(corpus_jsonl), out=out, top_k=16, seq_len=32, max_sequences=30,
-                shard_tokens=32 * 6, support="sampled", num_samples=24, progress=False)  # fmt: skip
+    base = dict(
+        teacher=str(teacher_dir),
+        data=str(corpus_jsonl),
+        out=out,
+        top_k=16,
+        seq_len=32,
+        max_sequences=30,
+        shard_tokens=32 * 6,
+        support="sampled",
+        num_samples=24,
+        progress=False,
+    )
     base.update(kw)
     return CacheConfig(**base)
 
 
 def test_sampled_cache_is_deterministic_and_verifies(sampled_cache, tmp_path, teacher_dir, corpus_jsonl):
     info = load_cache(sampled_cache)
-    assert info.manifest.support == "sampled" and info.manifest.sampling == {"num_samples": 24, "temperature": 1.0, "seed": 0}
+    assert info.manifest.support == "sampled" and info.manifest.sampling == {
+        "num_samples": 24,
+        "temperature": 1.0,
+        "seed": 0,
+    }
     assert verify_cache(sampled_cache).ok
     again = tmp_path / "again"
     for i in (1, 0):  # two workers, reverse order: same shards as one writer
@@ -95,11 +110,24 @@ def test_sampled_support_refuses_vllm(tmp_path, teacher_dir, corpus_jsonl):
 def test_distill_on_sampled_support(sampled_cache, tmp_path, student_config):
     import json
 
-    from train.trainer import DistillConfig, distill
+    from kd_pipeline.train.trainer import DistillConfig, distill
 
     out = tmp_path / "run"
-    distill(DistillConfig(student=str(student_config), cache=sampled_cache, out=out, loss="fkl", max_steps=30,
-                          lr=3e-3, batch_size=8, eval_sequences=6, eval_every=30, eval_at_start=True, progress=False))  # fmt: skip
+    distill(
+        DistillConfig(
+            student=str(student_config),
+            cache=sampled_cache,
+            out=out,
+            loss="fkl",
+            max_steps=30,
+            lr=3e-3,
+            batch_size=8,
+            eval_sequences=6,
+            eval_every=30,
+            eval_at_start=True,
+            progress=False,
+        )
+    )
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_kl" in line]
     assert evals[-1]["eval_kl"] < evals[0]["eval_kl"]
     assert np.isfinite([e["eval_kl"] for e in evals]).all()

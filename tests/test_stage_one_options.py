@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cache.build import CacheConfig, launcher_worker, teacher_dtype, with_workers
-from cache.vllm_backend import _OutputTee, explain_start_failure, parse_vllm_args
-from pipeline import app
+from kd_pipeline.cache.backends.vllm import _OutputTee, explain_start_failure, parse_vllm_args
+from kd_pipeline.cache.build import CacheConfig, launcher_worker, teacher_dtype, with_workers
+from kd_pipeline.pipeline import app
 
 
 @pytest.mark.parametrize(
@@ -51,15 +51,35 @@ def test_srun_layout_writes_the_workers_manifests(tmp_path, teacher_dir, corpus_
     for rank in ("0", "1"):
         monkeypatch.setenv("SLURM_PROCID", rank)
         monkeypatch.setenv("SLURM_NTASKS", "2")
-        result = CliRunner().invoke(app, [
-            "cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl), "--out", str(out),
-            "--top-k", "4", "--seq-len", "16", "--shard-tokens", "32", "--max-sequences", "8", "--no-progress",
-            "--backend", "hf",
-        ])  # fmt: skip
+        result = CliRunner().invoke(
+            app,
+            [
+                "cache-teacher",
+                "--teacher",
+                str(teacher_dir),
+                "--data",
+                str(corpus_jsonl),
+                "--out",
+                str(out),
+                "--top-k",
+                "4",
+                "--seq-len",
+                "16",
+                "--shard-tokens",
+                "32",
+                "--max-sequences",
+                "8",
+                "--no-progress",
+                "--backend",
+                "hf",
+            ],
+        )
         assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.glob("manifest*.json"))
     assert names == ["manifest.worker000-of-002.json", "manifest.worker001-of-002.json"]
-    shards = {json.loads((out / n).read_text())["worker_index"]: json.loads((out / n).read_text())["shards"] for n in names}
+    shards = {
+        json.loads((out / n).read_text())["worker_index"]: json.loads((out / n).read_text())["shards"] for n in names
+    }
     assert [s["block"] for s in shards[0]] == [0, 2] and [s["block"] for s in shards[1]] == [1, 3]
 
 
@@ -79,8 +99,20 @@ def test_seq_len_beyond_context_is_refused_before_loading(tmp_path, teacher_dir,
     config = json.loads((teacher / "config.json").read_text())
     config["max_position_embeddings"] = 16
     (teacher / "config.json").write_text(json.dumps(config))
-    args = ["cache-teacher", "--teacher", str(teacher), "--data", str(corpus_jsonl), "--top-k", "4",
-            "--max-sequences", "4", "--no-progress", "--backend", "hf"]  # fmt: skip
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(corpus_jsonl),
+        "--top-k",
+        "4",
+        "--max-sequences",
+        "4",
+        "--no-progress",
+        "--backend",
+        "hf",
+    ]
     refused = CliRunner().invoke(app, args + ["--out", str(tmp_path / "a"), "--seq-len", "17"])
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines()[-1] == (
@@ -95,7 +127,7 @@ def test_seq_len_beyond_context_is_refused_before_loading(tmp_path, teacher_dir,
 def test_rope_scaling_stretches_the_context():
     from transformers import LlamaConfig
 
-    from cache.teacher import context_length
+    from kd_pipeline.cache.backends import context_length
 
     assert context_length(LlamaConfig(max_position_embeddings=4096)) == (4096, "max_position_embeddings = 4096")
     linear = LlamaConfig(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 4.0})
@@ -106,9 +138,12 @@ def test_rope_scaling_stretches_the_context():
 
 
 def test_vllm_args_parse_as_json_and_refuse_our_own():
-    assert parse_vllm_args(["kv_cache_dtype=fp8", "swap-space=2", "hf_overrides={\"a\": 1}", "x=true"]) == {
-        "kv_cache_dtype": "fp8", "swap_space": 2, "hf_overrides": {"a": 1}, "x": True,
-    }  # fmt: skip
+    assert parse_vllm_args(["kv_cache_dtype=fp8", "swap-space=2", 'hf_overrides={"a": 1}', "x=true"]) == {
+        "kv_cache_dtype": "fp8",
+        "swap_space": 2,
+        "hf_overrides": {"a": 1},
+        "x": True,
+    }
     with pytest.raises(ValueError, match="use --seq-len"):
         parse_vllm_args(["max_model_len=4096"])
     with pytest.raises(ValueError, match="only right with its value"):
@@ -120,7 +155,7 @@ def test_vllm_args_parse_as_json_and_refuse_our_own():
 def test_start_failure_names_the_engine_root_cause_and_the_option():
     log = [
         "(EngineCore_DP0 pid=4242) Traceback (most recent call last):",
-        "(EngineCore_DP0 pid=4242)   File \"vllm/v1/worker/cpu_worker.py\", line 80, in init_device",
+        '(EngineCore_DP0 pid=4242)   File "vllm/v1/worker/cpu_worker.py", line 80, in init_device',
         "(EngineCore_DP0 pid=4242) ValueError: Available memory on node 0 (11.5 GiB) is less than desired CPU "
         "memory utilization (0.9, 21.6 GiB)",
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
@@ -137,10 +172,7 @@ def test_start_failure_names_the_engine_root_cause_and_the_option():
 
 
 def test_output_tee_keeps_what_child_processes_print(capfd):
-    code = (
-        "import sys; print('engine log line'); sys.stdout.flush(); "
-        "print('ValueError: boom', file=sys.stderr)"
-    )
+    code = "import sys; print('engine log line'); sys.stdout.flush(); print('ValueError: boom', file=sys.stderr)"
     tee = _OutputTee()
     with tee:
         subprocess.run([sys.executable, "-c", code], check=True)

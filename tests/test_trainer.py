@@ -15,15 +15,25 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import app
-from train.trainer import DistillConfig, distill, latest_checkpoint
+from kd_pipeline.pipeline import app
+from kd_pipeline.train.trainer import DistillConfig, distill, latest_checkpoint
 
 
 def run(student, cache, out, **kw) -> dict:
     base = dict(
-        student=str(student), cache=Path(cache), out=Path(out), batch_size=8, lr=3e-3, warmup_steps=5,
-        max_steps=60, eval_every=1000, eval_sequences=12, save_every=1000, log_every=5, progress=False,
-    )  # fmt: skip
+        student=str(student),
+        cache=Path(cache),
+        out=Path(out),
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=60,
+        eval_every=1000,
+        eval_sequences=12,
+        save_every=1000,
+        log_every=5,
+        progress=False,
+    )
     base.update(kw)
     return distill(DistillConfig(**base))
 
@@ -66,11 +76,35 @@ BIN = Path(sys.executable).parent  # the venv's console scripts: the launch form
 
 def _distill_cmd(student, cache, out, steps, extra=()) -> list[str]:
     return [
-        str(BIN / "pipeline"), "distill", "--student", str(student), "--cache", str(cache),
-        "--out", str(out), "--loss", "taid", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3",
-        "--max-steps", str(steps), "--save-every", "10", "--eval-every", "1000", "--eval-sequences", "12",
-        "--log-every", "1", "--no-progress", *extra,
-    ]  # fmt: skip
+        str(BIN / "pipeline"),
+        "distill",
+        "--student",
+        str(student),
+        "--cache",
+        str(cache),
+        "--out",
+        str(out),
+        "--loss",
+        "taid",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        str(steps),
+        "--save-every",
+        "10",
+        "--eval-every",
+        "1000",
+        "--eval-sequences",
+        "12",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cache, student_config):
@@ -78,7 +112,9 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cach
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     ref = subprocess.run(_distill_cmd(student_config, small_cache, ref_out, steps), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = subprocess.Popen(_distill_cmd(student_config, small_cache, out, steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _distill_cmd(student_config, small_cache, out, steps), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         ckpt = latest_checkpoint(out)
@@ -92,9 +128,11 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cach
     assert 20 <= killed_at < steps
     refused = subprocess.run(_distill_cmd(student_config, small_cache, out, steps), capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    resumed = subprocess.run(_distill_cmd(student_config, small_cache, out, steps, ["--resume"]), capture_output=True, text=True)
+    resumed = subprocess.run(
+        _distill_cmd(student_config, small_cache, out, steps, ["--resume"]), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from" in resumed.stderr
+    assert "resumed from" in resumed.stderr
     a = {m["step"]: m for m in metrics(ref_out) if "loss" in m}
     b = {m["step"]: m for m in metrics(out) if "loss" in m}
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
@@ -109,10 +147,41 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path, small_cach
 
 def test_ddp_two_processes_on_cpu(tmp_path, small_cache, student_config):
     out = tmp_path / "ddp"
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29533", "--no-python", str(BIN / "pipeline"), "distill",
-           "--student", str(student_config), "--cache", str(small_cache), "--out", str(out), "--loss", "fkl",
-           "--batch-size", "4", "--lr", "3e-3", "--max-steps", "40", "--eval-every", "20", "--eval-sequences", "12",
-           "--save-every", "20", "--log-every", "5", "--no-progress", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "--no-python",
+        str(BIN / "pipeline"),
+        "distill",
+        "--student",
+        str(student_config),
+        "--cache",
+        str(small_cache),
+        "--out",
+        str(out),
+        "--loss",
+        "fkl",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--eval-sequences",
+        "12",
+        "--save-every",
+        "20",
+        "--log-every",
+        "5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     evals = [m for m in metrics(out) if "eval_kl" in m]
@@ -135,7 +204,18 @@ def test_student_with_another_tokenizer_is_refused(tmp_path, small_cache):
     tok = build_tokenizer(student, vocab_size=300)
     build_llama(student, len(tok), layers=1, hidden=32)
     result = CliRunner().invoke(
-        app, ["distill", "--student", str(student), "--cache", str(small_cache), "--out", str(tmp_path / "o"), "--max-steps", "1"]
+        app,
+        [
+            "distill",
+            "--student",
+            str(student),
+            "--cache",
+            str(small_cache),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "1",
+        ],
     )
     assert result.exit_code == 2
     assert "tokenizer differs from the teacher" in result.output and "--cross-tokenizer" in result.output
@@ -144,7 +224,18 @@ def test_student_with_another_tokenizer_is_refused(tmp_path, small_cache):
 
 def test_bad_loss_name_lists_the_choices(tmp_path, small_cache, student_config):
     result = CliRunner().invoke(
-        app, ["distill", "--student", str(student_config), "--cache", str(small_cache), "--out", str(tmp_path / "o"), "--loss", "kl"]
+        app,
+        [
+            "distill",
+            "--student",
+            str(student_config),
+            "--cache",
+            str(small_cache),
+            "--out",
+            str(tmp_path / "o"),
+            "--loss",
+            "kl",
+        ],
     )
     assert result.exit_code == 2 and "taid" in result.output and "atkd" in result.output
 
@@ -171,14 +262,22 @@ def test_plot_writes_a_png(tmp_path, small_cache, student_config):
 
 def test_a_cache_of_one_row_group_trains_with_default_holdout(tmp_path, teacher_dir, corpus_jsonl, student_config):
     """80 sequences in one row group: the default --eval-sequences 64 holds out 64 sequences, 16 train."""
-    from cache.build import CacheConfig, cache_teacher
+    from kd_pipeline.cache.build import CacheConfig, cache_teacher
 
     cache = tmp_path / "cache"
     cache_teacher(
         CacheConfig(
-            teacher=str(teacher_dir), data=str(corpus_jsonl), out=cache, top_k=8, seq_len=32, batch_size=16,
-            shard_tokens=32 * 1000, row_group_tokens=32 * 1000, max_sequences=80, progress=False,
-        )  # fmt: skip
+            teacher=str(teacher_dir),
+            data=str(corpus_jsonl),
+            out=cache,
+            top_k=8,
+            seq_len=32,
+            batch_size=16,
+            shard_tokens=32 * 1000,
+            row_group_tokens=32 * 1000,
+            max_sequences=80,
+            progress=False,
+        )
     )
     out = tmp_path / "run"
     last = distill(DistillConfig(student=str(student_config), cache=cache, out=out, max_steps=2, progress=False))
@@ -187,8 +286,8 @@ def test_a_cache_of_one_row_group_trains_with_default_holdout(tmp_path, teacher_
 
 
 def test_batch_size_beyond_the_cache_is_said_and_tokens_are_counted(tmp_path, small_cache, student_config, capsys):
-    from cache.manifest import load_cache
-    from train.reader import CacheReader, plan_chunks, split_holdout
+    from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.train.reader import CacheReader, plan_chunks, split_holdout
 
     out = tmp_path / "big_batch"
     run(student_config, small_cache, out, batch_size=200, max_steps=3, log_every=1, eval_sequences=12)
@@ -205,7 +304,7 @@ def test_batch_size_beyond_the_cache_is_said_and_tokens_are_counted(tmp_path, sm
 def test_the_trainer_runs_any_registered_loss(tmp_path, small_cache, student_config, monkeypatch):
     """The trainer names no loss: a loss added to the registry (Hellinger distance here, in this test only) trains
     and logs through the contract, its state checkpointed, its optimizer-step hook called once per step."""
-    from train import losses
+    from kd_pipeline.train import losses
 
     calls = []
 
@@ -249,7 +348,7 @@ def test_metrics_report_kl_and_soft_ce_beside_the_loss(tmp_path, small_cache, st
 
 
 def test_distill_help_lists_every_registered_loss_and_the_loss_options():
-    from train.losses import LOSSES
+    from kd_pipeline.train.losses import LOSSES
 
     result = CliRunner().invoke(app, ["distill", "--help"], terminal_width=400, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
@@ -269,10 +368,10 @@ def test_eval_bpb_is_the_eval_ce_over_the_bytes_of_the_heldout_text(tmp_path, sm
 
     from transformers import AutoTokenizer
 
-    from cache.format import TOKENIZER_DIR
-    from cache.manifest import load_cache
-    from train.cross_tokenizer import TokenPieces
-    from train.reader import CacheReader, plan_chunks, split_holdout
+    from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+    from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.train.cross_tokenizer import TokenPieces
+    from kd_pipeline.train.reader import CacheReader, plan_chunks, split_holdout
 
     out = tmp_path / "bpb"
     run(student_config, small_cache, out, loss="ce", max_steps=10, eval_every=5)
@@ -295,7 +394,7 @@ def test_eval_bpb_is_the_eval_ce_over_the_bytes_of_the_heldout_text(tmp_path, sm
 
 def test_an_option_newer_than_the_checkpoint_compares_as_its_default():
     """A checkpoint written before --cross-tokenizer existed resumes; one that used it cannot resume without it."""
-    from train.trainer import config_differences
+    from kd_pipeline.train.trainer import config_differences
 
     now = DistillConfig(student="s", cache=Path("c"), out=Path("o")).record()
     older = {k: v for k, v in now.items() if not k.startswith("cross_tokenizer")}

@@ -2,7 +2,7 @@
 
 The stand-ins below carry exactly the attributes the converter may use on the real classes
 (vllm/logprobs.py: Logprob, FlatLogprobs; vllm/outputs.py: RequestOutput) and are filled the way vLLM
-fills them (see the module docstring of cache/vllm_backend.py): entry 0 empty; per position the actual
+fills them (see the module docstring of cache/backends/vllm.py): entry 0 empty; per position the actual
 token first with its count-based rank, then the top-k with ranks 1..k; duplicates kept in the flat
 form; in the dict form a duplicated key keeps its first slot and takes the top-k value.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from cache.teacher import TeacherScores
-from cache.vllm_backend import (
+from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.cache.backends.vllm import (
     EngineStartError,
     PromptLogprobArrays,
     VLLMNotInstalledError,
@@ -368,8 +368,10 @@ def test_keep_prompt_logprob_arrays_keeps_only_our_requests_and_restores_vllms_m
     k = 4
     lp, ids = random_case(b=1, length=12, vocab=30, seed=13)
     token_ids, logprobs = engine_rows(lp[0], ids[0], k)
-    chunks = [(torch.from_numpy(token_ids[a:b]), torch.from_numpy(logprobs[a:b]), torch.zeros(b - a, dtype=torch.int64))
-              for a, b in ((0, 6), (6, 11))]  # fmt: skip
+    chunks = [
+        (torch.from_numpy(token_ids[a:b]), torch.from_numpy(logprobs[a:b]), torch.zeros(b - a, dtype=torch.int64))
+        for a, b in ((0, 6), (6, 11))
+    ]
     original = LogprobsProcessor._update_prompt_logprobs
     ours, other_k = LogprobsProcessor(k), LogprobsProcessor(k + 1)
     detokenized = LogprobsProcessor(k, tokenizer=object())
@@ -427,7 +429,11 @@ class _FakeVLLM:
             def generate(self, prompts, sampling_params, use_tqdm=True):
                 fake.calls.append((len(prompts), sampling_params, use_tqdm))
                 # As vLLM's LLM._run_engine: a tqdm from the factory, updated as requests finish.
-                bar = use_tqdm(total=len(prompts), desc="Processed prompts", dynamic_ncols=True) if callable(use_tqdm) else None
+                bar = (
+                    use_tqdm(total=len(prompts), desc="Processed prompts", dynamic_ncols=True)
+                    if callable(use_tqdm)
+                    else None
+                )
                 k = sampling_params.kwargs["prompt_logprobs"]
                 outs = []
                 for i, prompt in enumerate(prompts):
@@ -474,9 +480,15 @@ def test_vllm_teacher_scores_with_fake_engine(monkeypatch):
     fake = _FakeVLLM(vocab=30).install(monkeypatch)
     k, seq_len = 5, 12
     teacher = VLLMTeacher(
-        "org/teacher", k=k, seq_len=seq_len, tensor_parallel_size=2, revision="abc", gpu_memory_utilization=0.5,
-        max_num_seqs=4, llm_kwargs={"kv_cache_dtype": "fp8"},
-    )  # fmt: skip
+        "org/teacher",
+        k=k,
+        seq_len=seq_len,
+        tensor_parallel_size=2,
+        revision="abc",
+        gpu_memory_utilization=0.5,
+        max_num_seqs=4,
+        llm_kwargs={"kv_cache_dtype": "fp8"},
+    )
     kw = fake.llm_kwargs
     assert kw["model"] == "org/teacher" and kw["revision"] == "abc"
     assert kw["max_logprobs"] == k and kw["logprobs_mode"] == "raw_logprobs"
@@ -492,11 +504,17 @@ def test_vllm_teacher_scores_with_fake_engine(monkeypatch):
     assert teacher.describe() == {
         "teacher": {"name_or_path": "org/teacher", "revision": "abc", "dtype": "bfloat16"},
         "backend": {
-            "name": "vllm", "version": "0.32.0-fake", "tensor_parallel_size": 2, "pipeline_parallel_size": 1,
-            "gpu_memory_utilization": 0.5, "enforce_eager": False, "max_num_seqs": 4,
-            "max_num_batched_tokens": None, "llm_kwargs": {"kv_cache_dtype": "fp8"},
+            "name": "vllm",
+            "version": "0.32.0-fake",
+            "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 1,
+            "gpu_memory_utilization": 0.5,
+            "enforce_eager": False,
+            "max_num_seqs": 4,
+            "max_num_batched_tokens": None,
+            "llm_kwargs": {"kv_cache_dtype": "fp8"},
         },
-    }  # fmt: skip
+    }
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 30, size=(7, seq_len)).astype(np.int32)
@@ -602,10 +620,26 @@ def test_gpu_check_runs_on_cpu_and_writes_results_as_they_come(tmp_path):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     out = tmp_path / "gc"
-    code = gpu_check.main([
-        "--out", str(out), "--build-teacher", "tiny", "--seq-len", "32", "--num-seqs", "4", "--k", "8",
-        "--device", "cpu", "--backends", "hf", "--shard-rows", "2",
-    ])  # fmt: skip
+    code = gpu_check.main(
+        [
+            "--out",
+            str(out),
+            "--build-teacher",
+            "tiny",
+            "--seq-len",
+            "32",
+            "--num-seqs",
+            "4",
+            "--k",
+            "8",
+            "--device",
+            "cpu",
+            "--backends",
+            "hf",
+            "--shard-rows",
+            "2",
+        ]
+    )
     assert code == 0
     records = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == ["machine", "build_teacher", "hf", "verdict"]

@@ -21,10 +21,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (see README: the .venv-vllm command)")
 
-from cache.encodings import encoding_for  # noqa: E402
-from cache.format import SHARD_DIR  # noqa: E402
-from cache.manifest import load_cache  # noqa: E402
-from cache.verify import verify_cache  # noqa: E402
+from kd_pipeline.cache.format.encodings import encoding_for  # noqa: E402
+from kd_pipeline.cache.format.layout import SHARD_DIR  # noqa: E402
+from kd_pipeline.cache.format.manifest import load_cache  # noqa: E402
+from kd_pipeline.cache.format.verify import verify_cache  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -51,9 +51,8 @@ def short_context_teacher(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny Llama with heads of 32 (vLLM's CPU attention has no kernel for the 16 of conftest's teacher)
     and its context set to SEQ_LEN, so every run below also shows that --seq-len equal to the model's
     context works."""
-    from transformers import AutoTokenizer
-
     from conftest import build_llama
+    from transformers import AutoTokenizer
 
     d = tmp_path_factory.mktemp("teacher_ctx") / "teacher"
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -67,11 +66,31 @@ def short_context_teacher(tmp_path_factory, tokenizer_dir) -> Path:
 
 def command(teacher: Path, data: Path, out: Path, backend: str, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(teacher), "--data", str(data),
-        "--out", str(out), "--top-k", str(K), "--seq-len", str(SEQ_LEN), "--backend", backend,
-        "--shard-tokens", str(SEQ_LEN * ROWS_PER_SHARD), "--row-group-tokens", str(SEQ_LEN * ROWS_PER_SHARD),
-        "--max-sequences", str(SEQUENCES), "--no-progress", *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pipeline",
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--top-k",
+        str(K),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--backend",
+        backend,
+        "--shard-tokens",
+        str(SEQ_LEN * ROWS_PER_SHARD),
+        "--row-group-tokens",
+        str(SEQ_LEN * ROWS_PER_SHARD),
+        "--max-sequences",
+        str(SEQUENCES),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
@@ -203,8 +222,17 @@ def test_resuming_a_vllm_cache_with_hf_is_refused(tmp_path, vllm_eager, short_co
 
 def test_engine_that_cannot_start_gives_root_cause_and_option(tmp_path, short_context_teacher, corpus_jsonl):
     # On CPU, vLLM refuses to reserve more RAM than is free: ask for all of it.
-    done = run(command(short_context_teacher, corpus_jsonl, tmp_path / "c", "vllm", "--enforce-eager",
-                       "--gpu-memory-utilization", "1.0"))  # fmt: skip
+    done = run(
+        command(
+            short_context_teacher,
+            corpus_jsonl,
+            tmp_path / "c",
+            "vllm",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "1.0",
+        )
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     last = [line for line in done.stderr.splitlines() if line.strip()][-2:]
     assert last[0].startswith("error: the vLLM engine did not start: "), done.stderr[-3000:]
@@ -231,7 +259,7 @@ def test_kept_engine_arrays_equal_vllms_own_lists(short_context_teacher):
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.logprobs import LogprobsProcessor
 
-    from cache.vllm_backend import (
+    from kd_pipeline.cache.backends.vllm import (
         PromptLogprobArrays,
         VLLMTeacher,
         keep_prompt_logprob_arrays,

@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_pipeline.errors import ConfigError
+
 LAW_RATIO = 2.5  # optimal teacher size / student size (law of capacity gap)
 MINIDISC_LAMBDA = 0.2  # λ of MiniDisc's λ-tradeoff
 
@@ -51,7 +53,7 @@ _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([KMBGT]?)\s*$", re.IGNORECASE)
 
 
-class CapacityError(ValueError):
+class CapacityError(ConfigError):
     """A model, candidate or assistant table that cannot be used as asked; the message says why."""
 
 
@@ -109,7 +111,7 @@ def count_from_safetensors(directory: Path) -> int:
 def _load_config(spec: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    from cache.models import load_config
+    from kd_pipeline.models import load_config
 
     path = Path(spec)
     if path.is_file() and path.suffix == ".json":

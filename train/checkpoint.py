@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.format import fsync_dir
-from cache.manifest import CacheError
+from kd_pipeline.cache.format.files import fsync_dir
+from kd_pipeline.errors import BadCheckpoint
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"  # written last: a checkpoint without it is ignored
@@ -122,10 +122,6 @@ def _single_process_quiet():
         yield
 
 
-class BadCheckpoint(CacheError):
-    """A checkpoint that cannot be used (named file missing, truncated or unreadable)."""
-
-
 def check_files(ckpt: Path) -> dict:
     """The COMPLETE marker's record, after checking that every file it lists has its recorded size."""
     try:
@@ -189,6 +185,7 @@ def load_latest(out: Path, strategy, model, optimizer) -> Restored | None:
             set_rng_state(torch.load(rng, weights_only=False))
         return Restored(ckpt, int(marker["step"]), int(marker["world_size"]), trainer_state, config)
     raise BadCheckpoint(
-        f"no usable checkpoint left in {Path(out) / CHECKPOINT_DIR}: " + "; ".join(problems)
+        f"no usable checkpoint left in {Path(out) / CHECKPOINT_DIR}: "
+        + "; ".join(problems)
         + ". Start a new run (another --out) or restore the files."
     )

@@ -35,15 +35,17 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from cache.format import TOKENIZER_DIR, atomic_write_bytes, tail_mass
-from cache.manifest import CacheError, CacheInfo, tokenizer_fingerprint
-from train.losses import first_occurrence
+from kd_pipeline.cache.format.files import atomic_write_bytes
+from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import CacheInfo, tokenizer_fingerprint
+from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.errors import CacheError, ConfigError
+from kd_pipeline.train.losses import first_occurrence
 
 VOCAB_MAP_DIR = "vocab_maps"  # inside the cache directory: one file per student tokenizer
 VOCAB_MAP_VERSION = 1
@@ -59,7 +61,7 @@ def _byte_decoder() -> dict[str, int]:
     return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
-def _decoder_steps(decoder: Optional[dict]) -> list[dict]:
+def _decoder_steps(decoder: dict | None) -> list[dict]:
     if decoder is None:
         return []
     if decoder["type"] == "Sequence":
@@ -75,7 +77,7 @@ class TokenPieces:
     - ``lengths`` [V] int64: ``len(pieces[i])``.
     - ``special`` [V] bool: control tokens (eos, chat markers): not text, never matched to a text token.
     - ``byte_fallback`` [V] bool: SentencePiece ``<0xNN>`` tokens (a student id with the same bytes wins over them).
-    - ``fingerprint``: the tokenizer's sha256 from :func:`cache.manifest.tokenizer_fingerprint`.
+    - ``fingerprint``: the tokenizer's sha256 from :func:`kd_pipeline.cache.format.manifest.tokenizer_fingerprint`.
     """
 
     pieces: list[bytes]
@@ -94,7 +96,7 @@ class TokenPieces:
         return np.where(self.special[ids], 0, self.lengths[ids])
 
     @classmethod
-    def of(cls, tokenizer) -> "TokenPieces":
+    def of(cls, tokenizer) -> TokenPieces:
         if not getattr(tokenizer, "is_fast", False):
             raise CacheError(f"--cross-tokenizer needs fast tokenizers (tokenizers library); {_name(tokenizer)} is not")
         steps = _decoder_steps(json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder"))
@@ -128,7 +130,9 @@ class TokenPieces:
                 special[index] = bool(added[index].special)
                 continue
             if decode_byte is not None:
-                pieces.append(bytes(decode_byte[c] for c in token) if all(c in decode_byte for c in token) else token.encode())
+                pieces.append(
+                    bytes(decode_byte[c] for c in token) if all(c in decode_byte for c in token) else token.encode()
+                )
                 continue
             match = _FALLBACK_PIECE.fullmatch(token) if byte_fallback else None
             if match:
@@ -189,22 +193,29 @@ def vocab_map_path(directory: Path, teacher: TokenPieces, student: TokenPieces) 
     return Path(directory) / f"{teacher.fingerprint[:16]}-{student.fingerprint[:16]}.npz"
 
 
-def _read_vocab_map(path: Path, teacher: TokenPieces, student: TokenPieces) -> Optional[VocabMap]:
+def _read_vocab_map(path: Path, teacher: TokenPieces, student: TokenPieces) -> VocabMap | None:
     try:
-        with open(path, "rb") as raw, np.load(raw, allow_pickle=False) as f:  # our handle: np.load leaks its own on a bad zip
+        with (
+            open(path, "rb") as raw,
+            np.load(raw, allow_pickle=False) as f,
+        ):  # our handle: np.load leaks its own on a bad zip
             header = json.loads(str(f["header"]))
             mapping = f["mapping"]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None  # missing, truncated or not ours: rebuilt
     ok = (
         header == {"version": VOCAB_MAP_VERSION, "teacher": teacher.fingerprint, "student": student.fingerprint}
-        and mapping.dtype == np.int64 and mapping.shape == (teacher.vocab_size,)
-        and mapping.min(initial=-1) >= -1 and mapping.max(initial=-1) < student.vocab_size
-    )  # fmt: skip
+        and mapping.dtype == np.int64
+        and mapping.shape == (teacher.vocab_size,)
+        and mapping.min(initial=-1) >= -1
+        and mapping.max(initial=-1) < student.vocab_size
+    )
     return VocabMap(mapping, teacher.fingerprint, student.fingerprint) if ok else None
 
 
-def load_vocab_map(directory: Optional[Path], teacher_tok, student_tok, teacher: TokenPieces, student: TokenPieces) -> VocabMap:
+def load_vocab_map(
+    directory: Path | None, teacher_tok, student_tok, teacher: TokenPieces, student: TokenPieces
+) -> VocabMap:
     """The pair's map from ``directory`` (keyed by both fingerprints), built and written there if absent or bad.
 
     An unwritable directory (a read-only cache) only costs rebuilding the map next time.
@@ -216,7 +227,9 @@ def load_vocab_map(directory: Optional[Path], teacher_tok, student_tok, teacher:
             return found
     mapping = build_vocab_map(teacher_tok, student_tok, teacher, student)
     if path is not None:
-        header = json.dumps({"version": VOCAB_MAP_VERSION, "teacher": teacher.fingerprint, "student": student.fingerprint})
+        header = json.dumps(
+            {"version": VOCAB_MAP_VERSION, "teacher": teacher.fingerprint, "student": student.fingerprint}
+        )
         buffer = io.BytesIO()
         np.savez(buffer, header=np.array(header), mapping=mapping)
         try:
@@ -443,7 +456,7 @@ class CachedTokens:
     """A reader batch for a student with the teacher's tokenizer: as read, plus ``target_bytes`` [B, L-1] int64
     (bytes of text each target stands for, for bits per byte; absent when ``pieces`` is None)."""
 
-    def __init__(self, pieces: Optional[TokenPieces]):
+    def __init__(self, pieces: TokenPieces | None):
         self.pieces = pieces
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -480,7 +493,9 @@ class StudentBatches:
 
     def __init__(self, retokenizer: Retokenizer, pad_id: int, positions: str = "same-token"):
         if positions not in DISTILL_POSITIONS:
-            raise ValueError(f"--cross-tokenizer-positions must be one of {', '.join(DISTILL_POSITIONS)}; got {positions!r}")
+            raise ConfigError(
+                f"--cross-tokenizer-positions must be one of {', '.join(DISTILL_POSITIONS)}; got {positions!r}"
+            )
         self.retokenizer = retokenizer
         self.mapping = torch.from_numpy(retokenizer.mapping)
         self.pad_id = int(pad_id)
@@ -543,9 +558,10 @@ class StudentBatches:
         single = (last == t_pos) & (twin == g)
         spelled = torch.minimum(batch["target_logprob"][t_rows, t_pos].float(), p_rest.log())
         target_lp = torch.where(
-            column.any(-1), torch.where(column, logprobs, float("-inf")).amax(-1),
+            column.any(-1),
+            torch.where(column, logprobs, float("-inf")).amax(-1),
             torch.where(single, spelled, float("-inf")),
-        )  # fmt: skip
+        )
 
         def scatter(values: Tensor, shape, fill, dtype) -> Tensor:
             out = torch.full(shape, fill, dtype=dtype)
@@ -579,7 +595,9 @@ def student_batches(info: CacheInfo, student_tok, positions: str = "same-token")
 
     teacher_dir = info.root / TOKENIZER_DIR
     if not teacher_dir.exists():
-        raise CacheError(f"{teacher_dir}: --cross-tokenizer needs the copy of the teacher tokenizer kept with the cache")
+        raise CacheError(
+            f"{teacher_dir}: --cross-tokenizer needs the copy of the teacher tokenizer kept with the cache"
+        )
     teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher, student = TokenPieces.of(teacher_tok), TokenPieces.of(student_tok)
     if teacher.fingerprint != info.manifest.tokenizer["sha256"]:

@@ -45,13 +45,14 @@ is not a plain ``nn.Linear``).
 from __future__ import annotations
 
 import inspect
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from train.losses import NEG_INF, StudentBins, atkd_ids, first_occurrence
+from kd_pipeline.train.losses import NEG_INF, StudentBins, atkd_ids, first_occurrence
 
 # Vocabulary rows per chunk. The buffer is N x chunk: 256 MB in fp32 for 16k positions. Smaller chunks save memory
 # but cost more, smaller matmuls (and on GPUs more kernel launches): 4096 keeps a 128k vocabulary at 32 chunks.
@@ -68,7 +69,7 @@ class HeadInputs(NamedTuple):
 
     hidden: Tensor
     weight: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,12 +80,12 @@ def fused_student_bins(
     hidden: Tensor,
     weight: Tensor,
     support_ids: Tensor,
-    target_ids: Optional[Tensor] = None,
+    target_ids: Tensor | None = None,
     *,
-    bias: Optional[Tensor] = None,
-    valid: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    valid: Tensor | None = None,
     include_target: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> StudentBins:
     """:class:`~train.losses.StudentBins` of the logits ``hidden @ weight.T + bias``, never forming them.
 
@@ -132,7 +133,7 @@ def fused_student_bins(
     return StudentBins(log_q_support, log_q_rest, lse, log_q_target if target is not None else None)
 
 
-def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     """fp32, or fp64 if an input is fp64: the log-sum-exps need more range than fp16/bf16 have."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -144,7 +145,7 @@ class _ChunkedLinear:
     faults of a fresh multi-MB allocation per block, which otherwise cost as much as the arithmetic.
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int, matmul_dtype, dtype):
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int, matmul_dtype, dtype):
         self.n, self.vocab = hidden.shape[0], weight.shape[0]
         self.chunk = min(chunk, self.vocab)
         self.count = -(-self.vocab // self.chunk)

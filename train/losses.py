@@ -1,10 +1,10 @@
-"""Distillation losses over the teacher's sparse support (see ../shared/DESIGN.md, "Losses over sparse support").
+"""Distillation losses over the teacher's sparse support (docs/losses.md).
 
 Every loss works on ``k + 1`` *bins* per position: the teacher's ``k`` support ids plus one "rest" bin holding
 all other tokens. Both sides are given as log-probabilities over the bins:
 
 - teacher: ``log p_i`` = the cached top-k log-probs (normalized over the full vocabulary), and
-  ``p_rest = cache.format.tail_mass(...)`` (may be exactly 0);
+  ``p_rest = kd_pipeline.cache.format.rows.tail_mass(...)`` (may be exactly 0);
 - student: ``log q_i = z_i - logsumexp(z)`` and ``log q_rest`` = logsumexp of ``z`` over the complement of the
   support, minus ``logsumexp(z)`` (exact: no ``1 - Σ q`` cancellation, finite while any token lies outside).
 
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, is_dataclass, make_dataclass
-from typing import ClassVar, NamedTuple, Optional, Union
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from cache.format import tail_mass
-from cache.options import option
+from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.config import option
+from kd_pipeline.errors import ConfigError
 
 NEG_INF = float("-inf")
 
@@ -40,7 +41,7 @@ NEG_INF = float("-inf")
 # js/sfkl/srkl stay positive wherever q does).
 LOG_P_FLOOR = -100.0
 
-Scalar = Union[float, Tensor]
+Scalar = float | Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,11 +130,11 @@ class StudentBins(NamedTuple):
     log_q_support: Tensor
     log_q_rest: Tensor
     lse: Tensor
-    log_q_target: Optional[Tensor] = None
+    log_q_target: Tensor | None = None
 
 
 def student_bin_logprobs(
-    student_logits: Tensor, support_ids: Tensor, valid: Optional[Tensor] = None
+    student_logits: Tensor, support_ids: Tensor, valid: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Student log-probs on the bins: ``(log_q_support [N, m], log_q_rest [N])``.
 
@@ -155,7 +156,7 @@ def student_bin_logprobs(
 def student_bins(
     student_logits: Tensor,
     support_ids: Tensor,
-    target_ids: Optional[Tensor] = None,
+    target_ids: Tensor | None = None,
     *,
     include_target: bool = False,
 ) -> StudentBins:
@@ -211,7 +212,7 @@ class _DenseStudentBins(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, ids: Tensor, target: Optional[Tensor]):
+    def forward(ctx, z: Tensor, ids: Tensor, target: Tensor | None):
         y = z.scatter(-1, ids, NEG_INF)  # the only [N, V] allocation; a repeated id is the same entry
         # An empty complement (support = V) is all -inf: the lowest finite shift keeps exp(-inf) = 0 there.
         m_rest = y.amax(-1, keepdim=True).clamp_(min=torch.finfo(y.dtype).min)
@@ -249,12 +250,12 @@ class _DenseStudentBins(torch.autograd.Function):
 
 
 def teacher_bin_logprobs(
-    topk_logprobs: Tensor, p_rest: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None
+    topk_logprobs: Tensor, p_rest: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Tensor, Tensor]:
     """Teacher log-probs on the bins: ``(log_p_support [N, k], log_p_rest [N])``.
 
     ``topk_logprobs`` [N, k] as cached (fp16 is upcast). ``p_rest`` [N] defaults to
-    :func:`cache.format.tail_mass` (fp32, clamped >= 0); pass it to override (e.g. float64 in tests).
+    :func:`kd_pipeline.cache.format.rows.tail_mass` (fp32, clamped >= 0); pass it to override (e.g. float64 in tests).
     ``log_p_rest`` is ``-inf`` where ``p_rest == 0`` (the losses treat ``0·log 0`` as 0).
 
     fp16 rounding can make ``Σ exp(lp)`` exceed 1 (tail_mass then gives 0); such rows are renormalized so the
@@ -342,7 +343,7 @@ def taid_kl(log_p: Tensor, log_q: Tensor, t: Scalar) -> Tensor:
     Reading note: the official code (SakanaAI/TAID, src/distil_losses/taid.py) returns the cross-entropy
     ``-Σ p_t log q`` (its ``forward_kl`` helper drops the ``p_t log p_t`` term). That differs from this KL by
     H(p_t), which has no gradient w.r.t. the student, so the gradients are identical; but the *value* fed to
-    :class:`TAIDSchedule` differs. We follow the paper and DESIGN.md (KL).
+    :class:`TAIDSchedule` differs. We follow the paper (KL); docs/losses.md.
     """
     return _kl_sum(taid_target(log_p, log_q, t), log_q)
 
@@ -460,7 +461,7 @@ def atkd_bins(
     target_ids: Tensor,
     teacher_logprobs: Tensor,
     teacher_target_logprob: Tensor,
-    p_rest: Optional[Tensor] = None,
+    p_rest: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bins ``S ∪ {g} ∪ rest`` for ATKD: ``(log_p [N, k+2], log_q [N, k+2], is_target [N, k+2] bool)``.
 
@@ -561,7 +562,7 @@ class TAIDSchedule:
 
     Call :meth:`update` once per OPTIMIZER step with that step's KD loss (mean over its micro-batches), never per
     micro-batch and never during eval. (The official code updates on every loss call, i.e. per micro-batch under
-    gradient accumulation; DESIGN.md calls this a quirk not to copy.) Rule, with L the new loss::
+    gradient accumulation, a quirk not copied here.) Rule, with L the new loss::
 
         first call: L_prev <- L, nothing else
         δ = (L_prev - L) / (L_prev + 1e-15);  m <- β·m + (1-β)·δ
@@ -597,7 +598,7 @@ class TAIDSchedule:
         self.disable_adaptive = bool(disable_adaptive)
         self._t = float(t_start)
         self.momentum = 0.0
-        self.prev_loss: Optional[float] = None
+        self.prev_loss: float | None = None
 
     @property
     def t(self) -> float:
@@ -666,15 +667,15 @@ class KDBatch:
     support_ids: Tensor
     teacher_logprobs: Tensor
     mask: Tensor
-    target_ids: Optional[Tensor] = None
-    teacher_target_logprob: Optional[Tensor] = None
-    p_rest: Optional[Tensor] = None
-    teacher_own_logprobs: Optional[Tensor] = None
+    target_ids: Tensor | None = None
+    teacher_target_logprob: Tensor | None = None
+    p_rest: Tensor | None = None
+    teacher_own_logprobs: Tensor | None = None
 
-    def flat(self) -> "KDBatch":
+    def flat(self) -> KDBatch:
         k = self.support_ids.shape[-1]
 
-        def f(x: Optional[Tensor]) -> Optional[Tensor]:
+        def f(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.reshape(-1)
 
         return KDBatch(
@@ -684,9 +685,10 @@ class KDBatch:
             target_ids=f(self.target_ids),
             teacher_target_logprob=f(self.teacher_target_logprob),
             p_rest=f(self.p_rest),
-            teacher_own_logprobs=None if self.teacher_own_logprobs is None
+            teacher_own_logprobs=None
+            if self.teacher_own_logprobs is None
             else self.teacher_own_logprobs.reshape(-1, self.teacher_own_logprobs.shape[-1]),
-        )  # fmt: skip
+        )
 
 
 class KDLossOutput(NamedTuple):
@@ -703,7 +705,7 @@ class KDLossOutput(NamedTuple):
 
     total: Tensor
     kd: Tensor
-    ce: Optional[Tensor]
+    ce: Tensor | None
     kl: Tensor
     soft_ce: Tensor
 
@@ -714,7 +716,7 @@ class Bins(NamedTuple):
 
     log_p: Tensor
     log_q: Tensor
-    is_target: Optional[Tensor] = None
+    is_target: Tensor | None = None
 
 
 def coarse_bins(student: StudentBins, batch: KDBatch) -> Bins:
@@ -748,7 +750,7 @@ class FitTerms(NamedTuple):
     """How close the student is to the teacher and the data, masked means: ``ce`` (true token, None without
     targets), ``kl`` and ``soft_ce`` (k+1 bins, T = 1). ``ce`` keeps its gradient; the other two are detached."""
 
-    ce: Optional[Tensor]
+    ce: Tensor | None
     kl: Tensor
     soft_ce: Tensor
 
@@ -794,9 +796,9 @@ class KDOptions:
     def check(self) -> None:
         """Raise ValueError naming the option (as its --flag) if a value is out of range."""
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"--temperature must be a positive number, got {self.temperature}")
+            raise ConfigError(f"--temperature must be a positive number, got {self.temperature}")
         if not (math.isfinite(self.ce_weight) and self.ce_weight >= 0):
-            raise ValueError(f"--ce-weight must be >= 0, got {self.ce_weight}")
+            raise ConfigError(f"--ce-weight must be >= 0, got {self.ce_weight}")
 
 
 class DistillLoss:
@@ -823,7 +825,7 @@ class DistillLoss:
     needs_logits: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: Optional[KDOptions] = None):
+    def __init__(self, options: KDOptions | None = None):
         self.options = self.Options() if options is None else options
         if not isinstance(self.options, self.Options):
             raise TypeError(f"the {self.name} loss takes {self.Options.__name__}, got {type(self.options).__name__}")
@@ -840,12 +842,12 @@ class DistillLoss:
         :meth:`per_position`."""
         return masked_mean(self.per_position(bins), batch.mask)
 
-    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Tensor | None = None) -> Bins:
         """The bins the loss compares, at T = 1: by default the k+1 bins of the support. ``logits`` [N, V]: the
         student's, given to a loss with ``needs_logits``."""
         return coarse_bins(student, batch)
 
-    def combine(self, kd: Tensor, ce: Optional[Tensor]) -> Tensor:
+    def combine(self, kd: Tensor, ce: Tensor | None) -> Tensor:
         """The training loss from its two terms."""
         return kd + self.options.ce_weight * ce if self.options.ce_weight else kd
 
@@ -869,7 +871,7 @@ class DistillLoss:
     # -- the call --------------------------------------------------------------------------------------------
 
     def __call__(
-        self, batch: KDBatch, student_logits: Optional[Tensor] = None, *, student: Optional[StudentBins] = None
+        self, batch: KDBatch, student_logits: Tensor | None = None, *, student: StudentBins | None = None
     ) -> KDLossOutput:
         """The loss of one batch.
 
@@ -886,9 +888,10 @@ class DistillLoss:
             raise ValueError("ce_weight > 0 needs batch.target_ids")
         if student_logits is None and (student is None or self.needs_logits):
             raise ValueError(
-                f"the {self.name} loss needs the student's logits" if self.needs_logits
+                f"the {self.name} loss needs the student's logits"
+                if self.needs_logits
                 else "pass exactly one of student_logits and student (precomputed StudentBins)"
-            )  # fmt: skip
+            )
         if student_logits is not None and student is not None and not self.needs_logits:
             raise ValueError("pass exactly one of student_logits and student (precomputed StudentBins)")
         logits = None if student_logits is None else student_logits.reshape(-1, student_logits.shape[-1])
@@ -939,7 +942,7 @@ class TAID(DistillLoss):
             try:
                 TAIDSchedule(self.taid_t_start, self.taid_t_end, self.taid_alpha, self.taid_beta)
             except ValueError as error:
-                raise ValueError(f"--taid-t-start/--taid-t-end/--taid-alpha/--taid-beta: {error}") from None
+                raise ConfigError(f"--taid-t-start/--taid-t-end/--taid-alpha/--taid-beta: {error}") from None
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -957,7 +960,7 @@ class TAID(DistillLoss):
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
-            raise ValueError("the taid loss needs its schedule state (t, m, prev_loss); the checkpoint has none")
+            raise ConfigError("the taid loss needs its schedule state (t, m, prev_loss); the checkpoint has none")
         self.schedule.load_state_dict(state)
 
     def metrics(self) -> dict[str, float]:
@@ -994,7 +997,7 @@ class JensenShannon(DistillLoss):
         def check(self) -> None:
             super().check()
             if not 0.0 < self.js_beta < 1.0:
-                raise ValueError(f"--js-beta must be in (0, 1), got {self.js_beta}")
+                raise ConfigError(f"--js-beta must be in (0, 1), got {self.js_beta}")
 
     def per_position(self, bins: Bins) -> Tensor:
         return js_divergence(bins.log_p, bins.log_q, beta=self.options.js_beta)
@@ -1007,7 +1010,7 @@ class SkewOptions(KDOptions):
     def check(self) -> None:
         super().check()
         if not 0.0 < self.skew_alpha <= 1.0:
-            raise ValueError(f"--skew-alpha must be in (0, 1], got {self.skew_alpha}")
+            raise ConfigError(f"--skew-alpha must be in (0, 1], got {self.skew_alpha}")
 
 
 @register
@@ -1053,15 +1056,19 @@ class ATKD(DistillLoss):
         def check(self) -> None:
             super().check()
             if not 0.0 <= self.atkd_alpha <= 1.0:
-                raise ValueError(f"--atkd-alpha must be in [0, 1], got {self.atkd_alpha}")
+                raise ConfigError(f"--atkd-alpha must be in [0, 1], got {self.atkd_alpha}")
 
-    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Tensor | None = None) -> Bins:
         return Bins(
             *atkd_bins(
-                student, batch.support_ids, batch.target_ids, batch.teacher_logprobs, batch.teacher_target_logprob,
+                student,
+                batch.support_ids,
+                batch.target_ids,
+                batch.teacher_logprobs,
+                batch.teacher_target_logprob,
                 batch.p_rest,
             )
-        )  # fmt: skip
+        )
 
     def divergence(self, bins: Bins, batch: KDBatch) -> Tensor:
         tkd, dkd = atkd_terms(bins.log_p, bins.log_q, bins.is_target)
@@ -1084,15 +1091,16 @@ class ULD(DistillLoss):
     @dataclass
     class Options(KDOptions):
         uld_weight: float = option(
-            1.0, "ULD: weight λ of the distillation term (GOLD's uld_distillation_weight, default 1; CE's is --ce-weight)."
+            1.0,
+            "ULD: weight λ of the distillation term (GOLD's uld_distillation_weight, default 1; CE's is --ce-weight).",
         )
 
         def check(self) -> None:
             super().check()
             if not (math.isfinite(self.uld_weight) and self.uld_weight >= 0):
-                raise ValueError(f"--uld-weight must be >= 0, got {self.uld_weight}")
+                raise ConfigError(f"--uld-weight must be >= 0, got {self.uld_weight}")
 
-    def bins(self, student: StudentBins, batch: KDBatch, logits: Optional[Tensor] = None) -> Bins:
+    def bins(self, student: StudentBins, batch: KDBatch, logits: Tensor | None = None) -> Bins:
         # Rank r of the teacher against rank r of the student: which ids hold them does not matter.
         own, p_rest = batch.teacher_own_logprobs, None
         if own is None:
@@ -1115,7 +1123,7 @@ class CrossEntropyOnly(DistillLoss):
     def divergence(self, bins: Bins, batch: KDBatch) -> Tensor:
         return bins.log_q.new_zeros(())
 
-    def combine(self, kd: Tensor, ce: Optional[Tensor]) -> Tensor:
+    def combine(self, kd: Tensor, ce: Tensor | None) -> Tensor:
         return ce
 
 
@@ -1150,7 +1158,7 @@ def build_loss(name: str, source: object = None, **options) -> DistillLoss:
     Option names that belong to other losses are ignored (one config serves every loss); unknown ones raise.
     """
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
+        raise ConfigError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
     known = {f.name for f in fields(LossOptions)}
     unknown = sorted(set(options) - known)
     if unknown:

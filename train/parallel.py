@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kd_pipeline.errors import ConfigError
 
 PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
 
@@ -203,7 +205,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"--parallel fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
             "one by one; use --parallel ddp"
         )
@@ -213,13 +215,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def make_strategy(choice: str, procs: Dist, device: torch.device) -> Strategy:
     """``auto``: ddp under torchrun (world size > 1), none otherwise."""
     if choice not in PARALLEL_CHOICES:
-        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {choice!r}")
+        raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {choice!r}")
     if choice == "auto":
         choice = "ddp" if procs.world_size > 1 else "none"
     if choice == "none" and procs.world_size > 1:
-        raise ValueError(
-            f"--parallel none runs one process, but torchrun started {procs.world_size}; use ddp or fsdp"
-        )
+        raise ConfigError(f"--parallel none runs one process, but torchrun started {procs.world_size}; use ddp or fsdp")
     if choice == "ddp" and procs.world_size == 1:
         choice = "none"  # DDP over one process is the plain model
     if choice == "fsdp" and procs.world_size == 1 and not dist.is_initialized():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.trainer import METRICS_FILE
+from kd_pipeline.errors import ConfigError, MissingDependency, PipelineError
+from kd_pipeline.train.trainer import METRICS_FILE
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a `pipeline distill` --out directory?)")
+        raise PipelineError(f"{path}: no metrics (is {run_dir} a `pipeline distill` --out directory?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -29,17 +30,19 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
             return labels
-    raise ValueError(f"the same run is given twice: {[str(d) for d in run_dirs]}")
+    raise ConfigError(f"the same run is given twice: {[str(d) for d in run_dirs]}")
 
 
-def plot_runs(run_dirs: list[Path], out: Path, keys: tuple[str, ...] = ("loss", "eval_ce", "eval_kl", "eval_top1")) -> Path:
+def plot_runs(
+    run_dirs: list[Path], out: Path, keys: tuple[str, ...] = ("loss", "eval_ce", "eval_kl", "eval_top1")
+) -> Path:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("plotting needs matplotlib: pip install 'kd-pipeline[plot]'") from e
+        raise MissingDependency("plotting needs matplotlib: pip install 'kd-pipeline[plot]'") from e
     runs = dict(zip(run_labels(run_dirs), (read_metrics(d) for d in run_dirs)))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):

@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cache.encodings import encoding_for
-from cache.format import TOKENIZER_DIR, CacheRows, sha256_file
-from cache.manifest import CacheError, CacheInfo, load_cache, tokenizer_fingerprint
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.files import sha256_file
+from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import CacheInfo, load_cache, tokenizer_fingerprint
+from kd_pipeline.cache.format.rows import CacheRows
+from kd_pipeline.errors import CacheError
 
 
 def check_tokenizer(info: CacheInfo, tokenizer, allow_vocab_superset: bool = False) -> None:
@@ -211,7 +214,7 @@ class CacheReader:
         except unreadable as e:  # a file that passed its checksum but does not decode
             raise CacheError(f"{path}: row group {chunk.row_group} does not decode ({type(e).__name__}: {e})") from e
 
-    def _read_window(self, window: Window) -> "_DecodedWindow":
+    def _read_window(self, window: Window) -> _DecodedWindow:
         return _DecodedWindow([self._read_chunk(self.chunks[i]) for i in window.chunks])
 
     def _produce(self, epoch: int, skip: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:

@@ -27,21 +27,22 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from cache.format import TOKENIZER_DIR
-from cache.lock import hold_lock
-from cache.manifest import LINEAGE_FILE, CacheError, CacheInfo, load_cache
-from cache.options import option
-from train import checkpoint, fused, losses
-from train import cross_tokenizer as xt
-from train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
-from train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
-from train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+from kd_pipeline.cache.format.layout import TOKENIZER_DIR
+from kd_pipeline.cache.format.lock import hold_lock
+from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache
+from kd_pipeline.config import option
+from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep
+from kd_pipeline.train import checkpoint, fused, losses
+from kd_pipeline.train import cross_tokenizer as xt
+from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
+from kd_pipeline.train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
+from kd_pipeline.train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -90,7 +91,9 @@ class RunOptions:
     skip_nonfinite_steps: int = option(
         0, "Skip up to N optimizer steps whose loss or gradient norm is not finite (no update); 0: stop at the first."
     )
-    allow_vocab_superset: bool = option(False, "Accept a student tokenizer that extends the teacher's with the same ids.")
+    allow_vocab_superset: bool = option(
+        False, "Accept a student tokenizer that extends the teacher's with the same ids."
+    )
     cross_tokenizer: bool = option(
         False,
         "The student keeps its own tokenizer (another vocabulary than the teacher's): each cached sequence's text is "
@@ -122,7 +125,8 @@ class RunOptions:
         "or scaling) fall back to the full-logits loss with a message.",
     )
     trust_remote_code: bool = option(
-        False, "Allow the student's own model code (auto_map) to run; without it such a student is refused, never asked."
+        False,
+        "Allow the student's own model code (auto_map) to run; without it such a student is refused, never asked.",
     )
 
 
@@ -136,19 +140,21 @@ class DistillConfig(losses.LossOptions, RunOptions):
         losses.build_loss(self.loss, self)  # raises on an unknown name or an option out of range
         for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps is None and self.epochs <= 0:
-            raise ValueError("give --max-steps or a positive --epochs")
+            raise ConfigError("give --max-steps or a positive --epochs")
         if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("--precision must be auto, bf16 or fp32")
+            raise ConfigError("--precision must be auto, bf16 or fp32")
         if self.parallel not in PARALLEL_CHOICES:
-            raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
+            raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
         if self.skip_nonfinite_steps < 0:
-            raise ValueError("--skip-nonfinite-steps must be >= 0")
+            raise ConfigError("--skip-nonfinite-steps must be >= 0")
         if self.cross_tokenizer_positions not in xt.DISTILL_POSITIONS:
-            raise ValueError(f"--cross-tokenizer-positions must be one of {', '.join(xt.DISTILL_POSITIONS)}")
+            raise ConfigError(f"--cross-tokenizer-positions must be one of {', '.join(xt.DISTILL_POSITIONS)}")
         if self.fused_loss and losses.LOSSES[self.loss].needs_logits:
-            raise ValueError(f"--loss {self.loss} ranks the student's whole distribution: it needs the logits; drop --fused-loss")
+            raise ConfigError(
+                f"--loss {self.loss} ranks the student's whole distribution: it needs the logits; drop --fused-loss"
+            )
 
     def record(self) -> dict:
         """The config as JSON values (what distill_config.json and each checkpoint hold)."""
@@ -169,7 +175,7 @@ def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool 
     must cover ``vocab_size`` ids (default: the teacher's vocabulary, whose ids the cache holds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cache.models import load_causal_lm, load_config, loading
+    from kd_pipeline.models import load_causal_lm, load_config, loading
 
     path = Path(spec)
     config = None
@@ -195,7 +201,7 @@ def load_student(spec: str, info: CacheInfo, seed: int, trust_remote_code: bool 
 def load_student_tokenizer(spec: str, info: CacheInfo, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from cache.models import check_model_path
+    from kd_pipeline.models import check_model_path
 
     check_model_path(spec, "--student")
     for candidate in (spec, Path(spec).parent if Path(spec).is_file() else None):
@@ -205,7 +211,9 @@ def load_student_tokenizer(spec: str, info: CacheInfo, trust_remote_code: bool =
             return AutoTokenizer.from_pretrained(candidate, trust_remote_code=trust_remote_code)
         except (OSError, ValueError, TypeError) as e:
             if "trust_remote_code" in str(e):  # not "no tokenizer here": a refusal to run its code
-                raise CacheError(f"--student {spec}: its tokenizer contains custom code; pass --trust-remote-code to run it") from None
+                raise CacheError(
+                    f"--student {spec}: its tokenizer contains custom code; pass --trust-remote-code to run it"
+                ) from None
             continue
     # A student built from a bare config uses the teacher's tokenizer saved with the cache.
     return AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR)
@@ -229,8 +237,10 @@ def make_optimizer(model, cfg: DistillConfig, device: torch.device) -> torch.opt
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda",
-    )  # fmt: skip
+        lr=cfg.lr,
+        betas=cfg.adam_betas,
+        fused=device.type == "cuda",
+    )
 
 
 # ----------------------------------------------------------------------------------- teacher signal
@@ -242,8 +252,8 @@ class StudentView(NamedTuple):
     ``input_ids`` [B, L] and ``mask`` [B, L-1] locate the positions, for a teacher that runs on the tokens.
     """
 
-    logits: Optional[torch.Tensor]
-    bins: Optional[losses.StudentBins]
+    logits: torch.Tensor | None
+    bins: losses.StudentBins | None
     cached: losses.KDBatch
     input_ids: torch.Tensor
     mask: torch.Tensor
@@ -282,7 +292,7 @@ class ProjectedTeacher(TeacherSignal):
         if bins is None:
             bins = losses.student_bins(
                 student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
-            )  # fmt: skip
+            )
         bins = bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
         out = loss(cached, student.logits if loss.needs_logits else None, student=bins)
         ce = losses.cross_entropy(bins.log_q_target)
@@ -326,9 +336,13 @@ def student_view(
         if head is not None:
             with autocast:  # the head's products then run in the autocast dtype, as the model's own head would
                 bins = fused.fused_student_bins(
-                    head.hidden, head.weight, cached.support_ids, cached.target_ids, bias=head.bias,
+                    head.hidden,
+                    head.weight,
+                    cached.support_ids,
+                    cached.target_ids,
+                    bias=head.bias,
                     include_target=include_target,
-                )  # fmt: skip
+                )
             return StudentView(None, bins, cached, input_ids, mask, autocast)
     with autocast:
         logits = model(input_ids=input_ids[:, :-1], use_cache=False).logits
@@ -366,14 +380,23 @@ def _on_fused_path(model, run):
 
 
 def batch_losses(
-    model, batch: dict, cfg: DistillConfig, loss: losses.DistillLoss, device, autocast,
+    model,
+    batch: dict,
+    cfg: DistillConfig,
+    loss: losses.DistillLoss,
+    device,
+    autocast,
     teacher: TeacherSignal = CACHED_TEACHER,
-) -> losses.KDLossOutput:  # fmt: skip
+) -> losses.KDLossOutput:
     """Forward the student on one batch; return ``loss``'s training loss and its parts, against ``teacher``."""
     view = student_view(
-        model, batch, device, autocast, fused_bins=cfg.fused_loss and teacher.takes_fused_bins,
+        model,
+        batch,
+        device,
+        autocast,
+        fused_bins=cfg.fused_loss and teacher.takes_fused_bins,
         include_target=loss.needs_target_column,
-    )  # fmt: skip
+    )
     return teacher.loss(loss, view)
 
 
@@ -410,9 +433,15 @@ def _eval_blocks(model, batch: dict, device, autocast, fused_loss: bool):
 
 @torch.no_grad()
 def evaluate(
-    model, reader: CacheReader, device, autocast, d: Dist, fused_loss: bool = False, lockstep: bool = False,
+    model,
+    reader: CacheReader,
+    device,
+    autocast,
+    d: Dist,
+    fused_loss: bool = False,
+    lockstep: bool = False,
     tokens=xt.CachedTokens(None),
-) -> dict:  # fmt: skip
+) -> dict:
     """Eval CE on the true tokens, bits per byte of the text they stand for, KL(teacher‖student) on the k+1 bins
     and its cross-entropy form (soft CE = KL + the teacher's entropy on the bins), top-1 agreement; token-weighted,
     whatever the training loss.
@@ -444,10 +473,17 @@ def evaluate(
             kd = teacher.mask.sum()
             agree = ((logits.argmax(-1) == teacher.support_ids[:, 0]) & teacher.mask).sum()
             has_bytes = has_bytes and n_bytes is not None
-            totals += torch.stack([
-                losses.cross_entropy(bins.log_q_target).sum(), fit.kl * kd, fit.soft_ce * kd, agree,
-                torch.tensor(n, device=device), kd, n_bytes.sum() if n_bytes is not None else torch.tensor(0, device=device),
-            ]).double()  # fmt: skip
+            totals += torch.stack(
+                [
+                    losses.cross_entropy(bins.log_q_target).sum(),
+                    fit.kl * kd,
+                    fit.soft_ce * kd,
+                    agree,
+                    torch.tensor(n, device=device),
+                    kd,
+                    n_bytes.sum() if n_bytes is not None else torch.tensor(0, device=device),
+                ]
+            ).double()
     if lockstep:
         most = d.all_reduce(torch.tensor([forwards], device=device), op=torch.distributed.ReduceOp.MAX)
         for _ in range(int(most.item()) - forwards):
@@ -457,9 +493,13 @@ def evaluate(
     model.train()
     nll, kl, soft_ce, agree, n, n_kd, n_bytes = totals.tolist()
     out = {
-        "eval_ce": nll / max(n, 1.0), "eval_kl": kl / max(n_kd, 1.0), "eval_soft_ce": soft_ce / max(n_kd, 1.0),
-        "eval_top1": agree / max(n_kd, 1.0), "eval_tokens": int(n), "eval_kd_tokens": int(n_kd),
-    }  # fmt: skip
+        "eval_ce": nll / max(n, 1.0),
+        "eval_kl": kl / max(n_kd, 1.0),
+        "eval_soft_ce": soft_ce / max(n_kd, 1.0),
+        "eval_top1": agree / max(n_kd, 1.0),
+        "eval_tokens": int(n),
+        "eval_kd_tokens": int(n_kd),
+    }
     if has_bytes:
         out["eval_bpb"] = xt.bits_per_byte(nll, n_bytes)
     return out
@@ -467,13 +507,29 @@ def evaluate(
 
 # -------------------------------------------------------------------------------------- resuming
 # Options that do not change what is trained (where output goes, how often to log, which machinery runs it).
-RESUME_FREE = frozenset({
-    "out", "resume", "progress", "device", "log_every", "eval_every", "eval_cache", "eval_at_start", "save_every",
-    "keep_checkpoints", "parallel", "fused_loss", "allow_config_change", "skip_nonfinite_steps",
-    "allow_vocab_superset",
-})  # fmt: skip
+RESUME_FREE = frozenset(
+    {
+        "out",
+        "resume",
+        "progress",
+        "device",
+        "log_every",
+        "eval_every",
+        "eval_cache",
+        "eval_at_start",
+        "save_every",
+        "keep_checkpoints",
+        "parallel",
+        "fused_loss",
+        "allow_config_change",
+        "skip_nonfinite_steps",
+        "allow_vocab_superset",
+    }
+)
 # Options a run cannot change midway: they fix the student, the data or its order.
-RESUME_FIXED = frozenset({"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"})
+RESUME_FIXED = frozenset(
+    {"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"}
+)
 
 
 def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
@@ -483,7 +539,10 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     for name in sorted(set(saved) | set(now)):
         if name in RESUME_FREE:
             continue
-        old, new = saved.get(name, defaults.get(name)), now.get(name)  # an option newer than the checkpoint: its default
+        old, new = (
+            saved.get(name, defaults.get(name)),
+            now.get(name),
+        )  # an option newer than the checkpoint: its default
         if name in ("student", "cache") and old is not None and new is not None and Path(old).exists():
             old, new = str(Path(old).resolve()), str(Path(new).resolve())
         if old == new:
@@ -496,10 +555,6 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             )
         (fixed if name in RESUME_FIXED else allowed).append(line)
     return allowed, fixed
-
-
-class NonFiniteStep(CacheError):
-    """A training step with a non-finite loss or gradient norm, beyond --skip-nonfinite-steps."""
 
 
 # ------------------------------------------------------------------------------------------ recipe
@@ -523,9 +578,12 @@ class Recipe:
         self._setup_tokens()
         self._setup_data()
         if self.reader.samples_per_rank < cfg.batch_size:
-            _log(d, f"warning: --batch-size {cfg.batch_size} is more than the {self.reader.samples_per_rank} training "
-                 f"sequences per process in {cfg.cache}: every batch holds {self.reader.samples_per_rank} sequences "
-                 "(the metrics and tokens/s count the tokens actually trained)")  # fmt: skip
+            _log(
+                d,
+                f"warning: --batch-size {cfg.batch_size} is more than the {self.reader.samples_per_rank} training "
+                f"sequences per process in {cfg.cache}: every batch holds {self.reader.samples_per_rank} sequences "
+                "(the metrics and tokens/s count the tokens actually trained)",
+            )
         self.steps_per_epoch = max(1, self.reader.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
@@ -560,12 +618,17 @@ class Recipe:
             self.tokens = xt.CachedTokens(pieces)
             return
         if self.teacher is not CACHED_TEACHER:
-            raise CacheError("--cross-tokenizer distills the cache's teacher; this run was given another teacher signal")
+            raise CacheError(
+                "--cross-tokenizer distills the cache's teacher; this run was given another teacher signal"
+            )
         self.tokens = xt.student_batches(info, self.tokenizer, cfg.cross_tokenizer_positions)
         self.teacher = ProjectedTeacher()
         matched = int((self.tokens.mapping >= 0).sum())
-        _log(self.d, f"--cross-tokenizer: {matched:,} of the teacher's {len(self.tokens.mapping):,} ids have a student "
-             f"counterpart; distilling at {cfg.cross_tokenizer_positions} positions, CE elsewhere")  # fmt: skip
+        _log(
+            self.d,
+            f"--cross-tokenizer: {matched:,} of the teacher's {len(self.tokens.mapping):,} ids have a student "
+            f"counterpart; distilling at {cfg.cross_tokenizer_positions} positions, CE elsewhere",
+        )
 
     def _setup_data(self) -> None:
         cfg, d, info = self.cfg, self.d, self.info
@@ -579,15 +642,26 @@ class Recipe:
             train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
             eval_source = info
         self.reader = CacheReader(
-            info, cfg.batch_size, chunks=train_chunks, seed=cfg.seed, shuffle_rows=cfg.shuffle_rows,
-            rank=d.rank, world_size=d.world_size, pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+            info,
+            cfg.batch_size,
+            chunks=train_chunks,
+            seed=cfg.seed,
+            shuffle_rows=cfg.shuffle_rows,
+            rank=d.rank,
+            world_size=d.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
         self.eval_reader = None
         if eval_chunks or cfg.eval_cache is not None:
             self.eval_reader = CacheReader(
-                eval_source, cfg.batch_size, chunks=eval_chunks, shuffle=False,
-                rank=d.rank, world_size=d.world_size, drop_remainder=False,
-            )  # fmt: skip
+                eval_source,
+                cfg.batch_size,
+                chunks=eval_chunks,
+                shuffle=False,
+                rank=d.rank,
+                world_size=d.world_size,
+                drop_remainder=False,
+            )
 
     def resume(self) -> None:
         """Continue from the newest usable checkpoint, after comparing its configuration with this one."""
@@ -599,13 +673,15 @@ class Recipe:
         allowed, fixed = config_differences(restored.config, cfg.record())
         if fixed:
             raise CacheError(
-                f"cannot resume {restored.path} with these changes: " + "; ".join(fixed + allowed)
+                f"cannot resume {restored.path} with these changes: "
+                + "; ".join(fixed + allowed)
                 + ". They fix the student, the data or its order; start a new run (another --out)."
             )
         if allowed and not cfg.allow_config_change:
             raise CacheError(
                 f"--resume: the configuration differs from {restored.path}'s, in ways that change training: "
-                + "; ".join(allowed) + ". Resume with the checkpoint's options, or pass --allow-config-change."
+                + "; ".join(allowed)
+                + ". Resume with the checkpoint's options, or pass --allow-config-change."
             )
         state = restored.trainer_state
         self.step = int(state["step"])
@@ -617,12 +693,13 @@ class Recipe:
             _log(d, "warning: --allow-config-change: from step " + f"{self.step}: " + "; ".join(allowed))
         if restored.world_size != d.world_size:
             _log(
-                d, f"warning: the checkpoint was written by {restored.world_size} ranks, this run has "
+                d,
+                f"warning: the checkpoint was written by {restored.world_size} ranks, this run has "
                 f"{d.world_size}: parameters and optimizer state reshard exactly; the global batch is now "
                 f"{cfg.batch_size * cfg.grad_accum * d.world_size} sequences, and the data continues at the same "
                 "epoch after as many sequences as were consumed (each rank read a contiguous slice of the epoch's "
                 "order, so the split of the rest differs)",
-            )  # fmt: skip
+            )
         self.reader.load_state_dict(state["reader"], reshard=True)
         if state.get("loss_name", cfg.loss) == cfg.loss:
             self.loss.load_state_dict(state.get("loss") or {})
@@ -662,25 +739,41 @@ class Recipe:
         tokens = int(sums[5])  # short batches and chat masks counted as they are
         self.tokens_seen += tokens
         return {
-            "step": self.step, "loss": loss_value, "kd": kd, "ce": ce, "kl": kl, "soft_ce": soft_ce,
-            **self.loss.metrics(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-            "epoch": self.reader.epoch, "tokens": tokens,
-        }  # fmt: skip
+            "step": self.step,
+            "loss": loss_value,
+            "kd": kd,
+            "ce": ce,
+            "kl": kl,
+            "soft_ce": soft_ce,
+            **self.loss.metrics(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "epoch": self.reader.epoch,
+            "tokens": tokens,
+        }
 
     def _nonfinite(self, bad_micro: torch.Tensor, bad_norm: bool, loss_sum: float) -> None:
         cfg = self.cfg
         where = [str(i + 1) for i, bad in enumerate(bad_micro.tolist()) if bad]
         what = (
             f"non-finite loss ({loss_sum}) in micro-batch {', '.join(where)} of {cfg.grad_accum}"
-            if where else "non-finite gradient norm"
-        )  # fmt: skip
+            if where
+            else "non-finite gradient norm"
+        )
         if self.skipped < cfg.skip_nonfinite_steps:
             self.skipped += 1
-            _log(self.d, f"warning: step {self.step + 1}: {what}; skipped without an update "
-                 f"({self.skipped} of --skip-nonfinite-steps {cfg.skip_nonfinite_steps})")  # fmt: skip
+            _log(
+                self.d,
+                f"warning: step {self.step + 1}: {what}; skipped without an update "
+                f"({self.skipped} of --skip-nonfinite-steps {cfg.skip_nonfinite_steps})",
+            )
             return
         last = latest_checkpoint(cfg.out)
-        kept = f"the last good checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is {last} (--resume continues from it)"
+            if last
+            else "no checkpoint was written yet"
+        )
         raise NonFiniteStep(
             f"step {self.step + 1}: {what}; stopped before the optimizer update, nothing saved past step {self.step}; "
             f"{kept}. Check the cache (`pipeline verify`) and the learning rate, or pass --skip-nonfinite-steps N."
@@ -691,24 +784,42 @@ class Recipe:
         # The unwrapped student where its forward needs no collective (DDP's broadcasts buffers: ranks with unequal
         # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
         return evaluate(
-            self.strategy.inner(self.model), self.eval_reader, self.device, self.autocast, self.d, fused_loss=self.cfg.fused_loss,
-            lockstep=self.strategy.lockstep_forwards, tokens=self.tokens,
-        )  # fmt: skip
+            self.strategy.inner(self.model),
+            self.eval_reader,
+            self.device,
+            self.autocast,
+            self.d,
+            fused_loss=self.cfg.fused_loss,
+            lockstep=self.strategy.lockstep_forwards,
+            tokens=self.tokens,
+        )
 
     # ----------------------------------------------------------------------------------- saving
     def trainer_state(self) -> dict:
         return {
-            "step": self.step, "reader": self.reader.state_dict(), "loss_name": self.cfg.loss,
-            "loss": self.loss.state_dict(), "total_steps": self.total_steps, "skipped": self.skipped,
-            "tokens_seen": self.tokens_seen, "config_changes": self.config_changes, "before": self.before,
-        }  # fmt: skip
+            "step": self.step,
+            "reader": self.reader.state_dict(),
+            "loss_name": self.cfg.loss,
+            "loss": self.loss.state_dict(),
+            "total_steps": self.total_steps,
+            "skipped": self.skipped,
+            "tokens_seen": self.tokens_seen,
+            "config_changes": self.config_changes,
+            "before": self.before,
+        }
 
     def save_checkpoint(self) -> Path:
         cfg = self.cfg
         return checkpoint.save(
-            cfg.out, self.step, self.strategy, self.model, self.optimizer, self.trainer_state(), cfg.record(),
+            cfg.out,
+            self.step,
+            self.strategy,
+            self.model,
+            self.optimizer,
+            self.trainer_state(),
+            cfg.record(),
             cfg.keep_checkpoints,
-        )  # fmt: skip
+        )
 
     def save_final(self) -> Path:
         """The student as a save_pretrained folder with its tokenizer and lineage, under final/ (atomically)."""
@@ -720,11 +831,17 @@ class Recipe:
         if d.main:
             self.tokenizer.save_pretrained(tmp)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
-                "student": cfg.student, "cache": str(Path(cfg.cache).resolve()), "cache_fingerprint": self.info.fingerprint(),
-                "cache_teacher": self.info.manifest.teacher, "cache_lineage": self.info.manifest.lineage, "loss": cfg.loss,
-                "steps": self.step, "run_dir": str(Path(cfg.out).resolve()), "config": cfg.record(),
+                "student": cfg.student,
+                "cache": str(Path(cfg.cache).resolve()),
+                "cache_fingerprint": self.info.fingerprint(),
+                "cache_teacher": self.info.manifest.teacher,
+                "cache_lineage": self.info.manifest.lineage,
+                "loss": cfg.loss,
+                "steps": self.step,
+                "run_dir": str(Path(cfg.out).resolve()),
+                "config": cfg.record(),
                 "config_changes": self.config_changes,
-            }  # fmt: skip
+            }
             (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -739,8 +856,11 @@ class Recipe:
         record = {"strategy": self.strategy.name, "world_size": self.d.world_size, "ranks": ranks}
         (self.cfg.out / MEMORY_FILE).write_text(json.dumps(record, indent=1) + "\n")
         mb = max(r["parameter_bytes"] for r in ranks) / 2**20, max(r["optimizer_bytes"] for r in ranks) / 2**20
-        _log(self.d, f"{self.strategy.name} on {self.d.world_size} process(es): {mb[0]:.2f} MiB of parameters and "
-             f"{mb[1]:.2f} MiB of optimizer state per rank")  # fmt: skip
+        _log(
+            self.d,
+            f"{self.strategy.name} on {self.d.world_size} process(es): {mb[0]:.2f} MiB of parameters and "
+            f"{mb[1]:.2f} MiB of optimizer state per rank",
+        )
 
     # ------------------------------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -761,9 +881,13 @@ class Recipe:
         metrics_file = open(out / METRICS_FILE, "a") if d.main else None
         batches = iter(self.reader)
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc=f"distill {cfg.loss}", unit="step",
-            disable=not (cfg.progress and d.main), dynamic_ncols=True,
-        )  # fmt: skip
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"distill {cfg.loss}",
+            unit="step",
+            disable=not (cfg.progress and d.main),
+            dynamic_ncols=True,
+        )
         started, start_step = time.perf_counter(), self.step
         window_start, window_tokens, window_steps = started, 0, 0
         last: dict = {}
@@ -785,13 +909,17 @@ class Recipe:
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     last = {
-                        **record, "tokens": window_tokens, "tokens_seen": self.tokens_seen,
+                        **record,
+                        "tokens": window_tokens,
+                        "tokens_seen": self.tokens_seen,
                         "tokens_per_s": window_tokens / elapsed,
                         "seconds_per_step": elapsed / window_steps,
-                    }  # fmt: skip
+                    }
                     window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
                     shown = ("loss", *self.loss.metrics(), "tokens_per_s")
-                    bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown})
+                    bar.set_postfix(
+                        {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown}
+                    )
                     _write_metrics(metrics_file, last)
                 if self.eval_reader is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
                     ev = {"step": step, **self.evaluate()}
@@ -814,14 +942,17 @@ class Recipe:
 
     def summary(self, last: dict, seconds: float, steps_run: int) -> str:
         """The run's story in a few lines: before -> after on the eval set, tokens seen, time."""
-        lines = [f"done: {self.step} steps ({steps_run} in this process), {self.tokens_seen:,} trained tokens seen, "
-                 f"{seconds:.1f} s" + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")]  # fmt: skip
+        lines = [
+            f"done: {self.step} steps ({steps_run} in this process), {self.tokens_seen:,} trained tokens seen, "
+            f"{seconds:.1f} s" + (f", {self.skipped} non-finite steps skipped" if self.skipped else "")
+        ]
         if "eval_kl" in last:
             names = (("eval_ce", "eval CE"), ("eval_bpb", "bits/byte"), ("eval_kl", "KL"), ("eval_top1", "top-1"))
             before = self.before or {}
             parts = [
                 f"{label} {before[key]:.4f} -> {last[key]:.4f}" if key in before else f"{label} {last[key]:.4f}"
-                for key, label in names if key in last
+                for key, label in names
+                if key in last
             ]
             lines.append("eval (before -> after): " + ", ".join(parts))
         return "\n".join(lines)
@@ -831,7 +962,7 @@ def distill(cfg: DistillConfig, teacher: TeacherSignal | None = None) -> dict:
     """Train the student; returns the last logged metrics. Writes checkpoints, metrics.jsonl and final/.
 
     ``teacher``: where the teacher's side of the training loss comes from (default: the cache's columns).
-    One run per --out: a second is refused while the first runs (cache/lock.py).
+    One run per --out: a second is refused while the first runs (cache/format/lock.py).
     """
     main = int(os.environ.get("RANK", "0")) == 0
     with hold_lock(Path(cfg.out) / RUN_LOCK, f"run {cfg.out}") if main else contextlib.nullcontext():

@@ -6,22 +6,20 @@ next to it); :func:`encoding_for` returns the matching :class:`Encoding`, bound 
 it: nothing else knows the bytes. A new encoding is one new module that subclasses :class:`Encoding`
 and registers itself with :func:`register` (in the spirit of mosaicml/streaming's format registry).
 
-Every encoding decodes to the same :class:`cache.format.CacheRows`, so the tail mass keeps its one
-definition (:func:`cache.format.tail_mass` of the decoded support) whatever the bytes.
+Every encoding decodes to the same :class:`kd_pipeline.cache.format.rows.CacheRows`, so the tail mass keeps its one
+definition (:func:`kd_pipeline.cache.format.rows.tail_mass` of the decoded support) whatever the bytes.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from cache.format import CacheRows
-
-if TYPE_CHECKING:
-    from cache.manifest import Manifest
+from kd_pipeline.cache.format.rows import CacheRows
+from kd_pipeline.errors import ConfigError
 
 DEFAULT_ENCODING = "compact"  # what `pipeline cache-teacher` writes unless told otherwise
 LEGACY_ENCODING = {"name": "exact"}  # what a manifest of format v1/v2 (no "encoding" entry) holds
@@ -65,7 +63,7 @@ class Encoding(ABC):
         """Whether positions may hold fewer than k entries (decoded as log-prob -inf)."""
         return False
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - an optional hook
         """Raise ValueError if the parameters are unusable (called when a manifest is loaded)."""
 
     def error_bound(self) -> float:
@@ -99,15 +97,17 @@ def encoding_class(name: str) -> type[Encoding]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown encoding {name!r}; choose from {', '.join(encoding_names())}") from None
+        raise ConfigError(f"unknown encoding {name!r}; choose from {', '.join(encoding_names())}") from None
 
 
-def encoding_for(manifest: "Manifest") -> Encoding:
-    """The encoding a cache's shards are written in, as its manifest says."""
+def encoding_for(manifest) -> Encoding:
+    """The encoding a cache's shards are written in, as its manifest says (a
+    :class:`~kd_pipeline.cache.format.manifest.Manifest`, or anything with its ``encoding``, ``format_version``,
+    ``seq_len`` and ``k``)."""
     params = dict(manifest.encoding or LEGACY_ENCODING)
     cls = encoding_class(params.pop("name"))
     return cls(version=manifest.format_version, seq_len=manifest.seq_len, k=manifest.k, params=params)
 
 
 # Registration happens on import: every encoding the tool knows is importable from here.
-from cache.encodings import compact, exact  # noqa: E402,F401
+from kd_pipeline.cache.format.encodings import compact, exact  # noqa: E402,F401

@@ -1,21 +1,23 @@
 """The public read API: every cache, whatever its format version or encoding, as numpy row groups.
 
-    from cache import read_cache
+from kd_pipeline import read_cache
 
-    for rows in read_cache("runs/cache"):          # one CacheRows per Parquet row group, in stream order
-        rows.topk_ids, rows.topk_logprobs          # [B, L-1, k] int32, float32
+for rows in read_cache("runs/cache"):          # one CacheRows per Parquet row group, in stream order
+    rows.topk_ids, rows.topk_logprobs          # [B, L-1, k] int32, float32
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from cache.encodings import encoding_for
-from cache.format import CacheRows, sha256_file
-from cache.manifest import CacheError, CacheInfo, load_cache
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.files import sha256_file
+from kd_pipeline.cache.format.manifest import CacheInfo, load_cache
+from kd_pipeline.cache.format.rows import CacheRows
+from kd_pipeline.errors import CacheError
 
 
 def read_cache(
@@ -25,9 +27,9 @@ def read_cache(
 
     Each :class:`CacheRows` holds ``B`` sequences of ``L`` tokens: seq_ids [B] int64, input_ids [B, L] int32,
     loss_mask [B, L] bool, topk_ids [B, L-1, k] int32, topk_logprobs [B, L-1, k] float32 (sorted
-    descending, normalized over the full vocabulary; ``cache.format.tail_mass`` gives the mass outside),
+    descending, normalized over the full vocabulary; ``kd_pipeline.cache.format.rows.tail_mass`` gives the mass outside),
     target_logprob [B, L-1] float32. A shard whose checksum does not match its manifest raises
-    :class:`cache.manifest.CacheError` before any of its rows are yielded.
+    :class:`kd_pipeline.errors.CacheError` before any of its rows are yielded.
     """
     info = path if isinstance(path, CacheInfo) else load_cache(path, require_complete=require_complete)
     encoding = encoding_for(info.manifest)

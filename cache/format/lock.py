@@ -17,14 +17,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from cache.manifest import CacheError
-
-
-class LockHeld(CacheError):
-    """Another live process writes this output."""
+from kd_pipeline.errors import LockHeld
 
 
 def _holder() -> dict:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-
-class ModelLoadError(ValueError):
-    """A model, config or tokenizer that cannot be loaded as asked; the message says which and why."""
+from kd_pipeline.errors import ModelLoadError
 
 
 def check_model_path(spec: str, option: str) -> None:

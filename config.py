@@ -8,14 +8,20 @@ and gets no CLI option.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 HELP = "help"
 FLAG = "flag"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:  # fmt: skip
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+) -> Any:
     """A config field exposed as `--field-name` (or `flag`), with `help` as its --help text.
 
     Leave `default` out for a required option.

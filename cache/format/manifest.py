@@ -11,17 +11,31 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cache.format import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS, SHARD_DIR, atomic_write_bytes
-
-
-class CacheError(Exception):
-    """A cache that cannot be used as asked (mismatch, corruption, incomplete). The message says why."""
-
+from kd_pipeline.cache.format.encodings import encoding_for
+from kd_pipeline.cache.format.files import atomic_write_bytes
+from kd_pipeline.cache.format.layout import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    READABLE_VERSIONS,
+    SHARD_DIR,
+    is_shard_name,
+    manifest_name,
+)
+from kd_pipeline.errors import CacheError
 
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
 IDENTITY_FIELDS = (
-    "format_version", "encoding", "teacher", "tokenizer", "k", "support", "sampling", "seq_len", "packing", "data",
-)  # fmt: skip
+    "format_version",
+    "encoding",
+    "teacher",
+    "tokenizer",
+    "k",
+    "support",
+    "sampling",
+    "seq_len",
+    "packing",
+    "data",
+)
 
 # Written by `pipeline distill` into final/: which cache and run made that model. A cache whose teacher
 # directory has one copies it into its manifest's `lineage` (teacher-assistant chains).
@@ -59,7 +73,7 @@ class Manifest:
     data_path: str = ""
     logprob_dtype: str = "float16"
     format_version: int = FORMAT_VERSION
-    # How shards store the rows: {"name": <a cache.encodings encoding>, **its parameters}. Format v1 and
+    # How shards store the rows: {"name": <a kd_pipeline.cache.format.encodings encoding>, **its parameters}. Format v1 and
     # v2 manifests have no such entry: theirs is "exact".
     encoding: dict = field(default_factory=lambda: {"name": "exact"})
     shards: list[ShardEntry] = field(default_factory=list)
@@ -76,7 +90,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 
     @staticmethod
-    def from_json(text: str) -> "Manifest":
+    def from_json(text: str) -> Manifest:
         raw = json.loads(text)
         version = raw.get("format_version")
         if version not in READABLE_VERSIONS:
@@ -89,8 +103,6 @@ class Manifest:
             if not is_shard_name(shard.name):
                 raise ValueError(f"shard name {shard.name!r} is not a file name inside {SHARD_DIR}/")
         manifest = Manifest(**raw)
-        from cache.encodings import encoding_for
-
         try:
             encoding_for(manifest).validate()
         except (ValueError, KeyError) as e:
@@ -109,26 +121,6 @@ class Manifest:
         return sum(s.bytes for s in self.shards)
 
 
-def manifest_name(worker_index: int, num_workers: int) -> str:
-    if num_workers == 1:
-        return MANIFEST_NAME
-    return f"manifest.worker{worker_index:03d}-of-{num_workers:03d}.json"
-
-
-def shard_name(block: int) -> str:
-    return f"{SHARD_DIR}/{block:08d}.parquet"
-
-
-def is_shard_name(name) -> bool:
-    """Whether ``name`` is a plain file name inside the cache's shard folder (``shards/NAME``). Nothing else
-    may be listed: a name that climbs out (``../x``, ``/etc/x``) or into a subfolder would let a damaged or
-    hostile manifest read any file."""
-    parts = name.split("/") if isinstance(name, str) else []
-    return len(parts) == 2 and parts[0] == SHARD_DIR and parts[1] not in ("", ".", "..") and not any(
-        c in parts[1] for c in "\\\0"
-    )
-
-
 def identity_diff(a: dict, b: dict) -> list[str]:
     """Human-readable differences between two identities (nested dicts flattened to dotted keys)."""
 
@@ -143,7 +135,9 @@ def identity_diff(a: dict, b: dict) -> list[str]:
 
     def shown(value) -> str:  # a table in the identity (the compact encoding's id order) is named by its hash
         text = repr(value)
-        return text if len(text) <= 80 else f"<{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+        return (
+            text if len(text) <= 80 else f"<{len(text)} chars, sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}>"
+        )
 
     fa, fb = flat(a), flat(b)
     keys = sorted(set(fa) | set(fb))

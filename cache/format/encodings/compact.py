@@ -10,7 +10,7 @@ Per position ``t`` the stored support is the teacher's first ``n_t <= k`` entrie
   goes to ``gap_overflow`` (int32, in order).
 - ``log_mass_shift`` fp16: ``c_t``, added to every decoded log-prob of the position so that the decoded
   support carries exactly the teacher's mass over it (log-sum-exp of the teacher's kept values). The tail
-  mass is then the usual ``1 - sum(exp(lp))`` of the decoded support (one definition, cache/format.py),
+  mass is then the usual ``1 - sum(exp(lp))`` of the decoded support (one definition, cache/format/rows.py),
   and equals the teacher's: what is lost to the quantization is how the support's mass is spread, not how
   much of it there is. Without it, ΔKL at k=64 is 3.6x larger and 0.6% of positions lose their rest bin
   (bench/RESULTS.md, "Cache format v3").
@@ -44,8 +44,8 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from cache.encodings import Encoding, register
-from cache.format import (
+from kd_pipeline.cache.format.encodings import Encoding, register
+from kd_pipeline.cache.format.rows import (
     CacheRows,
     binary_array,
     binary_values,
@@ -103,7 +103,10 @@ _LAYOUTS = {
         _schema([("id_far", pa.int32())], ["id_heads", "id_tails"]),
         shard_write_options(byte_stream_split=("id_far", *_VALUES_SPLIT)),
     ),
-    "int32": (_schema([("topk_ids", pa.int32())], []), shard_write_options(byte_stream_split=("topk_ids", *_VALUES_SPLIT))),
+    "int32": (
+        _schema([("topk_ids", pa.int32())], []),
+        shard_write_options(byte_stream_split=("topk_ids", *_VALUES_SPLIT)),
+    ),
 }
 DEFAULT_ID_LAYOUT = "bytes"
 
@@ -454,7 +457,11 @@ class CompactEncoding(Encoding):
         if self.id_layout == "int32":
             ranks = ragged_values(col("topk_ids"))
         else:
-            heads, tails, far = binary_values(col("id_heads")), binary_values(col("id_tails")), ragged_values(col("id_far"))
+            heads, tails, far = (
+                binary_values(col("id_heads")),
+                binary_values(col("id_tails")),
+                ragged_values(col("id_far")),
+            )
             ranks = heads  # one entry per id, for the size check below
         total = int(count.sum(dtype=np.int64))
         if count.size and (count.min() < 1 or count.max() > k):
@@ -474,7 +481,9 @@ class CompactEncoding(Encoding):
         lp = self._logprobs(increments, overflow, base)
 
         order = self._tables[0]
-        if self.id_layout == "bytes" and full:  # the usual case: ids straight from the bytes, without an int32 rank array
+        if (
+            self.id_layout == "bytes" and full
+        ):  # the usual case: ids straight from the bytes, without an int32 rank array
             ids = self._ids_from_bytes(heads, tails, far).reshape(n, k)
         else:
             if self.id_layout == "bytes":

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache.encodings import Encoding, encoding_for
-from cache.format import SHARD_DIR, TOKENIZER_DIR, sha256_file, tail_mass
-from cache.manifest import CacheError, CacheInfo, ShardEntry, load_cache, tokenizer_fingerprint
-from cache.teacher import id_list, invalid_rows
+from kd_pipeline.cache.format.encodings import Encoding, encoding_for
+from kd_pipeline.cache.format.files import sha256_file
+from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
+from kd_pipeline.cache.format.manifest import CacheInfo, ShardEntry, load_cache, tokenizer_fingerprint
+from kd_pipeline.cache.format.rows import id_list, invalid_rows, tail_mass
+from kd_pipeline.errors import CacheError
 
 # fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
 # by that much; anything beyond is a broken teacher or a broken file.
@@ -167,8 +169,10 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
     shard = next((s for s in info.shards if s.first_seq_id <= seq <= s.last_seq_id), None)
     if shard is None:
         held = ", ".join(f"{s.first_seq_id}..{s.last_seq_id}" for s in info.shards[:8])
-        raise CacheError(f"{info.root}: no sequence {seq} in the cache (it holds sequences {held}"
-                         f"{', ...' if len(info.shards) > 8 else ''})")  # fmt: skip
+        raise CacheError(
+            f"{info.root}: no sequence {seq} in the cache (it holds sequences {held}"
+            f"{', ...' if len(info.shards) > 8 else ''})"
+        )
     if position is not None and not 0 <= position <= m.seq_len - 2:
         raise CacheError(f"--position {position} is outside [0, {m.seq_len - 2}] (sequences of {m.seq_len} tokens)")
     rows = encoding_for(m).decode(pq.read_table(info.root / shard.name))

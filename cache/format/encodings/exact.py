@@ -1,6 +1,6 @@
 """The ``exact`` encoding: the teacher's values as fp16, ids as int32 (format v1 and v2, and v3 ``exact``).
 
-Columns, one row per sequence of ``L`` tokens, support size ``k`` (alignment in cache/format.py):
+Columns, one row per sequence of ``L`` tokens, support size ``k`` (alignment in cache/format/rows.py):
 ``seq_id`` int64; ``input_ids`` list<int32> [L]; ``loss_mask`` list<bool> [L]; ``topk_ids`` list<int32>
 [(L-1)·k]; ``topk_logprobs`` list<float16> [(L-1)·k]; ``target_logprob`` list<float16> [L-1].
 v1 declared the list elements nullable; v2 and v3 do not (same values, faster decoding).
@@ -13,12 +13,18 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from cache.encodings import Encoding, register
-from cache.format import CacheRows, flat_values, list_array, list_type, shard_write_options
+from kd_pipeline.cache.format.encodings import Encoding, register
+from kd_pipeline.cache.format.rows import CacheRows, flat_values, list_array, list_type, shard_write_options
+from kd_pipeline.errors import ConfigError
 
 LOGPROB_DTYPE = np.float16
-_COLUMNS = [("input_ids", pa.int32()), ("loss_mask", pa.bool_()), ("topk_ids", pa.int32()),
-            ("topk_logprobs", pa.float16()), ("target_logprob", pa.float16())]  # fmt: skip
+_COLUMNS = [
+    ("input_ids", pa.int32()),
+    ("loss_mask", pa.bool_()),
+    ("topk_ids", pa.int32()),
+    ("topk_logprobs", pa.float16()),
+    ("target_logprob", pa.float16()),
+]
 
 
 def shard_schema(version: int) -> pa.Schema:
@@ -45,7 +51,7 @@ class ExactEncoding(Encoding):
     @classmethod
     def new_params(cls, *, first_block_input_ids: np.ndarray, vocab_size: int, min_logprob: float | None) -> dict:
         if min_logprob is not None:
-            raise ValueError("--min-logprob needs an encoding with a variable support (--encoding compact)")
+            raise ConfigError("--min-logprob needs an encoding with a variable support (--encoding compact)")
         return {}
 
     @property

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from cache.teacher import TeacherScores, sample_support
+from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.errors import ConfigError
 
 # Sampled weight hashing: sizes plus the first and last MiB of each weight file. Hashing whole files
 # would cost minutes for a 70B teacher; a retrained or different model changes these bytes.
@@ -30,7 +31,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
 
 
 def _sampled_file_hash(path: Path) -> str:
@@ -47,7 +48,7 @@ def _sampled_file_hash(path: Path) -> str:
 
 def teacher_identity(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool = False) -> dict:
     """Identity of a teacher without loading its weights (config + sampled weight-file hashes)."""
-    from cache.models import load_config
+    from kd_pipeline.models import load_config
 
     config = load_config(name_or_path, "--teacher", trust_remote_code=trust_remote_code, revision=revision)
     config_json = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
@@ -66,6 +67,30 @@ def teacher_identity(name_or_path: str, revision: str | None, dtype: str, trust_
             h.update(_sampled_file_hash(p).encode())
         identity["weights_sha256"] = h.hexdigest()
     return identity
+
+
+def sample_support(
+    logprobs: torch.Tensor, k: int, num_samples: int, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance-sampled support (RS-KD, Anshumann et al. 2025, arXiv 2503.16870).
+
+    Draw ``num_samples`` tokens per position from the proposal ``r ∝ p^temperature``, weight each draw by
+    ``p/r`` and keep the unique ids with self-normalized weights. At temperature 1 every weight is 1
+    and the estimate is the draw frequency, an exactly unbiased estimate of p (so the sparse forward-KL
+    gradient is unbiased for the dense one); at other temperatures self-normalization makes it
+    consistent, with a bias of order 1/num_samples.
+
+    logprobs [M, V] fp32 (full-vocabulary log-softmax) → (ids [M, k] int64, log weights [M, k] fp32),
+    sorted by weight. Positions with fewer than k distinct draws are padded with distinct unsampled ids of
+    weight 0 (log weight -inf); with more, the k heaviest are kept and the rest becomes tail mass.
+    """
+    log_r = torch.log_softmax(logprobs * temperature, dim=-1) if temperature != 1.0 else logprobs
+    draws = torch.multinomial(log_r.exp(), num_samples, replacement=True, generator=generator)
+    weights = (logprobs.gather(-1, draws) - log_r.gather(-1, draws)).exp()
+    totals = torch.zeros_like(logprobs).scatter_add_(-1, draws, weights)
+    totals /= totals.sum(-1, keepdim=True)
+    values, ids = torch.topk(totals, k, dim=-1, sorted=True)
+    return ids, values.log()
 
 
 class HFTeacher:
@@ -87,7 +112,7 @@ class HFTeacher:
         sample_temperature: float = 1.0,
         seed: int = 0,
     ):
-        from cache.models import load_causal_lm
+        from kd_pipeline.models import load_causal_lm
 
         self.name = str(model)
         self.trust_remote_code = trust_remote_code
@@ -101,21 +126,30 @@ class HFTeacher:
         self.position_chunk = position_chunk
         if support not in ("topk", "sampled"):
             raise ValueError(f"support must be topk or sampled, got {support!r}")
-        self.support, self.num_samples, self.sample_temperature, self.seed = support, num_samples, sample_temperature, seed
+        self.support, self.num_samples, self.sample_temperature, self.seed = (
+            support,
+            num_samples,
+            sample_temperature,
+            seed,
+        )
         self.model = load_causal_lm(
             model, "--teacher", revision=revision, dtype=self.torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
         vocab = self.model.get_output_embeddings().weight.shape[0]
         if k > vocab:
-            raise ValueError(f"--top-k {k} exceeds the teacher's vocabulary size {vocab}")
+            raise ConfigError(f"--top-k {k} exceeds the teacher's vocabulary size {vocab}")
 
     def describe(self) -> dict:
         import transformers
 
         return {
             "teacher": teacher_identity(self.name, self.revision, self.dtype_name, self.trust_remote_code),
-            "backend": {"name": "hf", "version": f"transformers {transformers.__version__}", "device": self.device.type},
+            "backend": {
+                "name": "hf",
+                "version": f"transformers {transformers.__version__}",
+                "device": self.device.type,
+            },
         }
 
     def close(self) -> None:

@@ -75,12 +75,14 @@ import contextlib
 import itertools
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from cache.teacher import TeacherScores
+from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.errors import ConfigError, MissingDependency, PipelineError
 
 INSTALL_HINT = (
     "the vLLM backend needs the 'vllm' package: install the [vllm] extra on a CUDA machine "
@@ -93,7 +95,7 @@ INSTALL_HINT = (
 DEFAULT_MAX_ENTRIES_PER_CALL = 1 << 24
 
 
-class VLLMNotInstalledError(ImportError):
+class VLLMNotInstalledError(MissingDependency):
     """vLLM is not importable here."""
 
 
@@ -421,10 +423,10 @@ def parse_vllm_args(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key.isidentifier():
-            raise ValueError(f"--vllm-arg {item!r}: expected KEY=VALUE, e.g. --vllm-arg kv_cache_dtype=fp8")
+            raise ConfigError(f"--vllm-arg {item!r}: expected KEY=VALUE, e.g. --vllm-arg kv_cache_dtype=fp8")
         if key in _OWN_ARGS:
             own = _OWN_ARGS[key]
-            raise ValueError(
+            raise ConfigError(
                 f"--vllm-arg {key}: set by cache-teacher itself"
                 + (f"; use {own}" if own else " (the cache is only right with its value)")
             )
@@ -446,7 +448,11 @@ def _ram_available_and_total() -> tuple[int, int]:
 
 
 def _weight_bytes(model: str) -> int | None:
-    files = [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin", ".pt")] if Path(model).is_dir() else []
+    files = (
+        [p for p in Path(model).glob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+        if Path(model).is_dir()
+        else []
+    )
     return sum(p.stat().st_size for p in files) or None
 
 
@@ -463,7 +469,7 @@ def default_gpu_memory_utilization(on_cuda: bool, model: str | None = None) -> f
     return round(max(0.01, wanted / total), 3)
 
 
-class EngineStartError(ValueError):
+class EngineStartError(PipelineError, ValueError):
     """vLLM's engine did not start, or died on its first work; the message gives vLLM's root cause and the
     option to change."""
 
@@ -474,13 +480,17 @@ _WRAPPERS = ("Engine core initialization failed", "stack trace above", "See stac
 
 # Root-cause patterns → the option that usually fixes them.
 _START_HINTS = (
-    (("memory", "kv cache", "cache blocks", "out of memory", "oom"),
-     "change --gpu-memory-utilization{now} (on CPU the share of the node's RAM that vLLM reserves;"
-     " VLLM_CPU_KVCACHE_SPACE=GiB sets its KV cache directly), or lower --max-num-seqs,"
-     " --max-num-batched-tokens or --seq-len"),
+    (
+        ("memory", "kv cache", "cache blocks", "out of memory", "oom"),
+        "change --gpu-memory-utilization{now} (on CPU the share of the node's RAM that vLLM reserves;"
+        " VLLM_CPU_KVCACHE_SPACE=GiB sets its KV cache directly), or lower --max-num-seqs,"
+        " --max-num-batched-tokens or --seq-len",
+    ),
     (("max_model_len", "max_position_embeddings", "context length"), "use a smaller --seq-len"),
-    (("tensor parallel", "tensor_parallel", "world size", "world_size", "pipeline parallel", "number of gpus"),
-     "check --tensor-parallel-size / --pipeline-parallel-size against the devices you have"),
+    (
+        ("tensor parallel", "tensor_parallel", "world size", "world_size", "pipeline parallel", "number of gpus"),
+        "check --tensor-parallel-size / --pipeline-parallel-size against the devices you have",
+    ),
     (("dtype", "bfloat16", "float16"), "choose another --dtype"),
     (("trust_remote_code", "remote code"), "pass --trust-remote-code if you trust the model's code"),
 )
@@ -516,9 +526,7 @@ def explain_start_failure(
         (h for keys, h in _START_HINTS if any(key in low for key in keys)),
         "see vLLM's log above; --vllm-arg KEY=VALUE passes any other engine setting",
     )
-    return f"the vLLM engine {what}: {cause}\n  what to change: " + hint.format(
-        now=f" (now {gpu_memory_utilization})"
-    )
+    return f"the vLLM engine {what}: {cause}\n  what to change: " + hint.format(now=f" (now {gpu_memory_utilization})")
 
 
 class _OutputTee:
@@ -625,9 +633,9 @@ class VLLMTeacher:
         max_num_batched_tokens: int | None = None,
     ):
         if int(k) != k or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
         if int(seq_len) != seq_len or seq_len < 2:
-            raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+            raise ConfigError(f"seq_len must be an integer >= 2, got {seq_len!r}")
         vllm, LLM, SamplingParams, TokensPrompt = import_vllm()
         self.llm = None
         self._vllm_version = str(getattr(vllm, "__version__", "unknown"))
@@ -642,7 +650,7 @@ class VLLMTeacher:
         extra = dict(llm_kwargs or {})
         clash = sorted(set(extra) & set(_OWN_ARGS))
         if clash:
-            raise ValueError(f"llm_kwargs may not set {clash}: this backend sets them")
+            raise ConfigError(f"llm_kwargs may not set {clash}: this backend sets them")
         # What the manifest records about the engine (none of it changes the numbers but llm_kwargs): the
         # options as given, so that reruns write the same bytes ("auto" depends on the RAM free at start).
         self.engine = {
@@ -688,13 +696,11 @@ class VLLMTeacher:
             with self._log, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
                 self.llm = LLM(**kwargs)
         except Exception as e:  # config validation (ValueError, pydantic) or the engine process dying
-            raise EngineStartError(
-                explain_start_failure(e, self._log.recent(), self.gpu_memory_utilization)
-            ) from e
+            raise EngineStartError(explain_start_failure(e, self._log.recent(), self.gpu_memory_utilization)) from e
         vocab = _vocab_size(self.llm)
         if vocab is not None and self.k > vocab:
             self.close()
-            raise ValueError(f"k = {self.k} exceeds the teacher's vocabulary size {vocab}")
+            raise ConfigError(f"k = {self.k} exceeds the teacher's vocabulary size {vocab}")
         # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
         self.sampling_params = SamplingParams(
             max_tokens=1,

@@ -1,8 +1,8 @@
-"""What both stages share about a cache: the rows' in-memory form and alignment, the tail mass, durable commits.
+"""A cache's rows in memory (:class:`CacheRows`), their alignment, the tail mass, and the value rules.
 
-How rows are laid out in a shard is the business of one encoding module each (cache/encodings/): the
-manifest names the encoding, and writer, reader, ``verify`` and ``inspect`` dispatch on it. See
-../shared/DESIGN.md, "Cache layout".
+How rows are laid out in a shard is the business of one encoding module each (cache/format/encodings/): the
+manifest names the encoding, and writer, reader, ``verify`` and ``inspect`` dispatch on it
+(docs/cache-format.md).
 
 Alignment, for a sequence of ``L`` tokens and support size ``k``:
 
@@ -18,19 +18,12 @@ Alignment, for a sequence of ``L`` tokens and support size ``k``:
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-FORMAT_VERSION = 3  # what this version writes
-READABLE_VERSIONS = (1, 2, 3)  # v2 declared the list elements non-nullable; v3 names an encoding
-MANIFEST_NAME = "manifest.json"
-SHARD_DIR = "shards"
-TOKENIZER_DIR = "tokenizer"  # a copy of the teacher's tokenizer, saved with the cache
+from kd_pipeline.cache.format.layout import FORMAT_VERSION
 
 
 def list_type(value_type: pa.DataType, version: int = FORMAT_VERSION) -> pa.DataType:
@@ -102,12 +95,10 @@ class CacheRows:
                 raise ValueError(f"CacheRows.{name} has shape {got}, expected {shape}")
 
     @staticmethod
-    def concat(parts: list["CacheRows"]) -> "CacheRows":
-        return CacheRows(
-            **{f: np.concatenate([getattr(p, f) for p in parts]) for f in CacheRows.__dataclass_fields__}
-        )
+    def concat(parts: list[CacheRows]) -> CacheRows:
+        return CacheRows(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in CacheRows.__dataclass_fields__})
 
-    def as_float32(self) -> "CacheRows":
+    def as_float32(self) -> CacheRows:
         """The same rows with log-probabilities as float32 (fp16-stored values widen exactly)."""
         return replace(
             self,
@@ -115,7 +106,7 @@ class CacheRows:
             target_logprob=self.target_logprob.astype(np.float32, copy=False),
         )
 
-    def slice(self, start: int, stop: int) -> "CacheRows":
+    def slice(self, start: int, stop: int) -> CacheRows:
         return CacheRows(**{f: getattr(self, f)[start:stop] for f in CacheRows.__dataclass_fields__})
 
 
@@ -186,55 +177,25 @@ def tail_mass(topk_logprobs):
     return (1.0 - topk_logprobs.float().exp().sum(-1)).clamp_min(0.0)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Durable files: write under a temporary name in the same directory, fsync, rename, fsync the directory.
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def temp_path_for(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` durable and atomically move it to ``final``."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    tmp = temp_path_for(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    commit_file(tmp, final)
-
-
-def write_shard(rows: CacheRows, final: Path, row_group_rows: int, encoding) -> None:
-    """Write one shard durably in ``encoding`` (a :class:`cache.encodings.Encoding`). A crash leaves either
-    no ``final`` or a complete one, never a short one."""
-    tmp = temp_path_for(final)
-    table = encoding.encode(rows)
-    pq.write_table(table, tmp, row_group_size=row_group_rows, **encoding.write_options)
-    commit_file(tmp, final)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tokens_sha256(input_ids: np.ndarray) -> str:
     """Fingerprint of a token block (int32, row-major): lets a resumed run prove it regenerated the
     same sequences as the run that wrote the shard."""
     return hashlib.sha256(np.ascontiguousarray(input_ids, dtype=np.int32).tobytes()).hexdigest()
+
+
+def invalid_rows(topk_logprobs: np.ndarray, target_logprob: np.ndarray, sampled: bool = False) -> np.ndarray:
+    """Indices of the sequences (rows of topk_logprobs [B, L-1, k], target_logprob [B, L-1]) holding values
+    no teacher may give: NaN, +inf, or -inf, which only a sampled support's zero-weight pads may hold (see
+    :func:`~kd_pipeline.cache.backends.hf.sample_support`). One rule for the writer, which refuses to commit such a block, and for verify."""
+    support = np.asarray(topk_logprobs)
+    target = np.asarray(target_logprob)
+    bad = np.isnan(support) | (support == np.inf) if sampled else ~np.isfinite(support)
+    rows = bad.reshape(len(support), -1).any(1) | ~np.isfinite(target).reshape(len(target), -1).any(1)
+    return np.flatnonzero(rows)
+
+
+def id_list(ids, show: int = 8) -> str:
+    """``3, 4, 9 and 12 more``: sequence ids for a message."""
+    ids = [int(i) for i in ids]
+    more = f" and {len(ids) - show} more" if len(ids) > show else ""
+    return ", ".join(map(str, ids[:show])) + more

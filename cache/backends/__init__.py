@@ -5,15 +5,18 @@ Every backend implements :class:`TeacherBackend`; the cache writer never knows w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
+
+from kd_pipeline.errors import ConfigError
 
 
 @dataclass
 class TeacherScores:
-    """Teacher output for ``B`` sequences of ``L`` tokens (see cache/format.py for the alignment).
+    """Teacher output for ``B`` sequences of ``L`` tokens (see cache/format/rows.py for the alignment).
 
     topk_ids [B, L-1, k] int32, sorted by descending log-probability;
     topk_logprobs [B, L-1, k] float32, log-softmax over the full vocabulary at temperature 1;
@@ -23,24 +26,6 @@ class TeacherScores:
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprob: np.ndarray
-
-
-def invalid_rows(topk_logprobs: np.ndarray, target_logprob: np.ndarray, sampled: bool = False) -> np.ndarray:
-    """Indices of the sequences (rows of topk_logprobs [B, L-1, k], target_logprob [B, L-1]) holding values
-    no teacher may give: NaN, +inf, or -inf, which only a sampled support's zero-weight pads may hold (see
-    :func:`sample_support`). One rule for the writer, which refuses to commit such a block, and for verify."""
-    support = np.asarray(topk_logprobs)
-    target = np.asarray(target_logprob)
-    bad = np.isnan(support) | (support == np.inf) if sampled else ~np.isfinite(support)
-    rows = bad.reshape(len(support), -1).any(1) | ~np.isfinite(target).reshape(len(target), -1).any(1)
-    return np.flatnonzero(rows)
-
-
-def id_list(ids, show: int = 8) -> str:
-    """``3, 4, 9 and 12 more``: sequence ids for a message."""
-    ids = [int(i) for i in ids]
-    more = f" and {len(ids) - show} more" if len(ids) > show else ""
-    return ", ".join(map(str, ids[:show])) + more
 
 
 class TeacherBackend(Protocol):
@@ -67,9 +52,14 @@ class TeacherBackend(Protocol):
 # max_model_len is the smallest of those present, times the rope scaling factor for the rope types that do
 # not already count it in max_position_embeddings).
 CONTEXT_KEYS = (
-    "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
-    "max_seq_length", "seq_len",
-)  # fmt: skip
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 _UNSTRETCHED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 
 
@@ -92,33 +82,7 @@ def check_seq_len(seq_len: int, config, teacher: str) -> None:
     """One rule for every backend: a sequence may fill the teacher's context, never exceed it."""
     found = context_length(config)
     if found is not None and seq_len > found[0]:
-        raise ValueError(
+        raise ConfigError(
             f"--seq-len {seq_len} is longer than the context of teacher {teacher} ({found[1]}): "
             f"use --seq-len {found[0]} or less"
         )
-
-
-def sample_support(
-    logprobs: "torch.Tensor", k: int, num_samples: int, temperature: float, generator: "torch.Generator"
-) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Importance-sampled support (RS-KD, Anshumann et al. 2025, arXiv 2503.16870).
-
-    Draw ``num_samples`` tokens per position from the proposal ``r ∝ p^temperature``, weight each draw by
-    ``p/r`` and keep the unique ids with self-normalized weights. At temperature 1 every weight is 1
-    and the estimate is the draw frequency, an exactly unbiased estimate of p (so the sparse forward-KL
-    gradient is unbiased for the dense one); at other temperatures self-normalization makes it
-    consistent, with a bias of order 1/num_samples.
-
-    logprobs [M, V] fp32 (full-vocabulary log-softmax) → (ids [M, k] int64, log weights [M, k] fp32),
-    sorted by weight. Positions with fewer than k distinct draws are padded with distinct unsampled ids of
-    weight 0 (log weight -inf); with more, the k heaviest are kept and the rest becomes tail mass.
-    """
-    import torch
-
-    log_r = torch.log_softmax(logprobs * temperature, dim=-1) if temperature != 1.0 else logprobs
-    draws = torch.multinomial(log_r.exp(), num_samples, replacement=True, generator=generator)
-    weights = (logprobs.gather(-1, draws) - log_r.gather(-1, draws)).exp()
-    totals = torch.zeros_like(logprobs).scatter_add_(-1, draws, weights)
-    totals /= totals.sum(-1, keepdim=True)
-    values, ids = torch.topk(totals, k, dim=-1, sorted=True)
-    return ids, values.log()
