@@ -234,6 +234,8 @@ def _spec_decode_compact(params: dict, k: int, table) -> tuple[np.ndarray, np.nd
 
 def _spec_read(cache: Path) -> dict:
     """A whole cache per the page: manifests, shard checks, and the decoded arrays concatenated in block order."""
+    from transformers import AutoTokenizer  # reads tokenizer/, the teacher's saved with the cache
+
     paths = (
         [cache / "manifest.json"]
         if (cache / "manifest.json").exists()
@@ -273,6 +275,11 @@ def _spec_read(cache: Path) -> dict:
         out["loss_mask"].append(np.array(rows["loss_mask"], dtype=bool))
         out["seq_id"].append(np.array(rows["seq_id"]))
     assert m["stream"]["sha256"] == stream.hexdigest()
+    tokenizer = AutoTokenizer.from_pretrained(cache / "tokenizer")
+    specials = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    vocab = sorted(([token, i] for token, i in tokenizer.get_vocab().items()), key=lambda pair: pair[1])
+    text = json.dumps({"specials": specials, "vocab": vocab}, ensure_ascii=False, sort_keys=True)
+    assert hashlib.sha256(text.encode("utf-8")).hexdigest() == m["tokenizer"]["sha256"]
     return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
