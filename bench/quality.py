@@ -47,13 +47,13 @@ import torch
 from transformers import AutoTokenizer
 
 from kd_pipeline import read_cache
-from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype
 from kd_pipeline.cache.build import CacheConfig, cache_teacher
 from kd_pipeline.cache.format.encodings import encoding_for
 from kd_pipeline.cache.format.files import sha256_file, write_shard
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
 from kd_pipeline.cache.format.manifest import CacheInfo, load_cache
 from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.models import resolve_device, resolve_dtype
 from kd_pipeline.train import losses, trainer
 from kd_pipeline.train.cross_tokenizer import TokenPieces, bits_per_byte
 from kd_pipeline.train.plot import plot_runs, read_metrics

@@ -53,7 +53,7 @@ another module does not matter):
   VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. ``vllm/v1/engine/input_processor.py`` (``_validate_prompt_len``)
   rejects a prompt as long as ``max_model_len`` ("plus the number of requested output tokens (at least
   1)"), so a prompt filling the context needs ``max_model_len = context + 1``: we set that variable while
-  the engine starts and apply our own context rule (``cache.teacher.check_seq_len``) instead.
+  the engine starts and apply our own context rule (``kd_pipeline.cache.backends.check_seq_len``) instead.
 - ``vllm/entrypoints/common/offline.py`` (``_run_engine``): ``use_tqdm`` may be a tqdm factory; its bar
   gets ``update(1)`` per finished request (and vLLM reads ``format_dict["elapsed"]``): our progress hook.
 - ``vllm/v1/engine/core_client.py`` (``MPClient.shutdown``): stops the engine processes (SIGTERM, then a
@@ -81,7 +81,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.cache.backends import TeacherBackend, TeacherScores, register
 from kd_pipeline.errors import ConfigError, MissingDependency, PipelineError
 
 INSTALL_HINT = (
@@ -602,17 +602,58 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
-class VLLMTeacher:
-    """Teacher backed by a vLLM ``LLM`` engine; implements :class:`cache.teacher.TeacherBackend`.
+@register
+class VLLMTeacher(TeacherBackend):
+    """Teacher backed by a vLLM ``LLM`` engine (a :class:`kd_pipeline.cache.backends.TeacherBackend`).
 
     Each sequence is one prompt scored with ``prompt_logprobs=k`` and ``max_tokens=1``; vLLM batches and
     schedules the prompts itself. vLLM wants room for the generated token (``max_model_len = seq_len + 1``)
     although that token is never run through the model: an L-token prompt's logprobs need only L
     positions. So ``seq_len`` may equal the teacher's context, and the caller checks that it does not
-    exceed it (``cache.teacher.check_seq_len``; cache-teacher does, for both backends), while vLLM's own
-    check, which would count the extra token, is told to allow it. Call :meth:`close` (or use it as a
+    exceed it (``kd_pipeline.cache.backends.check_seq_len``; cache-teacher does, for both backends), while vLLM's
+    own check, which would count the extra token, is told to allow it. Call :meth:`close` (or use it as a
     context manager) to shut the engine's processes down.
     """
+
+    name = "vllm"
+    priority = 10  # the faster engine, where it can run
+
+    @classmethod
+    def available(cls) -> bool:
+        import importlib.util
+
+        import torch
+
+        return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        if config.support != "topk":  # vLLM returns the top-k log-probs, never the full softmax
+            return f"--support {config.support} needs the full softmax: use --backend hf"
+        return None
+
+    @classmethod
+    def identity(cls, config) -> dict:
+        # --vllm-arg may change the numbers (quantization, kv_cache_dtype, ...): part of the cache identity.
+        return {"vllm_args": parse_vllm_args(config.vllm_args)} if config.vllm_args else {}
+
+    @classmethod
+    def from_config(cls, config) -> VLLMTeacher:
+        return cls(
+            config.teacher,
+            k=config.top_k,
+            seq_len=config.seq_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            dtype=cls.teacher_dtype(config),
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            llm_kwargs=parse_vllm_args(config.vllm_args),
+        )
 
     def __init__(
         self,
