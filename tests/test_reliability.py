@@ -415,7 +415,7 @@ def test_plot_labels_runs_that_share_a_folder_name_apart(tmp_path):
     for parent, loss in (("a", 2.0), ("b", 1.0)):
         run = tmp_path / parent / "run"
         run.mkdir(parents=True)
-        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss}) + "\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss, "kl": loss}) + "\n")
         runs.append(run)
     assert run_labels(runs) == ["a/run", "b/run"]
     result = runner.invoke(app, ["plot", *map(str, runs), "--out", str(tmp_path / "p.png")])
