@@ -602,6 +602,17 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
+def _gpu_memory_utilization(given: float | None, model: str) -> float:
+    """``--gpu-memory-utilization`` as given, or for None the default for where the engine runs (said on stderr)."""
+    if given is not None:
+        return float(given)
+    import torch
+
+    share = default_gpu_memory_utilization(torch.cuda.is_available(), model)
+    print(f"vLLM: gpu_memory_utilization {share} (auto)", file=sys.stderr, flush=True)
+    return share
+
+
 @register
 class VLLMTeacher(TeacherBackend):
     """Teacher backed by a vLLM ``LLM`` engine (a :class:`kd_pipeline.cache.backends.TeacherBackend`).
@@ -703,14 +714,27 @@ class VLLMTeacher(TeacherBackend):
             "max_num_batched_tokens": max_num_batched_tokens,
             "llm_kwargs": extra,
         }
+        self.gpu_memory_utilization = _gpu_memory_utilization(gpu_memory_utilization, self.name)
+        self._start(LLM, self._llm_args(revision, trust_remote_code, seed))
+        # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
+        self.sampling_params = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=self.k,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+
+    def _llm_args(self, revision: str | None, trust_remote_code: bool, seed: int) -> dict:
+        """``vllm.LLM``'s arguments: the engine settings of ``self.engine`` and the ones the cache is only right with."""
+        engine = self.engine
         kwargs = dict(
             model=self.name,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            dtype=dtype,
-            tensor_parallel_size=int(tensor_parallel_size),
-            pipeline_parallel_size=int(pipeline_parallel_size),
-            enforce_eager=bool(enforce_eager),
+            dtype=self.dtype,
+            tensor_parallel_size=engine["tensor_parallel_size"],
+            pipeline_parallel_size=engine["pipeline_parallel_size"],
+            enforce_eager=engine["enforce_eager"],
             seed=seed,
             # vLLM rejects requests asking for more logprobs than this (default 20).
             max_logprobs=self.k,
@@ -720,18 +744,17 @@ class VLLMTeacher(TeacherBackend):
             max_model_len=self.seq_len + 1,
             # Cached prefix positions are not recomputed and would get no prompt logprobs.
             enable_prefix_caching=False,
+            gpu_memory_utilization=self.gpu_memory_utilization,
         )
-        if gpu_memory_utilization is None:
-            import torch
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if engine[name] is not None:
+                kwargs[name] = int(engine[name])
+        kwargs.update(engine["llm_kwargs"])
+        return kwargs
 
-            gpu_memory_utilization = default_gpu_memory_utilization(torch.cuda.is_available(), self.name)
-            print(f"vLLM: gpu_memory_utilization {gpu_memory_utilization} (auto)", file=sys.stderr, flush=True)
-        kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization = float(gpu_memory_utilization)
-        if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = int(max_num_seqs)
-        if max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
-        kwargs.update(extra)
+    def _start(self, LLM, kwargs: dict) -> None:
+        """Start the engine (a failure becomes one :class:`EngineStartError` with vLLM's root cause) and check
+        ``k`` against the teacher's vocabulary."""
         self._log = _OutputTee()
         try:
             with self._log, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
@@ -742,13 +765,6 @@ class VLLMTeacher(TeacherBackend):
         if vocab is not None and self.k > vocab:
             self.close()
             raise ConfigError(f"k = {self.k} exceeds the teacher's vocabulary size {vocab}")
-        # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
-        self.sampling_params = SamplingParams(
-            max_tokens=1,
-            prompt_logprobs=self.k,
-            flat_logprobs=True,
-            detokenize=False,
-        )
 
     def describe(self) -> dict:
         return {
