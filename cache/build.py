@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kd_pipeline.cache.backends import check_seq_len, select_backend
+from kd_pipeline.cache.backends import TeacherBackend, check_seq_len, select_backend
 from kd_pipeline.cache.data import DataSpec, iter_sequences, source_fingerprint
 from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class, encoding_for, encoding_names
 from kd_pipeline.cache.format.files import sha256_file, write_shard
@@ -328,15 +328,15 @@ def cache_teacher(config: CacheConfig) -> Manifest:
     One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py)."""
     config = with_workers(config)
     config.validate()
+    backend = select_backend(config)  # refuses an unknown name or a cache the backend cannot produce
     check_model_path(config.teacher, "--teacher")
     what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
     with hold_lock(config.out / writer_lock_name(config.worker_index), what):
-        return _build(config)
+        return _build(config, backend)
 
 
-def _build(config: CacheConfig) -> Manifest:
+def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     started = time.perf_counter()
-    backend = select_backend(config)  # refuses an unknown name or a cache the backend cannot produce, before any work
     tokenizer = load_tokenizer(
         config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
     )

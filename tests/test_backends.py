@@ -88,3 +88,25 @@ def test_a_registered_backend_runs_cache_teacher_without_an_edit_to_the_driver(
     assert info.manifest.backend["name"] == "hf"  # what the instance describes: it is HF underneath
     same = {k: v for k, v in cache_bytes(hf).items() if Path(k).suffix == ".parquet"}
     assert same and same == {k: v for k, v in cache_bytes(echo).items() if Path(k).suffix == ".parquet"}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--backend", "vlm"], "error: unknown --backend 'vlm'; choose from auto, hf, vllm"),
+        (
+            ["--backend", "vllm", "--support", "sampled"],
+            "error: --support sampled needs the full softmax: use --backend hf",
+        ),
+    ],
+)
+def test_a_refused_backend_is_one_line_and_leaves_nothing_behind(tmp_path, teacher_dir, corpus_jsonl, flags, message):
+    from typer.testing import CliRunner
+
+    from kd_pipeline.pipeline import app
+
+    out = tmp_path / "cache"
+    args = ["cache-teacher", "--teacher", str(teacher_dir), "--data", str(corpus_jsonl), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--no-progress", *flags])
+    assert result.exit_code == 2 and result.output.strip() == message, result.output
+    assert not out.exists()
