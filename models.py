@@ -4,17 +4,20 @@ One place that (1) never lets transformers ask on stdin whether to run a model's
 runs only with ``--trust-remote-code`` and is refused otherwise, with a message naming the option; and
 (2) turns transformers' failures into one line naming what failed: a path that does not exist (rather
 than the hub's "Repo id must be in the form ..."), a truncated or damaged weights file, a model the hub
-cannot give.
+cannot give. Also the model-generic rules every stage shares: ``--device``/``--dtype`` resolution and a
+teacher's identity (what a cache records of the model that wrote it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from kd_pipeline.errors import ModelLoadError
+from kd_pipeline.errors import ConfigError, ModelLoadError
 
 
 def check_model_path(spec: str, option: str) -> None:
@@ -118,3 +121,69 @@ def load_causal_lm(spec: str, option: str, *, trust_remote_code: bool, revision:
         return AutoModelForCausalLM.from_pretrained(
             spec, revision=revision, trust_remote_code=bool(trust_remote_code), **kwargs
         )
+
+
+# ------------------------------------------------------------------------------ device, dtype, identity
+def resolve_device(device: str):
+    """``auto`` → cuda where torch sees it, else cpu; anything else as torch reads it. → ``torch.device``."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device):
+    """``auto`` → bfloat16 on CUDA, float32 elsewhere; else float32 | bfloat16 | float16. → ``torch.dtype``."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
+
+
+def dtype_name(dtype: str, device: str) -> str:
+    """The dtype (``bfloat16``, ...) that ``--dtype`` means for a model run on ``--device``, "auto" resolved."""
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
+# Sampled weight hashing: sizes plus the first and last MiB of each weight file. Hashing whole files
+# would cost minutes for a 70B teacher; a retrained or different model changes these bytes.
+_SAMPLE_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def _sampled_file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_SAMPLE_BYTES))
+        if size > _SAMPLE_BYTES:
+            f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def teacher_identity(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool = False) -> dict:
+    """Identity of a teacher without loading its weights (config + sampled weight-file hashes)."""
+    config = load_config(name_or_path, "--teacher", trust_remote_code=trust_remote_code, revision=revision)
+    config_json = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
+    identity = {
+        "name_or_path": str(name_or_path),
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "dtype": dtype,
+        "architecture": (config.architectures or [config.model_type])[0],
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+    }
+    local = Path(name_or_path)
+    if local.is_dir():
+        files = sorted(p for p in local.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+        h = hashlib.sha256()
+        for p in files:
+            h.update(_sampled_file_hash(p).encode())
+        identity["weights_sha256"] = h.hexdigest()
+    return identity

@@ -119,12 +119,15 @@ def _run_distill(config) -> None:
 def plot_cmd(
     runs: list[Path] = typer.Argument(..., help="One or more `pipeline distill` run directories."),
     out: Path | None = typer.Option(None, help="PNG to write (default: RUN/curves.png of the first run)."),
+    x: str = typer.Option(
+        "steps", "--x", help="x-axis: steps | tokens (tokens seen: runs of other batch sizes line up)."
+    ),
 ):
-    """Plot training loss and eval CE / KL / top-1 agreement against steps (needs matplotlib)."""
+    """Plot the figures that compare across losses (KL, soft CE, eval KL / bits per byte / top-1) (needs matplotlib)."""
     from kd_pipeline.train.plot import plot_runs
 
     with _user_errors():
-        path = plot_runs(runs, out or runs[0] / "curves.png")
+        path = plot_runs(runs, out or runs[0] / "curves.png", x=x)
     typer.echo(f"wrote {path}")
 
 

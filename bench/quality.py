@@ -47,16 +47,17 @@ import torch
 from transformers import AutoTokenizer
 
 from kd_pipeline import read_cache
-from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype
 from kd_pipeline.cache.build import CacheConfig, cache_teacher
 from kd_pipeline.cache.format.encodings import encoding_for
 from kd_pipeline.cache.format.files import sha256_file, write_shard
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
 from kd_pipeline.cache.format.manifest import CacheInfo, load_cache
 from kd_pipeline.cache.format.rows import tail_mass
+from kd_pipeline.models import resolve_device, resolve_dtype
 from kd_pipeline.train import losses, trainer
 from kd_pipeline.train.cross_tokenizer import TokenPieces, bits_per_byte
-from kd_pipeline.train.plot import plot_runs, read_metrics
+from kd_pipeline.train.metrics import METRICS_FILE, read_metrics
+from kd_pipeline.train.plot import plot_runs
 from kd_pipeline.train.reader import CacheReader
 from kd_pipeline.train.trainer import CHECKPOINT_DIR, FINAL_DIR, DistillConfig, distill
 
@@ -443,7 +444,7 @@ def step_seconds(run_dir: Path, tokens_per_step: int) -> float:
     The median, because the trainer's timing window after an eval or a checkpoint also holds that eval or
     save; those few steps would otherwise count evaluation as training time.
     """
-    rates = [r["tokens_per_s"] for r in read_metrics(run_dir) if "tokens_per_s" in r]
+    rates = [r["tokens_per_s"] for r in read_metrics(run_dir / METRICS_FILE) if "tokens_per_s" in r]
     return tokens_per_step / statistics.median(rates)
 
 

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from kd_pipeline.cache.backends import check_seq_len
-from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype, teacher_identity
+from kd_pipeline.cache.backends import TeacherBackend, check_seq_len, select_backend
 from kd_pipeline.cache.data import DataSpec, iter_sequences, source_fingerprint
 from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class, encoding_for, encoding_names
 from kd_pipeline.cache.format.files import sha256_file, write_shard
@@ -40,7 +39,7 @@ from kd_pipeline.cache.format.manifest import (
 from kd_pipeline.cache.format.rows import CacheRows, id_list, invalid_rows, tokens_sha256
 from kd_pipeline.config import option
 from kd_pipeline.errors import CacheError, ConfigError
-from kd_pipeline.models import check_model_path, load_config, load_tokenizer
+from kd_pipeline.models import check_model_path, load_config, load_tokenizer, teacher_identity
 
 
 @dataclass
@@ -123,8 +122,6 @@ class CacheConfig:
             raise ConfigError(f"--support must be topk or sampled, got {self.support!r}")
         if self.support == "sampled" and (self.num_samples < 1 or self.sample_temperature <= 0):
             raise ConfigError("--num-samples must be >= 1 and --sample-temperature > 0")
-        if self.backend not in ("auto", "hf", "vllm"):
-            raise ConfigError(f"--backend must be auto, hf or vllm, got {self.backend!r}")
         if self.encoding not in encoding_names():
             raise ConfigError(f"--encoding must be one of {', '.join(encoding_names())}, got {self.encoding!r}")
         if self.min_logprob is not None and not self.min_logprob <= 0:
@@ -191,62 +188,6 @@ def with_workers(config: CacheConfig, env=None) -> CacheConfig:
 
 def _without_path(d: dict) -> dict:
     return {key: value for key, value in d.items() if key != "path"}
-
-
-def resolve_backend(name: str, support: str = "topk") -> str:
-    if name != "auto":
-        return name
-    if support == "sampled":  # needs the full softmax, which vLLM does not return
-        return "hf"
-    import importlib.util
-
-    import torch
-
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
-
-
-def teacher_dtype(dtype: str, backend: str, device: str = "auto") -> str:
-    """The one dtype rule of both backends: ``dtype``, or for auto bfloat16 on CUDA and float32 on CPU (vLLM
-    runs where torch sees CUDA, HF on ``device``)."""
-    return str(resolve_dtype(dtype, resolve_device(device if backend == "hf" else "auto"))).removeprefix("torch.")
-
-
-def make_backend(config: CacheConfig, backend: str):
-    if backend == "vllm":
-        from kd_pipeline.cache.backends.vllm import VLLMTeacher, parse_vllm_args
-
-        if config.support != "topk":
-            raise ConfigError("--support sampled needs the full softmax: use --backend hf")
-        return VLLMTeacher(
-            config.teacher,
-            k=config.top_k,
-            seq_len=config.seq_len,
-            tensor_parallel_size=config.tensor_parallel_size,
-            pipeline_parallel_size=config.pipeline_parallel_size,
-            dtype=teacher_dtype(config.dtype, backend, config.device),
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            llm_kwargs=parse_vllm_args(config.vllm_args),
-        )
-    from kd_pipeline.cache.backends.hf import HFTeacher
-
-    return HFTeacher(
-        config.teacher,
-        k=config.top_k,
-        batch_size=config.batch_size,
-        dtype=config.dtype,
-        device=config.device,
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-        support=config.support,
-        num_samples=config.num_samples,
-        sample_temperature=config.sample_temperature,
-        seed=config.sample_seed,
-    )
 
 
 def _blocks(sequences: Iterator[tuple[np.ndarray, np.ndarray]], rows: int):
@@ -387,15 +328,15 @@ def cache_teacher(config: CacheConfig) -> Manifest:
     One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py)."""
     config = with_workers(config)
     config.validate()
+    backend = select_backend(config)  # refuses an unknown name or a cache the backend cannot produce
     check_model_path(config.teacher, "--teacher")
     what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
     with hold_lock(config.out / writer_lock_name(config.worker_index), what):
-        return _build(config)
+        return _build(config, backend)
 
 
-def _build(config: CacheConfig) -> Manifest:
+def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     started = time.perf_counter()
-    backend_name = resolve_backend(config.backend, config.support)
     tokenizer = load_tokenizer(
         config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -428,12 +369,9 @@ def _build(config: CacheConfig) -> Manifest:
     # Resolve "auto" now: a resume on another device must not silently mix float32 and bf16 numbers.
     fresh = Manifest(
         teacher=teacher_identity(
-            config.teacher,
-            config.revision,
-            teacher_dtype(config.dtype, backend_name, config.device),
-            config.trust_remote_code,
+            config.teacher, config.revision, backend.teacher_dtype(config), config.trust_remote_code
         ),
-        backend={"name": backend_name},
+        backend={"name": backend.name},
         tokenizer=tokenizer_identity,
         encoding={"name": config.encoding, **encoding_params},
         k=config.top_k,
@@ -456,11 +394,7 @@ def _build(config: CacheConfig) -> Manifest:
     )
     # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
     # make it depend on where a run was interrupted.
-    fresh.teacher["backend"] = backend_name
-    if backend_name == "vllm" and config.vllm_args:  # may change the numbers (quantization, ...): identity
-        from kd_pipeline.cache.backends.vllm import parse_vllm_args
-
-        fresh.teacher["vllm_args"] = parse_vllm_args(config.vllm_args)
+    fresh.teacher.update(backend=backend.name, **backend.identity(config))
     manifest = _prepare_output(config, fresh)
     if manifest.complete:
         _log(f"{config.out}: cache already complete ({len(manifest.shards)} shards); nothing to do")
@@ -497,9 +431,9 @@ def _build(config: CacheConfig) -> Manifest:
                 continue
             if teacher is None:
                 if config.progress:
-                    _log(f"loading teacher {config.teacher} ({backend_name} backend) ...")
+                    _log(f"loading teacher {config.teacher} ({backend.name} backend) ...")
                 loading = time.perf_counter()
-                teacher = make_backend(config, backend_name)
+                teacher = backend.from_config(config)
                 load_seconds = time.perf_counter() - loading
                 if config.progress:
                     _log(f"teacher ready in {load_seconds:.1f} s")

@@ -408,7 +408,8 @@ def source_fingerprint(path: str | os.PathLike, split: str | None = "train") -> 
     """Identity of the bytes :func:`iter_documents` reads: ``{"path", "files": [[relative name, size],
     ...], "sha256"}`` with the sha256 taken over the files' contents in reading order (streamed).
 
-    ``path`` is recorded as given and is informational; compare sources with :func:`same_source`."""
+    ``path`` is recorded as given and is informational: two sources are the same data when their ``files`` and
+    ``sha256`` agree (cache/build.py keeps the fingerprint without the path in the cache identity)."""
     base, sources = _resolve(path, split)
     h = hashlib.sha256()
     files = []
@@ -423,12 +424,6 @@ def source_fingerprint(path: str | os.PathLike, split: str | None = "train") -> 
                 while block := fh.read(_HASH_CHUNK):
                     h.update(block)
     return {"path": os.fspath(path), "files": files, "sha256": h.hexdigest()}
-
-
-def same_source(a: dict, b: dict) -> bool:
-    """Whether two :func:`source_fingerprint` results name the same data (path ignored, so a moved
-    or differently spelled path to identical files still matches)."""
-    return a.get("files") == b.get("files") and a.get("sha256") == b.get("sha256")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -561,12 +556,6 @@ def encode_batch(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarra
     else:
         flat_mask = np.ones(total, dtype=bool)
     return flat_ids, flat_mask, lengths
-
-
-def encode_document(doc: Document, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """One document's ``(input_ids int32, loss_mask bool)`` as it enters the packed stream."""
-    ids, mask, _ = encode_batch([doc], tokenizer)
-    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------------

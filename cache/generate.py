@@ -65,13 +65,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kd_pipeline.cache.backends.hf import resolve_device, resolve_dtype, teacher_identity
 from kd_pipeline.cache.data import iter_documents, source_fingerprint
 from kd_pipeline.cache.format.files import atomic_write_bytes
 from kd_pipeline.cache.format.manifest import identity_diff, tokenizer_fingerprint
 from kd_pipeline.config import option
 from kd_pipeline.errors import ConfigError, GenerateError
-from kd_pipeline.models import check_model_path, load_causal_lm
+from kd_pipeline.models import (
+    check_model_path,
+    dtype_name,
+    load_causal_lm,
+    resolve_device,
+    resolve_dtype,
+    teacher_identity,
+)
 from kd_pipeline.models import load_tokenizer as load_one_tokenizer
 
 MODES = ("switch", "student", "teacher")
@@ -415,7 +421,7 @@ def _model_identity(path: str | None, dtype: str, trust_remote_code: bool) -> di
 
 
 def _identity(cfg: GenerateConfig) -> dict:
-    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+    dtype = dtype_name(cfg.dtype, cfg.device)
     source = source_fingerprint(cfg.prompts, cfg.split)
     return {
         "teacher": _model_identity(cfg.teacher, dtype, cfg.trust_remote_code),

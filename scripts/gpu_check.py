@@ -327,9 +327,8 @@ def step_hf(args, teacher: str, input_ids: np.ndarray, results: Results):
 
 def step_vllm(args, teacher: str, input_ids: np.ndarray, hf_scores, results: Results) -> list[str]:
     from kd_pipeline.cache.backends.vllm import VLLMTeacher
-    from kd_pipeline.cache.build import teacher_dtype
 
-    dtype = teacher_dtype(args.dtype, "vllm")
+    dtype = VLLMTeacher.teacher_dtype(args)
     # A teacher built here has no tokenizer; prompts are token ids and nothing is detokenized.
     no_tokenizer = Path(teacher).is_dir() and not any(Path(teacher).glob("tokenizer*"))
     start = time.perf_counter()

@@ -166,6 +166,25 @@ def test_simulated_crash_states_resume_to_identical_bytes(tmp_path, reference_ca
     assert not list(out.rglob("*.tmp-*"))
 
 
+def test_a_manifest_holding_the_legacy_logprob_dtype_loads_and_resumes(
+    tmp_path, reference_cache, teacher_dir, corpus_jsonl
+):
+    """Earlier versions wrote ``"logprob_dtype": "float16"`` into every manifest and never read it: such a cache
+    still loads, and resuming it gives today's bytes (the key gone from the rewritten manifest)."""
+    expected = cache_bytes(reference_cache)
+    assert "logprob_dtype" not in json.loads(expected["manifest.json"])
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"][3:]:
+        (out / shard["name"]).unlink()
+    manifest.update(logprob_dtype="float16", shards=manifest["shards"][:3], complete=False, stream={})
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert [s.block for s in load_cache(out, require_complete=False).shards] == [0, 1, 2]
+    cache_teacher(config(teacher_dir, corpus_jsonl, out))
+    assert cache_bytes(out) == expected
+
+
 def _count_shards(out: Path) -> int:
     path = out / "manifest.json"
     try:
@@ -338,6 +357,7 @@ def test_format_v1_and_v2_caches_still_read_verify_and_train(tmp_path, teacher_d
     (old / SHARD_DIR).mkdir(parents=True)
     manifest = json.loads((exact / "manifest.json").read_text())
     manifest["format_version"] = version
+    manifest["logprob_dtype"] = "float16"  # what every manifest of those versions held
     del manifest["encoding"]
     for entry in manifest["shards"]:
         table = pq.read_table(exact / entry["name"]).cast(shard_schema(version))

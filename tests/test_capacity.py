@@ -185,3 +185,55 @@ def test_plan_teacher_cli_on_synthetic_configs(tmp_path):
     assert "<- recommended" in text and "teacher assistants" in text
     bad = CliRunner().invoke(app, ["plan-teacher", "--student", "1B"])
     assert bad.exit_code == 2 and "--candidate" in bad.output
+
+
+def test_a_hop_above_ratio_squared_is_warned_about_with_the_assistant_that_would_split_it():
+    """Issue 20: 70B -> 8B (8.75x) -> 1B (8.00x) was proposed without a word that both hops exceed 2.5² = 6.25x."""
+    plan = plan_teacher(PlanConfig(student="1B", candidates=["llama-8b=8B", "llama-70b=70B"]))
+    assert [c.name for c in plan.chain] == ["llama-70b", "llama-8b", "1B"]
+    assert plan.warnings == [
+        "llama-70b -> llama-8b is 8.75x, above 2.5² = 6.25x: no candidate lies between them; an assistant near "
+        "23.7B would split it (--candidate NAME=SIZE)",  # sqrt(70 * 8) = 23.66
+        "llama-8b -> 1B is 8.00x, above 2.5² = 6.25x: no candidate lies between them; an assistant near 2.83B "
+        "would split it (--candidate NAME=SIZE)",  # sqrt(8 * 1) = 2.83
+    ]
+    result = CliRunner().invoke(app, ["plan-teacher", "--student", "1B", "--candidate", "a=8B", "--candidate", "b=70B"])
+    assert result.exit_code == 0 and result.output.count("\nwarning: ") == 2, result.output
+    as_json = CliRunner().invoke(app, ["plan-teacher", "--student", "1B", "--candidate", "t=70B", "--json"])
+    # One 70x hop: round(log 70 / log 2.5) = 5 hops, assistants at 70^(j/5) = 29.9, 12.8, 5.47, 2.34 B.
+    assert json.loads(as_json.output)["warnings"] == [
+        "t -> 1B is 70.00x, above 2.5² = 6.25x: no candidate lies between them; assistants near 29.9B, 12.8B, "
+        "5.47B, 2.34B would split it (--candidate NAME=SIZE)"
+    ]
+    # Hops within the law's ratio², and a gap that needs no chain: nothing to warn about.
+    spaced = plan_teacher(PlanConfig(student="1B", candidates=["a=2.5B", "b=6B", "c=15B", "d=40B"]))
+    assert len(spaced.chain) == 5 and spaced.warnings == []
+    assert plan_teacher(PlanConfig(student="1B", candidates=["a=3B", "b=6B"])).warnings == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--student", "1B", "--candidate", "7"],
+            "error: --candidate 7: a bare number has no unit; write 7B for 7 billion parameters (7M million, "
+            "7K thousand) or a count such as 7e9",
+        ),
+        (["--student", "1B", "--candidate", "llama=7"], "error: --candidate llama=7: a bare number has no unit"),
+        (["--student", "1.5", "--candidate", "7B"], "error: --student 1.5: a bare number has no unit; write 1.5B"),
+        (
+            ["--student", "0B", "--candidate", "7B"],
+            "error: --student 0B: 0 parameters; a model has at least one (sizes read like 1B, 350M)",
+        ),
+        (["--student", "1B", "--candidate", "t=0M"], "error: --candidate t=0M: 0 parameters"),
+    ],
+)
+def test_sizes_without_a_unit_and_empty_models_are_refused_in_one_line(args, message):
+    result = CliRunner().invoke(app, ["plan-teacher", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(message), result.output
+
+
+def test_a_count_in_scientific_notation_needs_no_unit():
+    plan = plan_teacher(PlanConfig(student="1e9", candidates=["t=2.5e9"]))
+    assert (plan.student.params, plan.recommended.params, plan.warnings) == (10**9, 25 * 10**8, [])

@@ -10,15 +10,20 @@ import numpy as np
 import pytest
 from conftest import make_corpus
 
-from kd_pipeline.cache.data import (
-    DataSpec,
-    encode_document,
-    iter_documents,
-    iter_sequences,
-    same_source,
-    source_fingerprint,
-)
+from kd_pipeline.cache.data import DataSpec, encode_batch, iter_documents, iter_sequences, source_fingerprint
 from kd_pipeline.errors import DataError
+
+
+def encode_document(doc, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """One document's ``(input_ids int32, loss_mask bool)`` as it enters the packed stream."""
+    ids, mask, _ = encode_batch([doc], tokenizer)
+    return ids, mask
+
+
+def same_source(a: dict, b: dict) -> bool:
+    """Whether two source fingerprints name the same data (path ignored, as in the cache identity)."""
+    return a.get("files") == b.get("files") and a.get("sha256") == b.get("sha256")
+
 
 CHATS = [
     [

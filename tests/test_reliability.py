@@ -19,6 +19,7 @@ from test_lock import _holder, _release
 from typer.testing import CliRunner
 
 from kd_pipeline.cache import build
+from kd_pipeline.cache.backends.hf import HFTeacher
 from kd_pipeline.cache.build import cache_teacher
 from kd_pipeline.cache.data import DataSpec, iter_documents, iter_sequences, source_fingerprint
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
@@ -57,10 +58,10 @@ def _copy(cache: Path, to: Path) -> Path:
 # ----------------------------------------------------------------------------------------- NaN teacher
 def test_a_block_with_non_finite_teacher_outputs_is_not_committed(tmp_path, teacher_dir, corpus_jsonl, monkeypatch):
     """Sequence 7 (block 1) comes back NaN: block 0 stays committed, nothing of block 1 is, the error names both."""
-    make = build.make_backend
+    make = HFTeacher.from_config
 
-    def poisoned(*args, **kwargs):
-        teacher = make(*args, **kwargs)
+    def poisoned(config):
+        teacher = make(config)
         real = teacher.score
 
         def scores(input_ids, progress=None, first_seq_id=0):
@@ -72,7 +73,7 @@ def test_a_block_with_non_finite_teacher_outputs_is_not_committed(tmp_path, teac
         teacher.score = scores
         return teacher
 
-    monkeypatch.setattr(build, "make_backend", poisoned)
+    monkeypatch.setattr(HFTeacher, "from_config", staticmethod(poisoned))
     out = tmp_path / "cache"
     with pytest.raises(CacheError, match=r"non-finite log-probabilities .* sequences 7 of .*shards/00000001\.parquet"):
         cache_teacher(config(teacher_dir, corpus_jsonl, out, max_sequences=18))
@@ -414,7 +415,7 @@ def test_plot_labels_runs_that_share_a_folder_name_apart(tmp_path):
     for parent, loss in (("a", 2.0), ("b", 1.0)):
         run = tmp_path / parent / "run"
         run.mkdir(parents=True)
-        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss}) + "\n")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": loss, "kl": loss}) + "\n")
         runs.append(run)
     assert run_labels(runs) == ["a/run", "b/run"]
     result = runner.invoke(app, ["plot", *map(str, runs), "--out", str(tmp_path / "p.png")])

@@ -1,4 +1,4 @@
-"""cache-teacher's rules shared by both backends (launcher workers, dtype, context length) and the vLLM
+"""cache-teacher's rules shared by both backends (launcher workers, context length) and the vLLM
 backend's option handling and start-failure report, without vLLM."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kd_pipeline.cache.backends.vllm import _OutputTee, explain_start_failure, parse_vllm_args
-from kd_pipeline.cache.build import CacheConfig, launcher_worker, teacher_dtype, with_workers
+from kd_pipeline.cache.build import CacheConfig, launcher_worker, with_workers
 from kd_pipeline.pipeline import app
 
 
@@ -81,16 +81,6 @@ def test_srun_layout_writes_the_workers_manifests(tmp_path, teacher_dir, corpus_
         json.loads((out / n).read_text())["worker_index"]: json.loads((out / n).read_text())["shards"] for n in names
     }
     assert [s["block"] for s in shards[0]] == [0, 2] and [s["block"] for s in shards[1]] == [1, 3]
-
-
-def test_one_dtype_rule_for_both_backends():
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    for backend in ("hf", "vllm"):
-        assert teacher_dtype("auto", backend) == ("bfloat16" if on_cuda else "float32")
-        assert teacher_dtype("float16", backend) == "float16"
-    assert teacher_dtype("auto", "hf", device="cpu") == "float32"
 
 
 def test_seq_len_beyond_context_is_refused_before_loading(tmp_path, teacher_dir, corpus_jsonl):

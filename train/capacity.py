@@ -130,15 +130,35 @@ def count_parameters(spec: str, trust_remote_code: bool = False) -> ModelSize:
         raise CapacityError(f"{spec}: cannot count its parameters ({error})") from error
 
 
-def model_size(spec: str, trust_remote_code: bool = False) -> ModelSize:
-    """A candidate as given on the command line: ``NAME=SIZE``, a bare size (``7B``), or a model/config."""
-    if not Path(spec).exists():
-        name, sep, size = spec.rpartition("=")
-        if sep:
-            return ModelSize(name, parse_count(size))
-        if _COUNT.match(spec):
-            return ModelSize(spec, parse_count(spec))
-    return count_parameters(spec, trust_remote_code)
+def given_count(text: str, where: str) -> int:
+    """A size typed on the command line: ``7B``, ``350M``, ``1.5e9``. A bare number (``7``) is refused rather than
+    read with an assumed unit: both readings (7 parameters, 7 billion) are plausible, and a wrong guess gives a plan
+    that looks sound."""
+    match = _COUNT.match(text)
+    if match is not None and not match[2] and "e" not in match[1].lower():
+        number = match[1]
+        raise CapacityError(
+            f"{where}: a bare number has no unit; write {number}B for {number} billion parameters "
+            f"({number}M million, {number}K thousand) or a count such as {number}e9"
+        )
+    return parse_count(text)
+
+
+def model_size(spec: str, trust_remote_code: bool = False, option: str = "--candidate") -> ModelSize:
+    """A model as given on the command line (as ``option``): ``NAME=SIZE``, a size (``7B``), or a model/config."""
+    where = f"{option} {spec}"
+    if Path(spec).exists():
+        size = count_parameters(spec, trust_remote_code)
+    elif "=" in spec:
+        name, _, count = spec.rpartition("=")
+        size = ModelSize(name, given_count(count, where))
+    elif _COUNT.match(spec):
+        size = ModelSize(spec, given_count(spec, where))
+    else:
+        size = count_parameters(spec, trust_remote_code)
+    if size.params < 1:
+        raise CapacityError(f"{where}: {size.params} parameters; a model has at least one (sizes read like 1B, 350M)")
+    return size
 
 
 # ------------------------------------------------------------------------------------ law of the gap
@@ -263,8 +283,25 @@ class TeacherPlan:
     def optimal_params(self) -> float:
         return self.ratio * self.student.params
 
+    @property
+    def warnings(self) -> list[str]:
+        """One line per hop of the chain that stays above ratio²: the candidates leave a gap the law says is too
+        wide for one distillation, and where an assistant would split it."""
+        out = []
+        for big, small in zip(self.chain, self.chain[1:]):
+            gap = big.params / small.params
+            if gap > self.ratio**2:
+                hops = max(2, round(math.log(gap) / math.log(self.ratio)))
+                ideal = ", ".join(format_count(small.params * gap ** (j / hops)) for j in range(hops - 1, 0, -1))
+                out.append(
+                    f"{big.name} -> {small.name} is {gap:.2f}x, above {self.ratio:g}² = {self.ratio**2:g}x: no "
+                    f"candidate lies between them; {'an assistant' if hops == 2 else 'assistants'} near {ideal} "
+                    "would split it (--candidate NAME=SIZE)"
+                )
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "optimal_params": self.optimal_params}
+        return {**asdict(self), "optimal_params": self.optimal_params, "warnings": self.warnings}
 
     def render(self) -> str:
         s = self.student
@@ -290,6 +327,7 @@ class TeacherPlan:
                     f"  {big.name} ({format_count(big.params)}) -> {small.name} ({format_count(small.params)}): "
                     f"{big.params / small.params:.2f}x"
                 )
+            lines += [f"warning: {warning}" for warning in self.warnings]
         if self.assistants:
             lines += [
                 "",
@@ -307,7 +345,7 @@ class TeacherPlan:
 
 def plan_teacher(cfg: PlanConfig) -> TeacherPlan:
     cfg.validate()
-    student = model_size(cfg.student, cfg.trust_remote_code)
+    student = model_size(cfg.student, cfg.trust_remote_code, "--student")
     candidates = sorted((model_size(c, cfg.trust_remote_code) for c in cfg.candidates), key=lambda c: c.params)
     plan = TeacherPlan(
         student=student,
@@ -318,7 +356,7 @@ def plan_teacher(cfg: PlanConfig) -> TeacherPlan:
         lam=cfg.lam,
     )
     if cfg.assistants is not None:
-        plan.teacher = model_size(cfg.teacher, cfg.trust_remote_code) if cfg.teacher else candidates[-1]
+        plan.teacher = model_size(cfg.teacher, cfg.trust_remote_code, "--teacher") if cfg.teacher else candidates[-1]
         rows = read_assistants(cfg.assistants)
         plan.assistants = rank_assistants(rows, plan.teacher.params, student.params, cfg.lam)
     return plan

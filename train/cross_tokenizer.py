@@ -35,6 +35,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -503,28 +504,54 @@ class StudentBatches:
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         input_ids = batch["input_ids"].numpy()
-        target_mask = batch["target_mask"].numpy()
-        b, _ = input_ids.shape
-        loss_mask = np.concatenate([np.zeros((b, 1), dtype=bool), target_mask], axis=1)  # nothing predicts token 0
-        seqs = self.retokenizer.sequences(input_ids, loss_mask)
-        m = max(len(s.input_ids) for s in seqs)
-        k = batch["topk_ids"].shape[-1]
-        ids = np.full((b, m), self.pad_id, dtype=np.int64)
-        trained = np.zeros((b, m - 1), dtype=bool)
-        teacher_pos = np.full((b, m - 1), -1, dtype=np.int64)
-        teacher_last = np.full((b, m - 1), -1, dtype=np.int64)
-        target_bytes = np.zeros((b, m - 1), dtype=np.int64)
-        for row, seq in enumerate(seqs):
-            n = len(seq.input_ids)
-            ids[row, :n] = seq.input_ids
-            trained[row, : n - 1] = seq.target_mask
-            teacher_pos[row, : n - 1] = seq.teacher_pos
-            teacher_last[row, : n - 1] = seq.teacher_last
-            target_bytes[row, : n - 1] = seq.target_bytes
-        aligned = trained & (teacher_pos >= 0)
-        rows, cols = np.nonzero(aligned)
-        t_rows, t_pos = torch.from_numpy(rows), torch.from_numpy(teacher_pos[rows, cols])
-        support, logprobs, p_rest, matched = project_topk(
+        b = input_ids.shape[0]
+        nothing_first = np.zeros((b, 1), dtype=bool)  # nothing predicts token 0
+        loss_mask = np.concatenate([nothing_first, batch["target_mask"].numpy()], axis=1)
+        student = _padded(self.retokenizer.sequences(input_ids, loss_mask), self.pad_id)
+        m, k = student.ids.shape[1], batch["topk_ids"].shape[-1]
+        aligned = student.trained & (student.teacher_pos >= 0)
+        rows, cols = np.nonzero(aligned)  # the aligned positions, flattened: N of them
+        t_rows, t_pos = torch.from_numpy(rows), torch.from_numpy(student.teacher_pos[rows, cols])
+        g = torch.from_numpy(student.ids[rows, cols + 1])  # the student's target [N]
+        last = torch.from_numpy(student.teacher_last[rows, cols])
+        twin = self.mapping[torch.from_numpy(input_ids[rows, student.teacher_pos[rows, cols] + 1])]
+        support, logprobs, p_rest, matched = self._support(batch, t_rows, t_pos, g, last, twin)
+        target_lp = _target_logprob(
+            support, logprobs, p_rest, g, (last == t_pos) & (twin == g), batch["target_logprob"][t_rows, t_pos]
+        )
+
+        def scatter(values: Tensor, shape, fill, dtype) -> Tensor:
+            out = torch.full(shape, fill, dtype=dtype)
+            out[torch.from_numpy(rows), torch.from_numpy(cols)] = values.to(dtype)
+            return out
+
+        out = {
+            "input_ids": torch.from_numpy(student.ids),
+            "target_mask": torch.from_numpy(student.trained),
+            "aligned": torch.from_numpy(aligned),
+            "matched": scatter(matched, (b, m - 1), False, torch.bool),
+            "same_token": scatter(twin == g, (b, m - 1), False, torch.bool),
+            "topk_ids": scatter(support, (b, m - 1, k + 1), 0, torch.int32),
+            "topk_logprobs": scatter(logprobs, (b, m - 1, k + 1), float("-inf"), torch.float32),
+            "p_rest": scatter(p_rest, (b, m - 1), 1.0, torch.float32),
+            "teacher_topk_logprobs": scatter(
+                batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), batch["topk_logprobs"].dtype
+            ),
+            "target_logprob": scatter(target_lp, (b, m - 1), float("-inf"), torch.float32),
+            "target_bytes": torch.from_numpy(student.target_bytes),
+            "seq_ids": batch["seq_ids"],
+        }
+        out["distill_mask"] = out["matched"] & out[self.positions]
+        return out
+
+    def _support(
+        self, batch: dict[str, Tensor], t_rows: Tensor, t_pos: Tensor, g: Tensor, last: Tensor, twin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """At N aligned positions (teacher row ``t_rows`` [N], position ``t_pos`` [N]; the student's target ``g`` [N],
+        the teacher position that ends its text ``last`` [N], the student twin of the teacher's next token ``twin``
+        [N]): the teacher's top-k on student ids plus g's column, ``(support [N, k+1], logprobs [N, k+1], p_rest
+        [N], matched [N])`` as :func:`_canonical` orders them."""
+        support, logprobs, p_rest, _ = project_topk(
             batch["topk_ids"][t_rows, t_pos], batch["topk_logprobs"][t_rows, t_pos], self.mapping
         )
         # The student's own next token g, where the teacher spells its text with several tokens (a coarser student):
@@ -532,13 +559,10 @@ class StudentBatches:
         # their cached target log-probs). It is part of the mass of the teacher's first token u of it, which the
         # exact-match map gives to u's student twin (a prefix of g the student seldom emits there) or to the
         # tail: move that share to g, in a column of its own. (A g spelled by one teacher token is u's twin.)
-        g = torch.from_numpy(ids[rows, cols + 1])
         valid = torch.isfinite(logprobs)
         in_support = ((support == g.unsqueeze(-1)) & valid).any(-1)
         cumulative = torch.nn.functional.pad(batch["target_logprob"].double().cumsum(-1), (1, 0))  # [B, L]
-        last = torch.from_numpy(teacher_last[rows, cols])
         chain = (cumulative[t_rows, last.clamp_min(0) + 1] - cumulative[t_rows, t_pos]).exp().float()
-        twin = self.mapping[torch.from_numpy(input_ids[rows, teacher_pos[rows, cols] + 1])]
         holder = (support == twin.unsqueeze(-1)) & valid & (twin >= 0).unsqueeze(-1)
         has_holder = holder.any(-1)
         mass = logprobs.exp()
@@ -552,40 +576,51 @@ class StudentBatches:
             torch.cat([support, g.unsqueeze(-1)], dim=-1),
             torch.cat([torch.where(valid & (mass > 0), mass.log(), float("-inf")), extra_lp.unsqueeze(-1)], dim=-1),
         )
-        # The teacher's log-prob of g (ATKD needs it): its column; else, where one teacher token spells g, that
-        # token's cached log-prob (it lies in the tail); else 0 (g's share of the tail is unknown).
-        column = support == g.unsqueeze(-1)
-        single = (last == t_pos) & (twin == g)
-        spelled = torch.minimum(batch["target_logprob"][t_rows, t_pos].float(), p_rest.log())
-        target_lp = torch.where(
-            column.any(-1),
-            torch.where(column, logprobs, float("-inf")).amax(-1),
-            torch.where(single, spelled, float("-inf")),
-        )
+        return support, logprobs, p_rest, matched
 
-        def scatter(values: Tensor, shape, fill, dtype) -> Tensor:
-            out = torch.full(shape, fill, dtype=dtype)
-            out[torch.from_numpy(rows), torch.from_numpy(cols)] = values.to(dtype)
-            return out
 
-        out = {
-            "input_ids": torch.from_numpy(ids),
-            "target_mask": torch.from_numpy(trained),
-            "aligned": torch.from_numpy(aligned),
-            "matched": scatter(matched, (b, m - 1), False, torch.bool),
-            "same_token": scatter(twin == g, (b, m - 1), False, torch.bool),
-            "topk_ids": scatter(support, (b, m - 1, k + 1), 0, torch.int32),
-            "topk_logprobs": scatter(logprobs, (b, m - 1, k + 1), float("-inf"), torch.float32),
-            "p_rest": scatter(p_rest, (b, m - 1), 1.0, torch.float32),
-            "teacher_topk_logprobs": scatter(
-                batch["topk_logprobs"][t_rows, t_pos], (b, m - 1, k), float("-inf"), batch["topk_logprobs"].dtype
-            ),
-            "target_logprob": scatter(target_lp, (b, m - 1), float("-inf"), torch.float32),
-            "target_bytes": torch.from_numpy(target_bytes),
-            "seq_ids": batch["seq_ids"],
-        }
-        out["distill_mask"] = out["matched"] & out[self.positions]
-        return out
+class _StudentRows(NamedTuple):
+    """B student sequences padded to the longest, M tokens: ``ids`` [B, M] int64; the rest [B, M-1] per target."""
+
+    ids: np.ndarray
+    trained: np.ndarray  # bool
+    teacher_pos: np.ndarray  # int64, -1 where no teacher position is aligned
+    teacher_last: np.ndarray  # int64, -1 where the target's text does not end on a teacher boundary
+    target_bytes: np.ndarray  # int64
+
+
+def _padded(seqs: list[StudentSequence], pad_id: int) -> _StudentRows:
+    b, m = len(seqs), max(len(s.input_ids) for s in seqs)
+    rows = _StudentRows(
+        ids=np.full((b, m), pad_id, dtype=np.int64),
+        trained=np.zeros((b, m - 1), dtype=bool),
+        teacher_pos=np.full((b, m - 1), -1, dtype=np.int64),
+        teacher_last=np.full((b, m - 1), -1, dtype=np.int64),
+        target_bytes=np.zeros((b, m - 1), dtype=np.int64),
+    )
+    for row, seq in enumerate(seqs):
+        n = len(seq.input_ids)
+        rows.ids[row, :n] = seq.input_ids
+        rows.trained[row, : n - 1] = seq.target_mask
+        rows.teacher_pos[row, : n - 1] = seq.teacher_pos
+        rows.teacher_last[row, : n - 1] = seq.teacher_last
+        rows.target_bytes[row, : n - 1] = seq.target_bytes
+    return rows
+
+
+def _target_logprob(
+    support: Tensor, logprobs: Tensor, p_rest: Tensor, g: Tensor, single: Tensor, cached: Tensor
+) -> Tensor:
+    """The teacher's log-prob of the student's target g [N] (ATKD needs it): its column of ``support`` [N, k+1];
+    else, where one teacher token spells g (``single`` [N]), that token's ``cached`` target log-prob [N], capped
+    at the rest bin ``p_rest`` [N] (it lies in the tail); else -inf (g's share of the tail is unknown)."""
+    column = support == g.unsqueeze(-1)
+    spelled = torch.minimum(cached.float(), p_rest.log())
+    return torch.where(
+        column.any(-1),
+        torch.where(column, logprobs, float("-inf")).amax(-1),
+        torch.where(single, spelled, float("-inf")),
+    )
 
 
 def student_batches(info: CacheInfo, student_tok, positions: str = "same-token") -> StudentBatches:

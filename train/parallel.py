@@ -32,7 +32,6 @@ PARALLEL_CHOICES = ("auto", "none", "ddp", "fsdp")
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -65,7 +64,7 @@ def init_processes(device_pref: str) -> tuple[Dist, torch.device]:
         device = torch.device(device_pref)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    procs = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    procs = Dist(int(os.environ.get("RANK", "0")), world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return procs, device

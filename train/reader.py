@@ -180,12 +180,6 @@ class CacheReader:
             out.append(Window(members, order))
         return out
 
-    def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
-        """(window, position) of every sample of this rank's slice, for tests and debugging."""
-        start = self.rank * self.samples_per_rank
-        flat = [(w, p) for w, win in enumerate(self._windows(epoch)) for p in range(len(win.order))]
-        return flat[start : start + self.samples_per_rank]
-
     # ------------------------------------------------------------------------------------ reading
     def _read_chunk(self, chunk: Chunk) -> CacheRows:
         shard = self.info.shards[chunk.shard]

@@ -41,10 +41,10 @@ from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep
 from kd_pipeline.train import checkpoint, fused, losses
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
+from kd_pipeline.train.metrics import METRICS_FILE, read_metrics
 from kd_pipeline.train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
 from kd_pipeline.train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
 
-METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 MEMORY_FILE = "memory.json"
 RUN_LOCK = ".distill.lock"
@@ -983,8 +983,8 @@ def _eval_line(ev: dict) -> str:
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _write_metrics(f, record: dict) -> None:

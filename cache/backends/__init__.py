@@ -1,17 +1,27 @@
 """Teacher backends: turn token sequences into the teacher's top-k next-token log-probabilities.
 
-Every backend implements :class:`TeacherBackend`; the cache writer never knows which one it drives.
+Every backend subclasses :class:`TeacherBackend` and registers itself with :func:`register` (in the spirit of
+the encoding registry, kd_pipeline/cache/format/encodings/__init__.py). Stage one's driver (cache/build.py) only
+calls :func:`select_backend` and the class it returns: it never knows which backend it drives, so a new backend
+is one new module holding a registered subclass (plus its import in ``_BUILT_IN`` below, for a built-in one)
+and its test; docs/backends.md walks through one. Modules register on import; the built-ins are imported on
+the first lookup, and none imports torch at module level, so naming the backends stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar
 
 import numpy as np
 
 from kd_pipeline.errors import ConfigError
+from kd_pipeline.models import dtype_name
+
+AUTO = "auto"  # --backend auto: the available backend of highest priority that accepts the config
 
 
 @dataclass
@@ -28,24 +38,109 @@ class TeacherScores:
     target_logprob: np.ndarray
 
 
-class TeacherBackend(Protocol):
+class TeacherBackend(ABC):
+    """A teacher that scores token sequences. The class-level hooks are what the driver asks before it builds
+    one; ``config`` is stage one's config object, read by attribute (``config.teacher``, ``config.top_k``, ...)."""
+
+    name: ClassVar[str]  # the --backend value
+    priority: ClassVar[int] = 0  # --backend auto prefers the higher
     k: int
 
+    @classmethod
+    def available(cls) -> bool:
+        """Whether ``--backend auto`` may choose this backend on this machine (an explicit --backend is
+        always tried, and fails in :meth:`from_config` with what to install)."""
+        return True
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        """Why this backend cannot produce the cache ``config`` asks for (one line naming the option to
+        change), or None."""
+        return None
+
+    @classmethod
+    def teacher_dtype(cls, config) -> str:
+        """The dtype the teacher runs in (``bfloat16``, ...), "auto" resolved where this backend runs: part of
+        the cache identity, so a resume on another device cannot mix float32 and bf16 numbers. By default
+        the backend picks its device itself (CUDA where torch sees it)."""
+        return dtype_name(config.dtype, AUTO)
+
+    @classmethod
+    def identity(cls, config) -> dict:
+        """Entries this backend adds to the manifest's teacher identity: settings that may change the
+        numbers (vLLM's --vllm-arg quantization, ...). The backend's name is always added by the driver."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config) -> TeacherBackend:
+        """Load the teacher ``config`` names; the instance is ready to :meth:`score`."""
+
+    @abstractmethod
     def describe(self) -> dict:
         """Teacher identity and backend facts for the manifest: {"teacher": {...}, "backend": {...}}."""
-        ...
 
+    @abstractmethod
     def close(self) -> None:
         """Release the model (and any processes it runs in); the backend is unusable afterwards."""
-        ...
 
+    @abstractmethod
     def score(
         self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
     ) -> TeacherScores:
         """Score ``input_ids`` [B, L] int32 (stream positions ``first_seq_id``...); call ``progress(n)``
         after each n sequences are done. ``first_seq_id`` seeds sampled supports, so a resumed run draws
         the same samples."""
-        ...
+
+
+_REGISTRY: dict[str, type[TeacherBackend]] = {}
+# The backends that ship with the tool, imported (and so registered) on the first lookup.
+_BUILT_IN = ("kd_pipeline.cache.backends.hf", "kd_pipeline.cache.backends.vllm")
+
+
+def register(cls: type[TeacherBackend]) -> type[TeacherBackend]:
+    if cls.name in _REGISTRY or cls.name == AUTO:
+        raise ValueError(f"teacher backend {cls.name!r} registered twice (or named {AUTO!r})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _registry() -> dict[str, type[TeacherBackend]]:
+    for module in _BUILT_IN:
+        importlib.import_module(module)  # a no-op after the first time
+    return _REGISTRY
+
+
+def backend_names() -> list[str]:
+    """The registered backends, by name."""
+    return sorted(_registry())
+
+
+def backend_class(name: str) -> type[TeacherBackend]:
+    try:
+        return _registry()[name]
+    except KeyError:
+        raise ConfigError(f"unknown --backend {name!r}; choose from {', '.join([AUTO, *backend_names()])}") from None
+
+
+def select_backend(config) -> type[TeacherBackend]:
+    """The backend class ``config.backend`` names, or for ``auto`` the available one of highest priority that
+    accepts ``config``; a backend that cannot produce the asked-for cache is refused here, before any work."""
+    if config.backend != AUTO:
+        chosen = backend_class(config.backend)
+        reason = chosen.refusal(config)
+        if reason is not None:
+            raise ConfigError(reason)
+        return chosen
+    ranked = sorted(_registry().values(), key=lambda cls: (-cls.priority, cls.name))
+    for cls in ranked:
+        if cls.available() and cls.refusal(config) is None:
+            return cls
+    raise ConfigError(
+        "--backend auto: no backend here can produce this cache ("
+        + "; ".join(f"{cls.name}: {cls.refusal(config) or 'not available'}" for cls in ranked)
+        + ")"
+    )
 
 
 # Config keys that bound a model's positions, as vLLM 0.32 reads them (vllm/config/model.py: the derived

@@ -2,71 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.cache.backends import TeacherBackend, TeacherScores, register
 from kd_pipeline.errors import ConfigError
+from kd_pipeline.models import dtype_name, resolve_device, resolve_dtype, teacher_identity
 
-# Sampled weight hashing: sizes plus the first and last MiB of each weight file. Hashing whole files
-# would cost minutes for a 70B teacher; a retrained or different model changes these bytes.
-_SAMPLE_BYTES = 1 << 20
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
-
-
-def _sampled_file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_SAMPLE_BYTES))
-        if size > _SAMPLE_BYTES:
-            f.seek(max(_SAMPLE_BYTES, size - _SAMPLE_BYTES))
-            h.update(f.read(_SAMPLE_BYTES))
-    return h.hexdigest()
-
-
-def teacher_identity(name_or_path: str, revision: str | None, dtype: str, trust_remote_code: bool = False) -> dict:
-    """Identity of a teacher without loading its weights (config + sampled weight-file hashes)."""
-    from kd_pipeline.models import load_config
-
-    config = load_config(name_or_path, "--teacher", trust_remote_code=trust_remote_code, revision=revision)
-    config_json = json.dumps(config.to_diff_dict(), sort_keys=True, default=str)
-    identity = {
-        "name_or_path": str(name_or_path),
-        "revision": revision or getattr(config, "_commit_hash", None),
-        "dtype": dtype,
-        "architecture": (config.architectures or [config.model_type])[0],
-        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
-    }
-    local = Path(name_or_path)
-    if local.is_dir():
-        files = sorted(p for p in local.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-        h = hashlib.sha256()
-        for p in files:
-            h.update(_sampled_file_hash(p).encode())
-        identity["weights_sha256"] = h.hexdigest()
-    return identity
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it runs, not here: naming the backends (`--backend` choices, `--help`) stays cheap.
 
 
 def sample_support(
@@ -84,6 +31,8 @@ def sample_support(
     sorted by weight. Positions with fewer than k distinct draws are padded with distinct unsampled ids of
     weight 0 (log weight -inf); with more, the k heaviest are kept and the rest becomes tail mass.
     """
+    import torch
+
     log_r = torch.log_softmax(logprobs * temperature, dim=-1) if temperature != 1.0 else logprobs
     draws = torch.multinomial(log_r.exp(), num_samples, replacement=True, generator=generator)
     weights = (logprobs.gather(-1, draws) - log_r.gather(-1, draws)).exp()
@@ -93,9 +42,33 @@ def sample_support(
     return ids, values.log()
 
 
-class HFTeacher:
+@register
+class HFTeacher(TeacherBackend):
     """Teacher backed by ``AutoModelForCausalLM``; top-k is taken on the device so only the k columns
-    reach the CPU."""
+    reach the CPU. Runs everywhere torch does, and the only backend with the full softmax (``--support sampled``)."""
+
+    name = "hf"
+    priority = 0
+
+    @classmethod
+    def teacher_dtype(cls, config) -> str:
+        return dtype_name(config.dtype, config.device)
+
+    @classmethod
+    def from_config(cls, config) -> HFTeacher:
+        return cls(
+            config.teacher,
+            k=config.top_k,
+            batch_size=config.batch_size,
+            dtype=config.dtype,
+            device=config.device,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            support=config.support,
+            num_samples=config.num_samples,
+            sample_temperature=config.sample_temperature,
+            seed=config.sample_seed,
+        )
 
     def __init__(
         self,
@@ -157,6 +130,8 @@ class HFTeacher:
 
     def _support(self, lp: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, t, V] log-probs → (ids, log-probs or log-weights) [b, t, k], sorted descending."""
+        import torch
+
         if self.support == "topk":
             values, indices = torch.topk(lp, self.k, dim=-1, sorted=True)
             return indices, values
@@ -164,10 +139,17 @@ class HFTeacher:
         ids, logw = sample_support(lp.reshape(b * t, v), self.k, self.num_samples, self.sample_temperature, generator)
         return ids.reshape(b, t, self.k), logw.reshape(b, t, self.k)
 
-    @torch.inference_mode()
     def score(
         self, input_ids: np.ndarray, progress: Callable[[int], None] | None = None, first_seq_id: int = 0
     ) -> TeacherScores:
+        import torch
+
+        with torch.inference_mode():
+            return self._score(input_ids, progress, first_seq_id)
+
+    def _score(self, input_ids: np.ndarray, progress: Callable[[int], None] | None, first_seq_id: int) -> TeacherScores:
+        import torch
+
         b, length = input_ids.shape
         k = self.k
         topk_ids = np.empty((b, length - 1, k), np.int32)

@@ -53,7 +53,7 @@ another module does not matter):
   VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. ``vllm/v1/engine/input_processor.py`` (``_validate_prompt_len``)
   rejects a prompt as long as ``max_model_len`` ("plus the number of requested output tokens (at least
   1)"), so a prompt filling the context needs ``max_model_len = context + 1``: we set that variable while
-  the engine starts and apply our own context rule (``cache.teacher.check_seq_len``) instead.
+  the engine starts and apply our own context rule (``kd_pipeline.cache.backends.check_seq_len``) instead.
 - ``vllm/entrypoints/common/offline.py`` (``_run_engine``): ``use_tqdm`` may be a tqdm factory; its bar
   gets ``update(1)`` per finished request (and vLLM reads ``format_dict["elapsed"]``): our progress hook.
 - ``vllm/v1/engine/core_client.py`` (``MPClient.shutdown``): stops the engine processes (SIGTERM, then a
@@ -81,7 +81,7 @@ from typing import Any
 
 import numpy as np
 
-from kd_pipeline.cache.backends import TeacherScores
+from kd_pipeline.cache.backends import TeacherBackend, TeacherScores, register
 from kd_pipeline.errors import ConfigError, MissingDependency, PipelineError
 
 INSTALL_HINT = (
@@ -602,17 +602,69 @@ def _environment(**values: str):
                 os.environ[key] = value
 
 
-class VLLMTeacher:
-    """Teacher backed by a vLLM ``LLM`` engine; implements :class:`cache.teacher.TeacherBackend`.
+def _gpu_memory_utilization(given: float | None, model: str) -> float:
+    """``--gpu-memory-utilization`` as given, or for None the default for where the engine runs (said on stderr)."""
+    if given is not None:
+        return float(given)
+    import torch
+
+    share = default_gpu_memory_utilization(torch.cuda.is_available(), model)
+    print(f"vLLM: gpu_memory_utilization {share} (auto)", file=sys.stderr, flush=True)
+    return share
+
+
+@register
+class VLLMTeacher(TeacherBackend):
+    """Teacher backed by a vLLM ``LLM`` engine (a :class:`kd_pipeline.cache.backends.TeacherBackend`).
 
     Each sequence is one prompt scored with ``prompt_logprobs=k`` and ``max_tokens=1``; vLLM batches and
     schedules the prompts itself. vLLM wants room for the generated token (``max_model_len = seq_len + 1``)
     although that token is never run through the model: an L-token prompt's logprobs need only L
     positions. So ``seq_len`` may equal the teacher's context, and the caller checks that it does not
-    exceed it (``cache.teacher.check_seq_len``; cache-teacher does, for both backends), while vLLM's own
-    check, which would count the extra token, is told to allow it. Call :meth:`close` (or use it as a
+    exceed it (``kd_pipeline.cache.backends.check_seq_len``; cache-teacher does, for both backends), while vLLM's
+    own check, which would count the extra token, is told to allow it. Call :meth:`close` (or use it as a
     context manager) to shut the engine's processes down.
     """
+
+    name = "vllm"
+    priority = 10  # the faster engine, where it can run
+
+    @classmethod
+    def available(cls) -> bool:
+        import importlib.util
+
+        import torch
+
+        return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+
+    @classmethod
+    def refusal(cls, config) -> str | None:
+        if config.support != "topk":  # vLLM returns the top-k log-probs, never the full softmax
+            return f"--support {config.support} needs the full softmax: use --backend hf"
+        return None
+
+    @classmethod
+    def identity(cls, config) -> dict:
+        # --vllm-arg may change the numbers (quantization, kv_cache_dtype, ...): part of the cache identity.
+        return {"vllm_args": parse_vllm_args(config.vllm_args)} if config.vllm_args else {}
+
+    @classmethod
+    def from_config(cls, config) -> VLLMTeacher:
+        return cls(
+            config.teacher,
+            k=config.top_k,
+            seq_len=config.seq_len,
+            tensor_parallel_size=config.tensor_parallel_size,
+            pipeline_parallel_size=config.pipeline_parallel_size,
+            dtype=cls.teacher_dtype(config),
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            llm_kwargs=parse_vllm_args(config.vllm_args),
+        )
 
     def __init__(
         self,
@@ -662,14 +714,27 @@ class VLLMTeacher:
             "max_num_batched_tokens": max_num_batched_tokens,
             "llm_kwargs": extra,
         }
+        self.gpu_memory_utilization = _gpu_memory_utilization(gpu_memory_utilization, self.name)
+        self._start(LLM, self._llm_args(revision, trust_remote_code, seed))
+        # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
+        self.sampling_params = SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=self.k,
+            flat_logprobs=True,
+            detokenize=False,
+        )
+
+    def _llm_args(self, revision: str | None, trust_remote_code: bool, seed: int) -> dict:
+        """``vllm.LLM``'s arguments: the engine settings of ``self.engine`` and the ones the cache is only right with."""
+        engine = self.engine
         kwargs = dict(
             model=self.name,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            dtype=dtype,
-            tensor_parallel_size=int(tensor_parallel_size),
-            pipeline_parallel_size=int(pipeline_parallel_size),
-            enforce_eager=bool(enforce_eager),
+            dtype=self.dtype,
+            tensor_parallel_size=engine["tensor_parallel_size"],
+            pipeline_parallel_size=engine["pipeline_parallel_size"],
+            enforce_eager=engine["enforce_eager"],
             seed=seed,
             # vLLM rejects requests asking for more logprobs than this (default 20).
             max_logprobs=self.k,
@@ -679,18 +744,17 @@ class VLLMTeacher:
             max_model_len=self.seq_len + 1,
             # Cached prefix positions are not recomputed and would get no prompt logprobs.
             enable_prefix_caching=False,
+            gpu_memory_utilization=self.gpu_memory_utilization,
         )
-        if gpu_memory_utilization is None:
-            import torch
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if engine[name] is not None:
+                kwargs[name] = int(engine[name])
+        kwargs.update(engine["llm_kwargs"])
+        return kwargs
 
-            gpu_memory_utilization = default_gpu_memory_utilization(torch.cuda.is_available(), self.name)
-            print(f"vLLM: gpu_memory_utilization {gpu_memory_utilization} (auto)", file=sys.stderr, flush=True)
-        kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization = float(gpu_memory_utilization)
-        if max_num_seqs is not None:
-            kwargs["max_num_seqs"] = int(max_num_seqs)
-        if max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = int(max_num_batched_tokens)
-        kwargs.update(extra)
+    def _start(self, LLM, kwargs: dict) -> None:
+        """Start the engine (a failure becomes one :class:`EngineStartError` with vLLM's root cause) and check
+        ``k`` against the teacher's vocabulary."""
         self._log = _OutputTee()
         try:
             with self._log, _environment(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
@@ -701,13 +765,6 @@ class VLLMTeacher:
         if vocab is not None and self.k > vocab:
             self.close()
             raise ConfigError(f"k = {self.k} exceeds the teacher's vocabulary size {vocab}")
-        # One generated token per prompt (the prompt logprobs are what we want); no detokenization.
-        self.sampling_params = SamplingParams(
-            max_tokens=1,
-            prompt_logprobs=self.k,
-            flat_logprobs=True,
-            detokenize=False,
-        )
 
     def describe(self) -> dict:
         return {

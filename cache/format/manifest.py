@@ -37,6 +37,10 @@ IDENTITY_FIELDS = (
     "data",
 )
 
+# Keys that manifests of earlier versions hold and nothing reads any more; dropped on read so those caches load.
+# logprob_dtype: always "float16", while the compact encoding decodes to float32 (encodings say what they decode to).
+LEGACY_KEYS = ("logprob_dtype",)
+
 # Written by `pipeline distill` into final/: which cache and run made that model. A cache whose teacher
 # directory has one copies it into its manifest's `lineage` (teacher-assistant chains).
 LINEAGE_FILE = "lineage.json"
@@ -71,7 +75,6 @@ class Manifest:
     sampling: dict = field(default_factory=dict)  # for "sampled": num_samples, temperature, seed
     packing: str = "concat"
     data_path: str = ""
-    logprob_dtype: str = "float16"
     format_version: int = FORMAT_VERSION
     # How shards store the rows: {"name": <a kd_pipeline.cache.format.encodings encoding>, **its parameters}. Format v1 and
     # v2 manifests have no such entry: theirs is "exact".
@@ -98,6 +101,8 @@ class Manifest:
                 f"cache format version {version} is not supported by this version of the tool "
                 f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        for key in LEGACY_KEYS:
+            raw.pop(key, None)
         raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
         for shard in raw["shards"]:
             if not is_shard_name(shard.name):
