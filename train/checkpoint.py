@@ -12,7 +12,8 @@ A checkpoint is ``checkpoints/step-NNNNNNNN/``:
 
 It is written under ``.step-N.tmp``, fsynced, marked COMPLETE there, then renamed to ``step-N``. A re-save of a
 step (a requeued run saving the step it resumed from) removes the old ``step-N`` only once the new one is complete:
-a crash between the removal and the rename leaves a complete ``.step-N.tmp``, which counts as ``step-N``. So a
+a crash between the removal and the rename leaves a complete ``.step-N.tmp``, which a resume takes for ``step-N``
+(:func:`resumable_dirs`) and the next save commits. So a
 crash at any point leaves the previous checkpoints untouched and at most one new complete one. On resume the
 newest complete checkpoint whose files all have their recorded sizes and checksums is used; one with a missing,
 truncated or damaged file, or that fails to load, is skipped with a warning naming the file, for the one before
@@ -47,17 +48,23 @@ CONFIG_FILE = "distill_config.json"
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first: each ``step-N`` marked COMPLETE, or for a step without one a
-    complete ``.step-N.tmp`` (a re-save stopped between removing the old ``step-N`` and renaming the new one)."""
+    """Committed checkpoints of a run (``step-N`` marked COMPLETE), oldest first."""
     root = Path(out) / CHECKPOINT_DIR
     if not root.exists():
         return []
-    found: dict[int, Path] = {}
-    for p in root.iterdir():
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARKER).exists()]
+    return sorted(done, key=lambda p: _step_of(p.name) or 0)
+
+
+def resumable_dirs(out: Path) -> list[Path]:
+    """What a resume may use, oldest first: the committed checkpoints, and for a step without one a complete
+    ``.step-N.tmp`` (a re-save stopped between removing the old ``step-N`` and renaming the new one)."""
+    found = {_step_of(p.name): p for p in checkpoint_dirs(out)}
+    root = Path(out) / CHECKPOINT_DIR
+    for p in root.glob(".step-*.tmp") if root.exists() else []:
         step = _step_of(p.name)
-        if step is not None and p.is_dir() and (p / COMPLETE_MARKER).exists():
-            if p.name.startswith("step-") or step not in found:
-                found[step] = p
+        if step is not None and step not in found and p.is_dir() and (p / COMPLETE_MARKER).exists():
+            found[step] = p
     return [found[step] for step in sorted(found)]
 
 
@@ -108,8 +115,9 @@ def save(out: Path, step: int, strategy, model, optimizer, trainer_state: dict, 
     tmp = root / f".step-{step:08d}.tmp"
     try:
         if procs.main:
-            if (tmp / COMPLETE_MARKER).exists() and not final.exists():  # the last re-save stopped before its rename
-                os.replace(tmp, final)
+            for done in resumable_dirs(out):  # a complete .tmp a resume may have used (up to this step) commits now
+                if done.name.startswith(".") and _step_of(done.name) <= step:
+                    os.replace(done, root / f"step-{_step_of(done.name):08d}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         procs.barrier()
@@ -224,7 +232,7 @@ def load_latest(out: Path, strategy, model, optimizer) -> Restored | None:
     """
     import torch.distributed.checkpoint as dcp
 
-    candidates = checkpoint_dirs(out)
+    candidates = resumable_dirs(out)
     if not candidates:
         root = Path(out) / CHECKPOINT_DIR
         left = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
