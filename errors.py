@@ -54,3 +54,7 @@ class GenerateError(PipelineError):
 
 class MissingDependency(PipelineError, ImportError):
     """An optional extra that is not installed here; the message names what to ``pip install``."""
+
+
+class OutputError(PipelineError):
+    """An output that cannot be written where asked: a read-only file system, no permission, a full disk."""

@@ -63,7 +63,10 @@ def verify_cmd(
     cache: Path = typer.Argument(..., help="Cache directory."),
     quick: bool = typer.Option(False, help="Checksums, sizes and manifests only; skip decoding values."),
 ):
-    """Check every shard: sha256, schema, row counts, seq_id ranges, sorted log-probs <= 0, tail mass in [0, 1]."""
+    """Check every shard: sha256, schema, row counts, seq_id ranges, sorted log-probs <= 0, tail mass in [0, 1], and
+    that the cache trains something. Exit status: 0 OK (complete, every check passed); 1 FAILED (a damaged, missing
+    or inconsistent file: the lines marked BAD name it); 3 INCOMPLETE (what is there checks out, but a worker has
+    not finished or its manifest is missing: rerun its cache-teacher command; distill refuses it until then)."""
     from kd_pipeline.cache.format.verify import verify_cache
 
     report = verify_cache(cache, check_values=not quick)
@@ -74,8 +77,11 @@ def verify_cmd(
     summary = f"{report.shards_checked} shards, {report.rows:,} sequences, {report.tokens:,} tokens checked"
     if not report.ok:
         typer.echo(f"FAILED: {len(report.problems)} problem(s); {summary}")
-        raise typer.Exit(1)
-    typer.echo(f"OK: {summary}")
+    elif report.incomplete:
+        typer.echo(f"INCOMPLETE: {report.incomplete}; {summary}")
+    else:
+        typer.echo(f"OK: {summary}")
+    raise typer.Exit(report.exit_code)
 
 
 @app.command("inspect")

@@ -33,6 +33,7 @@ from kd_pipeline.cache.format.manifest import (
     Manifest,
     ShardEntry,
     identity_diff,
+    load_cache,
     read_manifest,
     tokenizer_fingerprint,
 )
@@ -109,6 +110,13 @@ class CacheConfig:
     )
     min_logprob: float | None = option(
         None, "compact: drop support entries below this log-prob (at most --top-k kept; their mass goes to the tail)."
+    )
+    assistant_roles: list[str] = option(
+        help="Chat data: a message role whose turns are the model's answers, trained and rendered as 'assistant' "
+        "(repeat). Built in: assistant, model (Gemma), gpt (ShareGPT); human is rendered as user; system, user, "
+        "tool, ipython, function, developer are context.",
+        flag="--assistant-role",
+        default_factory=list,
     )
 
     def validate(self) -> None:
@@ -348,6 +356,7 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
         split=config.split,
         max_tokens=config.max_tokens,
         max_sequences=config.max_sequences,
+        assistant_roles=list(config.assistant_roles),
     )
     teacher_config = load_config(
         config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
@@ -397,6 +406,7 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     fresh.teacher.update(backend=backend.name, **backend.identity(config))
     manifest = _prepare_output(config, fresh)
     if manifest.complete:
+        load_cache(config.out, require_complete=False).check_trains_something()
         _log(f"{config.out}: cache already complete ({len(manifest.shards)} shards); nothing to do")
         return manifest
     (config.out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -487,6 +497,7 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
                     first_seq_id=int(rows.seq_ids[0]),
                     last_seq_id=int(rows.seq_ids[-1]),
                     tokens_sha256=block_tokens_sha,
+                    trained=int(loss_mask.sum()),
                 )
             )
             manifest.shards.sort(key=lambda s: s.block)
@@ -505,6 +516,7 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     manifest.complete = True
     with _naming_write_errors(config.out / manifest_name(config.worker_index, config.num_workers)):
         manifest.save(config.out)
+    load_cache(config.out, require_complete=False).check_trains_something()  # once the last worker completes it
     elapsed = time.perf_counter() - started
     tokens, size = manifest.total_tokens, manifest.total_bytes
     _log(

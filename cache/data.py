@@ -22,7 +22,7 @@ Documents
     error naming the file, the line (jsonl) or row (parquet, datasets) and the fields it does have.
     Empty documents (``""``, whitespace only, or ``[]``) are skipped by the packer.
 
-    Files are read as UTF-8; a byte that is not is an error naming the file, the line and the column.
+    Files are read as UTF-8 (a byte order mark at the start of a file is dropped); a byte that is not is an error naming the file, the line and the column.
     Each file is read once, however many names (symlinks, overlapping globs) lead to it; a directory
     symlink back to a folder being walked is a loop, reported and not followed.
 
@@ -40,6 +40,11 @@ Tokens and masks
       the newline the template writes after it is not, and neither is the ``<|im_start|>assistant\\n``
       header, nor any system/user/tool text. A token is trained if its character span overlaps an
       assistant span. The EOS appended after a conversation separates documents and is NOT trained.
+      Roles: ``assistant`` turns are trained, and so are ``model`` (Gemma's datasets) and ``gpt`` (ShareGPT
+      exports) and any role named by ``DataSpec.assistant_roles`` (``--assistant-role``): these are rendered as
+      ``assistant``, the role a template's generation prompt opens. ShareGPT's ``human`` is rendered as ``user``.
+      ``system``, ``user``, ``tool``, ``ipython``, ``function`` and ``developer`` are context. A conversation
+      with no trained turn and a role outside these lists is an error naming the role: it would train nothing.
       Templates that rewrite earlier turns (so that a rendered prefix is not a prefix of the whole
       rendering) are refused with an error.
     - Packing: all documents, in order, form one token stream (the mask travels with the tokens) cut
@@ -64,7 +69,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +81,12 @@ log = logging.getLogger(__name__)
 
 Document = str | list[dict[str, Any]]
 
+# Message roles another convention uses for a standard one: rendered as the standard role.
+ROLE_ALIASES = {"model": "assistant", "gpt": "assistant", "human": "user"}
+CONTEXT_ROLES = ("system", "user", "tool", "ipython", "function", "developer")  # never trained
+
+# A UTF-8 byte order mark (Windows editors write one) is a file signature, not text: it would be trained as tokens.
+BOM = "\ufeff"
 SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet", ".txt")  # longest first: ".jsonl.zst" before ".jsonl"
 PACKING_MODE = "concat"  # documents concatenated with EOS separators, cut at seq_len, last one padded
 
@@ -295,6 +306,8 @@ def _read_jsonl_lines(lines: Iterable[bytes], name: str, tf: str, mf: str) -> It
     for lineno, raw in enumerate(lines, 1):
         where = f"{name}:{lineno}"
         line = _decode_utf8(raw, where)
+        if lineno == 1:
+            line = line.removeprefix(BOM)
         if not line.strip():
             continue
         try:
@@ -330,7 +343,7 @@ def _read_source(src: _Source, tf: str, mf: str, split: str | None) -> Iterator[
             with io.BufferedReader(reader) as f:
                 yield from _read_jsonl_lines(f, str(src.path), tf, mf)
     elif src.kind == "txt":
-        yield _decode_utf8(src.path.read_bytes(), str(src.path))
+        yield _decode_utf8(src.path.read_bytes(), str(src.path)).removeprefix(BOM)
     elif src.kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -447,11 +460,34 @@ def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
     return out
 
 
-def assistant_spans(messages: list[dict[str, Any]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def standard_roles(messages: list[dict[str, Any]], assistant_roles: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The conversation with aliased roles (ROLE_ALIASES, and ``assistant_roles`` for "assistant") renamed.
+
+    A conversation that would train nothing because its roles are not known (no assistant turn, and a role that
+    is neither trained nor context) is refused naming the roles."""
+    aliases = {**ROLE_ALIASES, **{role: "assistant" for role in assistant_roles}}
+    out = [{**m, "role": aliases[m["role"]]} if m["role"] in aliases else m for m in messages]
+    roles = [m["role"] for m in out]
+    unknown = sorted({r for r in roles if r != "assistant" and r not in CONTEXT_ROLES})
+    if unknown and "assistant" not in roles:
+        trained = ", ".join(["assistant", *sorted(r for r, to in aliases.items() if to == "assistant")])
+        raise DataError(
+            f"a conversation (roles {[m['role'] for m in messages]}) has no assistant turn: role(s) "
+            f"{', '.join(map(repr, unknown))} are neither trained ({trained}) nor context "
+            f"({', '.join(CONTEXT_ROLES)}), so it would train nothing. If those turns are the model's answers, pass "
+            f"--assistant-role {unknown[0]}"
+        )
+    return out
+
+
+def assistant_spans(
+    messages: list[dict[str, Any]], tokenizer, assistant_roles: Iterable[str] = ()
+) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return (text, [(start, end) character spans of the trained assistant
-    output]). See the module docstring for exactly which characters are trained."""
+    output]). See the module docstring for exactly which characters are trained (and which roles)."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("chat data needs a tokenizer with a chat template (tokenizer.chat_template is unset)")
+    messages = standard_roles(messages, assistant_roles)
     full = _render(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
@@ -516,8 +552,11 @@ def _flat(lists: list[list[int]], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int32, count=total)
 
 
-def encode_batch(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tokenize documents in order (one batched tokenizer call per kind). Returns the concatenated
+def encode_batch(
+    docs: list[Document], tokenizer, assistant_roles: Iterable[str] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenize documents in order (one batched tokenizer call per kind); ``assistant_roles``: message roles
+    trained besides the built-in ones (:func:`standard_roles`). Returns the concatenated
     ``input_ids`` int32 [N], ``loss_mask`` bool [N] (before the per-sequence position-0 rule) and the
     per-document lengths int64 [len(docs)], EOS separators included."""
     eos = _eos_id(tokenizer)
@@ -536,7 +575,7 @@ def encode_batch(docs: list[Document], tokenizer) -> tuple[np.ndarray, np.ndarra
     if chat_idx:
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("chat data needs a fast tokenizer (character offsets locate the assistant tokens)")
-        rendered = [assistant_spans(docs[i], tokenizer) for i in chat_idx]
+        rendered = [assistant_spans(docs[i], tokenizer, assistant_roles) for i in chat_idx]
         enc = tokenizer([r[0] for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         for i, (_, spans), t, off in zip(chat_idx, rendered, enc["input_ids"], enc["offset_mapping"]):
             flat_off = np.fromiter(itertools.chain.from_iterable(off), dtype=np.int64, count=2 * len(off))
@@ -575,6 +614,7 @@ class DataSpec:
     split: str | None = "train"
     max_tokens: int | None = None
     max_sequences: int | None = None
+    assistant_roles: list[str] = field(default_factory=list)  # trained message roles besides the built-in ones
 
     def __post_init__(self):
         self.path = os.fspath(self.path)
@@ -597,7 +637,10 @@ class DataSpec:
 
     def describe(self) -> dict:
         """The options that shape the token stream, for the manifest."""
-        return {**asdict(self), "packing": PACKING_MODE}
+        described = {**asdict(self), "packing": PACKING_MODE}
+        if not self.assistant_roles:  # absent unless given: caches made before the option keep their identity
+            del described["assistant_roles"]
+        return described
 
 
 def _document_batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
@@ -630,7 +673,7 @@ def iter_sequences(spec: DataSpec, tokenizer) -> Iterator[tuple[np.ndarray, np.n
     pending = 0
     try:
         for batch in _document_batches(docs):
-            ids, mask, _ = encode_batch(batch, tokenizer)
+            ids, mask, _ = encode_batch(batch, tokenizer, spec.assistant_roles)
             pend_ids.append(ids)
             pend_mask.append(mask)
             pending += len(ids)

@@ -152,7 +152,7 @@ class CacheReader:
         self.verify_checksums = verify_checksums
         self.prefetch = prefetch
         self.pin_memory = pin_memory
-        self._verified: set[int] = set()
+        self._verified: dict[int, tuple[int, ...]] = {}  # shard index -> file identity when verified
         self.epoch = 0
         self.consumed = 0  # samples of this rank's slice already handed out in self.epoch
         total = sum(c.rows for c in self.chunks)
@@ -181,20 +181,46 @@ class CacheReader:
         return out
 
     # ------------------------------------------------------------------------------------ reading
+    def _check_shard(self, index: int, path: Path) -> None:
+        """Verify a shard on its first open (sha256 against the manifest) and prove it is the same file on every
+        later one: a shard is reopened by path for each of its row groups, and a cache rebuilt or rsynced into
+        place under a running job renames new files over the old ones. One ``stat`` (device, inode, size,
+        modification time) per open costs microseconds against milliseconds of reading, where holding every
+        verified shard open would hold thousands of descriptors. A file whose identity changed is hashed again:
+        the same bytes (a copy of the same cache) read on, other bytes stop the run naming the shard."""
+        shard = self.info.shards[index]
+        try:
+            before = _identity(path)
+        except FileNotFoundError:
+            raise CacheError(f"{path}: shard listed in the manifest is missing") from None
+        if self._verified.get(index) == before:
+            return
+        if self.verify_checksums or index in self._verified:
+            if sha256_file(path) != shard.sha256:
+                changed = index in self._verified
+                raise CacheError(
+                    f"{path}: the shard changed since this run verified it (the cache was rebuilt or replaced "
+                    "under it); stopped rather than train on another teacher's data. Rerun on the new cache as a "
+                    "new run (another --out)"
+                    if changed
+                    else f"{path}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)"
+                )
+            if _identity(path) != before:  # replaced while it was being hashed
+                raise CacheError(f"{path}: the shard changed while it was being verified (a cache written under a run)")
+        self._verified[index] = before
+
     def _read_chunk(self, chunk: Chunk) -> CacheRows:
         shard = self.info.shards[chunk.shard]
         path = self.info.root / shard.name
-        if self.verify_checksums and chunk.shard not in self._verified:
-            if not path.exists():
-                raise CacheError(f"{path}: shard listed in the manifest is missing")
-            if sha256_file(path) != shard.sha256:
-                raise CacheError(f"{path}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)")
-            self._verified.add(chunk.shard)
         # Arrow's errors name no file (ArrowInvalid is a ValueError, ArrowIOError an OSError): name it here.
         unreadable = (OSError, ValueError, KeyError, IndexError, pa.ArrowException)
+        self._check_shard(chunk.shard, path)
         try:
             # Small reads instead of pre-buffering the whole row group's column chunks at once.
             with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as f:
+                # After the open: the file arrow holds is the one whose identity is checked (a rename over the
+                # path from here on leaves arrow reading the verified file).
+                self._check_shard(chunk.shard, path)
                 table = f.read_row_group(chunk.row_group)
         except unreadable as e:
             raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
@@ -287,6 +313,12 @@ class CacheReader:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         if state["world_size"] != self.world_size:
             self.consumed = min(state["consumed"] * state["world_size"] // self.world_size, self.samples_per_rank)
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _DecodedWindow:

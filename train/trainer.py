@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from kd_pipeline.cache.format.layout import TOKENIZER_DIR
 from kd_pipeline.cache.format.lock import hold_lock
-from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache
+from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache, teacher_diff
 from kd_pipeline.config import option
-from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep
+from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep, TrainingError
 from kd_pipeline.train import checkpoint, fused, losses
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
@@ -128,6 +128,11 @@ class RunOptions:
         False,
         "Allow the student's own model code (auto_map) to run; without it such a student is refused, never asked.",
     )
+    allow_eval_teacher_mismatch: bool = option(
+        False,
+        "Accept an --eval-cache made by another teacher than --cache (same tokenizer): its KL and top-1 then measure "
+        "agreement with that other teacher.",
+    )
 
 
 @dataclass
@@ -141,8 +146,23 @@ class DistillConfig(losses.LossOptions, RunOptions):
         for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:  # 0 once meant "unset" and trained a full epoch
+            raise ConfigError(f"--max-steps must be >= 1 (leave it out to train --epochs), got {self.max_steps}")
+        for name in ("lr", "weight_decay", "epochs", "grad_clip"):  # nan passes every comparison below
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.max_steps is None and self.epochs <= 0:
             raise ConfigError("give --max-steps or a positive --epochs")
+        for name, low, meaning in (
+            ("warmup_steps", 0, ""),
+            ("eval_sequences", 0, " (0: no held-out eval)"),
+            ("shuffle_rows", 1, " (1: rows shuffled within each row group only)"),
+            ("keep_checkpoints", 1, ""),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}{meaning}, got {getattr(self, name)}")
+        if self.grad_clip < 0 or self.lr < 0 or self.weight_decay < 0:
+            raise ConfigError("--lr, --weight-decay and --grad-clip must be >= 0 (--grad-clip 0: no clipping)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("--precision must be auto, bf16 or fp32")
         if self.parallel not in PARALLEL_CHOICES:
@@ -524,6 +544,7 @@ RESUME_FREE = frozenset(
         "allow_config_change",
         "skip_nonfinite_steps",
         "allow_vocab_superset",
+        "allow_eval_teacher_mismatch",
     }
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
@@ -574,6 +595,7 @@ class Recipe:
         self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
         self.d = d
         self.info = info = load_cache(cfg.cache)
+        info.check_trains_something()
         self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
         self._setup_tokens()
         self._setup_data()
@@ -585,7 +607,9 @@ class Recipe:
                 "(the metrics and tokens/s count the tokens actually trained)",
             )
         self.steps_per_epoch = max(1, self.reader.batches_per_epoch // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.total_steps = (
+            cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        )
 
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -637,6 +661,15 @@ class Recipe:
             eval_info = load_cache(cfg.eval_cache)
             if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
                 raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
+            # One vocabulary serves a whole model family: the tokenizer alone does not make it the same teacher.
+            other = teacher_diff(info.manifest.teacher, eval_info.manifest.teacher)
+            if other and not cfg.allow_eval_teacher_mismatch:
+                raise CacheError(
+                    f"--eval-cache {cfg.eval_cache} was made by teacher {eval_info.manifest.teacher.get('name_or_path')}"
+                    f", --cache {cfg.cache} by {info.manifest.teacher.get('name_or_path')} ({'; '.join(other)}): eval "
+                    "KL and top-1 would measure the other teacher. Use an eval cache of the same teacher, or pass "
+                    "--allow-eval-teacher-mismatch."
+                )
             train_chunks, eval_source, eval_chunks = chunks, eval_info, None
         else:
             train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
@@ -670,7 +703,8 @@ class Recipe:
         if restored is None:
             _log(d, f"--resume: no complete checkpoint in {cfg.out / CHECKPOINT_DIR}; starting from scratch")
             return
-        allowed, fixed = config_differences(restored.config, cfg.record())
+        saved, moved = self._moved_cache(restored)
+        allowed, fixed = config_differences(saved, cfg.record())
         if fixed:
             raise CacheError(
                 f"cannot resume {restored.path} with these changes: "
@@ -688,6 +722,9 @@ class Recipe:
         self.skipped = int(state.get("skipped", 0))
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.config_changes = list(state.get("config_changes", []))
+        if moved:
+            self.config_changes.append({"step": self.step, "changes": [moved]})
+            _log(d, f"note: {moved}")
         if allowed:
             self.config_changes.append({"step": self.step, "changes": allowed})
             _log(d, "warning: --allow-config-change: from step " + f"{self.step}: " + "; ".join(allowed))
@@ -705,6 +742,19 @@ class Recipe:
             self.loss.load_state_dict(state.get("loss") or {})
         self.before = state.get("before")
         _log(d, f"resumed from {restored.path} at step {self.step}")
+
+    def _moved_cache(self, restored) -> tuple[dict, str | None]:
+        """The checkpoint's config to compare with this run's, and a line if ``--cache`` moved: a cache at another
+        path whose content fingerprint (identity and shard checksums) is the checkpoint's is the same cache."""
+        saved, now = restored.config, self.cfg.record()
+        old = saved.get("cache")
+        recorded = restored.trainer_state.get("reader", {}).get("cache_fingerprint")
+        if old is None or Path(old).resolve() == Path(now["cache"]).resolve():
+            return saved, None
+        if recorded != self.info.fingerprint():
+            return saved, None  # another cache: the config comparison refuses it
+        moved = f"--cache moved from {old} to {now['cache']}, the same content (fingerprint {recorded})"
+        return {**saved, "cache": now["cache"]}, moved
 
     # -------------------------------------------------------------------------------------- step
     def train_step(self, batches) -> dict | None:
@@ -783,7 +833,7 @@ class Recipe:
     def evaluate(self) -> dict:
         # The unwrapped student where its forward needs no collective (DDP's broadcasts buffers: ranks with unequal
         # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
-        return evaluate(
+        ev = evaluate(
             self.strategy.inner(self.model),
             self.eval_reader,
             self.device,
@@ -793,6 +843,13 @@ class Recipe:
             lockstep=self.strategy.lockstep_forwards,
             tokens=self.tokens,
         )
+        if ev["eval_tokens"] == 0:  # summed over the ranks: every rank stops here together
+            source = self.cfg.eval_cache or f"the last {self.cfg.eval_sequences} sequences of {self.cfg.cache}"
+            raise TrainingError(
+                f"the eval set ({source}) holds no trained target: its numbers would all read 0. Give "
+                "--eval-sequences more sequences, another --eval-cache, or --eval-sequences 0 for no eval."
+            )
+        return ev
 
     # ----------------------------------------------------------------------------------- saving
     def trainer_state(self) -> dict:
@@ -890,6 +947,7 @@ class Recipe:
         )
         started, start_step = time.perf_counter(), self.step
         window_start, window_tokens, window_steps = started, 0, 0
+        trained_here = 0  # targets this process trained on: a stream that trains none is an error, not a zero
         last: dict = {}
         try:
             if self.eval_reader is not None and cfg.eval_at_start and self.step == 0:
@@ -904,6 +962,12 @@ class Recipe:
                     self._record_memory()
                 step = self.step
                 bar.update(1)
+                trained_here += record["tokens"]
+                if not trained_here and step - start_step >= min(self.steps_per_epoch, self.total_steps - start_step):
+                    raise TrainingError(
+                        f"{step - start_step} steps (an epoch, or the whole run) trained no target: the batches from "
+                        f"{cfg.cache} have no trained position."
+                    )
                 window_tokens += record["tokens"]
                 window_steps += 1
                 if step % cfg.log_every == 0 or step == self.total_steps:
@@ -964,6 +1028,7 @@ def distill(cfg: DistillConfig, teacher: TeacherSignal | None = None) -> dict:
     ``teacher``: where the teacher's side of the training loss comes from (default: the cache's columns).
     One run per --out: a second is refused while the first runs (cache/format/lock.py).
     """
+    cfg.validate()  # before the lock: a refused option leaves no --out behind
     main = int(os.environ.get("RANK", "0")) == 0
     with hold_lock(Path(cfg.out) / RUN_LOCK, f"run {cfg.out}") if main else contextlib.nullcontext():
         return Recipe(cfg, teacher).run()
@@ -981,6 +1046,8 @@ def _eval_line(ev: dict) -> str:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records of steps up to ``step`` (what a killed run logged past its checkpoint goes). A torn last
+    line (a crash or a full disk mid-write) is dropped with a warning; damage anywhere else names the file and line."""
     if not path.exists():
         return
     kept = [record for record in read_metrics(path) if record["step"] <= step]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from kd_pipeline.errors import LockHeld
+from kd_pipeline.errors import LockHeld, OutputError
 
 
 def _holder() -> dict:
@@ -42,8 +42,14 @@ def hold_lock(path: Path, what: str) -> Iterator[None]:
     ``what`` names the thing protected in the refusal, e.g. "cache /data/c (worker 0)".
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # the first write of every writer: a read-only or full file system shows here
+        raise OutputError(
+            f"{path}: cannot take the lock of {what} ({e.strerror or e}); a writer needs a writable folder there. "
+            "Choose another --out, or fix the folder's file system or permissions."
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

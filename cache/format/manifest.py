@@ -21,6 +21,7 @@ from kd_pipeline.cache.format.layout import (
     is_shard_name,
     manifest_name,
 )
+from kd_pipeline.cache.format.schema import ManifestFieldError, validate_manifest
 from kd_pipeline.errors import CacheError
 
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
@@ -41,6 +42,10 @@ IDENTITY_FIELDS = (
 # logprob_dtype: always "float16", while the compact encoding decodes to float32 (encodings say what they decode to).
 LEGACY_KEYS = ("logprob_dtype",)
 
+# The fields of a manifest's `teacher` that say which model it is (its weights and config), leaving out where it was
+# loaded from, its dtype and its backend: one model evaluated at another precision is still the same teacher.
+TEACHER_MODEL_FIELDS = ("architecture", "config_sha256", "weights_sha256", "revision")
+
 # Written by `pipeline distill` into final/: which cache and run made that model. A cache whose teacher
 # directory has one copies it into its manifest's `lineage` (teacher-assistant chains).
 LINEAGE_FILE = "lineage.json"
@@ -57,6 +62,7 @@ class ShardEntry:
     first_seq_id: int
     last_seq_id: int
     tokens_sha256: str  # of the block's input_ids: lets a resume prove the data did not change
+    trained: int | None = None  # trained targets (loss_mask True) in the block; None in caches made before it
 
 
 @dataclass
@@ -95,14 +101,17 @@ class Manifest:
     @staticmethod
     def from_json(text: str) -> Manifest:
         raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ManifestFieldError("(top level)", f"expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
         if version not in READABLE_VERSIONS:
             raise CacheError(
-                f"cache format version {version} is not supported by this version of the tool "
+                f"cache format version {version!r} is not supported by this version of the tool "
                 f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         for key in LEGACY_KEYS:
             raw.pop(key, None)
+        validate_manifest(raw, Manifest, ShardEntry)
         raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
         for shard in raw["shards"]:
             if not is_shard_name(shard.name):
@@ -124,6 +133,16 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+
+def teacher_diff(a: dict, b: dict) -> list[str]:
+    """How two manifests' `teacher` entries differ as models (TEACHER_MODEL_FIELDS), one line each; [] if the same
+    model. A field only one of them records (a hub teacher has no weights hash) is not a difference."""
+    return [
+        f"{name}: {str(a[name])[:16]} != {str(b[name])[:16]}"
+        for name in TEACHER_MODEL_FIELDS
+        if name in a and name in b and a[name] != b[name]
+    ]
 
 
 def identity_diff(a: dict, b: dict) -> list[str]:
@@ -152,6 +171,10 @@ def identity_diff(a: dict, b: dict) -> list[str]:
 def read_manifest(path: Path) -> Manifest:
     try:
         return Manifest.from_json(path.read_text())
+    except ManifestFieldError as e:
+        raise CacheError(f"{path}: corrupt manifest, {e}") from e
+    except CacheError as e:
+        raise CacheError(f"{path}: {e}") from e
     except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
         raise CacheError(f"{path}: corrupt manifest, not a valid cache manifest ({e})") from e
 
@@ -176,6 +199,21 @@ class CacheInfo:
     @property
     def num_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
+
+    @property
+    def num_trained(self) -> int | None:
+        """Trained targets in the whole cache, None if a shard does not record its count (an older cache)."""
+        counts = [s.trained for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def check_trains_something(self) -> None:
+        """A complete cache with no trained position would make a student that learned nothing look perfect."""
+        if self.complete and self.num_trained == 0:
+            raise CacheError(
+                f"{self.root}: none of the cache's {self.num_tokens:,} tokens is a trained target: chat data whose "
+                "assistant turns use a role this tool does not train (see `pipeline cache-teacher --help`, "
+                "--assistant-role), or conversations with no assistant turn"
+            )
 
     def fingerprint(self) -> str:
         """Identifies this exact cache content (identity + shard checksums)."""

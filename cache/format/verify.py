@@ -30,25 +30,34 @@ class VerifyReport:
     tokens: int = 0
     problems: list[str] = field(default_factory=list)  # each names the file
     warnings: list[str] = field(default_factory=list)
+    incomplete: str | None = None  # why the cache is not complete (a worker unfinished or its manifest missing)
+    trained: int | None = 0  # trained targets in the shards checked; None if unknown (--quick on an older cache)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def exit_code(self) -> int:
+        """`pipeline verify`'s exit status: 0 OK, 1 damaged (problems), 3 intact so far but incomplete."""
+        return 1 if self.problems else 3 if self.incomplete else 0
 
-def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encoding) -> list[str]:
+
+def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encoding) -> tuple[list[str], int]:
     """Decoded-value bounds every encoding must meet: ids in the vocabulary and unique per position,
-    log-probs <= 0 and sorted, support mass <= 1 (tail mass in [0, 1]), target consistent with the support."""
+    log-probs <= 0 and sorted, support mass <= 1 (tail mass in [0, 1]), target consistent with the support.
+    Returns (problems, trained targets in the shard)."""
     m = info.manifest
     vocab = m.tokenizer["vocab_size"]
     problems = []
     table = pq.read_table(path)
     if table.schema.remove_metadata() != encoding.schema.remove_metadata():
-        return [f"{path}: schema differs from format v{m.format_version} ({encoding.name}): {table.schema}"]
+        return [f"{path}: schema differs from format v{m.format_version} ({encoding.name}): {table.schema}"], 0
     if table.num_rows != shard.rows:
         problems.append(f"{path}: {table.num_rows} rows, manifest says {shard.rows}")
     problems += [f"{path}: {p}" for p in encoding.check(table)]
     rows = encoding.decode(table)
+    trained = int(rows.loss_mask[:, 1:].sum())
     expected_ids = np.arange(shard.first_seq_id, shard.last_seq_id + 1)
     if not np.array_equal(rows.seq_ids, expected_ids):
         problems.append(f"{path}: seq_ids are not {shard.first_seq_id}..{shard.last_seq_id} in order")
@@ -75,14 +84,14 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encodi
     if (mass > 1 + _MASS_TOLERANCE).any():
         problems.append(f"{path}: support mass up to {mass.max():.4f} > 1 (tail mass would be negative)")
     if sampled:  # stored values are sample weights, not the teacher's log-probs: nothing to cross-check
-        return problems
+        return problems, trained
     targets = rows.input_ids[:, 1:, None]
     hit = (rows.topk_ids == targets) & np.isfinite(lp)  # a padded slot (-inf) is not an entry
     in_topk = hit.any(-1)
     gap = np.abs(np.where(hit, lp, 0).sum(-1) - rows.target_logprob.astype(np.float32))[in_topk]
     if gap.size and gap.max() > _TARGET_TOLERANCE + encoding.error_bound():
         problems.append(f"{path}: target_logprob disagrees with the top-k entry of the same token by {gap.max():.3f}")
-    return problems
+    return problems, trained
 
 
 def _check_tokenizer(info: CacheInfo, load: bool) -> list[str]:
@@ -117,7 +126,10 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
         report.problems.append(str(e))
         return report
     if not info.complete:
-        report.warnings.append(f"{info.root}: cache is not complete (a run is in progress or was interrupted)")
+        try:  # its own words: which workers are missing or unfinished
+            load_cache(root)
+        except CacheError as e:
+            report.incomplete = str(e)
     encoding = encoding_for(info.manifest)
     listed = set()
     for shard in info.shards:
@@ -135,13 +147,24 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
             continue
         if check_values:
             try:
-                report.problems.extend(_check_rows(shard, info, path, encoding))
+                problems, trained = _check_rows(shard, info, path, encoding)
             except Exception as e:  # a file that passes sha256 but cannot be decoded is still named
                 report.problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
                 continue
+            report.problems.extend(problems)
+            if shard.trained is not None and trained != shard.trained:
+                report.problems.append(f"{path}: {trained} trained targets, manifest says {shard.trained}")
+        else:
+            trained = shard.trained
+        report.trained = None if report.trained is None or trained is None else report.trained + trained
         report.rows += shard.rows
         report.tokens += shard.tokens
     report.problems.extend(_check_tokenizer(info, check_values))
+    if info.complete and report.trained == 0 and report.shards_checked == len(info.shards):
+        try:
+            info.check_trains_something()
+        except CacheError as e:
+            report.problems.append(str(e))
     shard_dir = info.root / SHARD_DIR
     if shard_dir.exists():
         for extra in sorted(p.name for p in shard_dir.iterdir() if p.name not in listed):
