@@ -4,7 +4,6 @@ reader of metrics.jsonl that plot and the trainer's resume share (a torn last li
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -80,11 +79,10 @@ def test_plot_cli_writes_the_panels_against_tokens_and_names_a_run_without_token
     assert CliRunner().invoke(app, ["plot", str(old)]).exit_code == 0
 
 
-def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, caplog):
+def test_a_torn_last_line_is_dropped_with_a_warning(tmp_path, capsys):
     run = write_run(tmp_path / "run", "fkl", [train_record(1, 64, 2.0, 1.0)], tail='{"step": 2, "loss": 1.')
-    with caplog.at_level(logging.WARNING):
-        assert read_metrics(run / "metrics.jsonl") == [train_record(1, 64, 2.0, 1.0)]
-    assert f"{run / 'metrics.jsonl'}: line 2 is cut short" in caplog.text
+    assert read_metrics(run / "metrics.jsonl") == [train_record(1, 64, 2.0, 1.0)]
+    assert f"warning: {run / 'metrics.jsonl'}: line 2 is cut short" in capsys.readouterr().err
     # A last record complete but for its newline is kept.
     (run / "metrics.jsonl").write_text(json.dumps(train_record(1, 64, 2.0, 1.0)) + "\n" + '{"step": 2}')
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]

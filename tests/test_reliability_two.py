@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import build_llama
 from test_cache import config as cache_config
+from test_data import encode_document
 from test_resume import cli, losses_logged
 from test_resume import config as distill_config
 from typer.testing import CliRunner
 
 from kd_pipeline.cache.build import cache_teacher
-from kd_pipeline.cache.data import DataSpec, encode_document, iter_documents, iter_sequences
+from kd_pipeline.cache.data import DataSpec, iter_documents, iter_sequences
 from kd_pipeline.cache.format.layout import SHARD_DIR
 from kd_pipeline.cache.format.manifest import load_cache
 from kd_pipeline.cache.format.verify import verify_cache

@@ -4,14 +4,12 @@ goes, ``{"step": ..., ...}``. Written by train/trainer.py; read by its resume, `
 from __future__ import annotations
 
 import json
-import logging
+import sys
 from pathlib import Path
 
 from kd_pipeline.errors import PipelineError
 
 METRICS_FILE = "metrics.jsonl"
-
-log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -31,7 +29,11 @@ def read_metrics(path: str | Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             if number == len(lines):  # no newline after it: the write was cut
-                log.warning(f"{path}: line {number} is cut short (a run killed while writing it); ignored")
+                # On the console as the CLI's other warnings are: a resume or a plot goes on without that record.
+                print(
+                    f"warning: {path}: line {number} is cut short (a run killed while writing it); ignored",
+                    file=sys.stderr,
+                )
                 break
             raise PipelineError(
                 f"{path}: line {number} is not a JSON record ({error.msg}); the file is damaged"
