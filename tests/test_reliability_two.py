@@ -252,6 +252,20 @@ def test_a_checkpoint_without_checksums_resumes_by_sizes_with_a_note(four_steps,
     assert "step-00000004 at step 4" in output
 
 
+def test_damaged_dcp_metadata_falls_back_to_the_checkpoint_before(four_steps, small_cache, student_config):
+    """torch.distributed.checkpoint raises CheckpointException, a BaseException: it must not end the run."""
+    metadata = four_steps / CHECKPOINT_DIR / "step-00000004" / ".metadata"
+    metadata.write_bytes(bytes(metadata.stat().st_size))  # same size, not a pickle
+    marker = metadata.parent / "COMPLETE"
+    record = json.loads(marker.read_text())
+    record.pop("crc32")  # damage the checksums cannot see (as in a checkpoint written before them)
+    marker.write_text(json.dumps(record))
+    code, output = cli(student_config, small_cache, four_steps, "--resume", "--max-steps", "6", "--allow-config-change")
+    assert code == 0, output
+    assert f"warning: skipping checkpoint {metadata.parent}" in output
+    assert "step-00000002 at step 2" in output
+
+
 def test_an_unreadable_rng_file_falls_back_to_the_checkpoint_before(four_steps, small_cache, student_config):
     rng = four_steps / CHECKPOINT_DIR / "step-00000004" / "rng-rank0.pt"
     marker = rng.parent / "COMPLETE"

@@ -231,6 +231,7 @@ def load_latest(out: Path, strategy, model, optimizer) -> Restored | None:
     ones), BadCheckpoint.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     candidates = resumable_dirs(out)
     if not candidates:
@@ -265,7 +266,9 @@ def load_latest(out: Path, strategy, model, optimizer) -> Restored | None:
                     set_rng_state(torch.load(rng, weights_only=False))
                 except Exception as e:  # noqa: BLE001 - unpickling raises many kinds; name the file
                     raise BadCheckpoint(f"{rng}: unreadable ({type(e).__name__}: {e})") from e
-        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
+        # DCP's CheckpointException derives from BaseException, not Exception: name it, or a damaged .metadata in
+        # a checkpoint without checksums would end the run instead of falling back.
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure to read it: try the one before
             problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             problems.append(f"{ckpt.name}: {problem}")
             if strategy.procs.main:
