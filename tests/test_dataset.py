@@ -127,3 +127,21 @@ def test_stateful_dataloader_resumes_workers_exactly(small_cache):
     resumed.load_state_dict(state)
     got += [seq_ids([batch]) for batch in resumed]
     assert got == want
+
+
+def test_stopping_after_the_reader_made_its_last_batch_does_not_hang():
+    """The prefetch thread had made every item and filled its queue when the consumer stopped (a run ending
+    a few batches before its epoch did, as the dataset's parts do): the close must not wait forever."""
+    import threading
+    import time
+
+    from kd_pipeline.train.reader import _prefetched
+
+    items = _prefetched(iter(range(3)), 2)
+    assert next(items) == 0
+    time.sleep(0.3)  # the thread puts 1 and 2, then waits for room for its end marker
+    closer = threading.Thread(target=items.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "cache-prefetch"]
