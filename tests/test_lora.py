@@ -139,6 +139,16 @@ def test_fused_loss_falls_back_when_the_head_is_adapted(tmp_path, small_cache, p
     assert sorted(logged(out)) == [1, 2]
 
 
+def test_gradient_checkpointing_gives_the_same_lora_run(tmp_path, small_cache, pretrained_student):
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    distill(config(pretrained_student, small_cache, plain, max_steps=3))
+    distill(config(pretrained_student, small_cache, recomputed, max_steps=3, gradient_checkpointing=True))
+    a, b = logged(plain), logged(recomputed)
+    for step in a:
+        assert b[step]["grad_norm"] > 0
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
+
+
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_losses(tmp_path, small_cache, pretrained_student):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     distill(config(pretrained_student, small_cache, ref, max_steps=6, lora_dropout=0.1))
