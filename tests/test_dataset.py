@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 import kd_pipeline
-from kd_pipeline.errors import CacheError
+from kd_pipeline.errors import CacheError, ConfigError
 from kd_pipeline.train.dataset import CacheDataset
 from kd_pipeline.train.reader import CacheReader
 
@@ -106,6 +106,17 @@ def test_resume_refuses_another_setting(small_cache):
         CacheDataset(small_cache, seed=1, batch_size=3).load_state_dict(state)
     with pytest.raises(CacheError, match="world_size"):
         CacheDataset(small_cache, seed=1, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_a_position_is_bound_to_its_worker_split(small_cache):
+    dataset = CacheDataset(small_cache, batch_size=B, seed=1)
+    state = dataset.state_dict()
+    state.update(consumed=3, worker=1, num_workers=2)  # what worker 1 of 2 would have saved
+    dataset.load_state_dict(state)
+    with pytest.raises(CacheError, match="worker 1 of 2, but it is iterated as worker 0 of 1"):
+        next(iter(dataset))
+    with pytest.raises(ConfigError, match="batch_size"):
+        CacheDataset(small_cache, batch_size=0)
 
 
 @pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")  # torchdata 0.11 on torch 2.13

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kd_pipeline.cache.format.manifest import CacheInfo
-from kd_pipeline.errors import CacheError
+from kd_pipeline.errors import CacheError, ConfigError
 from kd_pipeline.train.reader import CacheReader, Chunk
 
 
@@ -65,7 +65,7 @@ class CacheDataset(IterableDataset):
         if rank is None or world_size is None:
             rank, world_size = _process_group()
         if batch_size < 1:
-            raise CacheError(f"batch_size must be >= 1; got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
         self.reader = CacheReader(
             cache,
             batch_size,
@@ -105,23 +105,25 @@ class CacheDataset(IterableDataset):
             )
         self._worker = worker
         part = self.part(*worker)
-        position = part.start + self.consumed
-        if position < part.stop:
-            batches = self.reader.iter_epoch(self.epoch, skip=position)
-            try:
-                for batch in batches:
-                    for row in range(batch["input_ids"].shape[0]):
-                        self.consumed += 1  # before the yield: the state taken while the caller holds it counts it
-                        position += 1
-                        yield {name: values[row] for name, values in batch.items()}
-                        if position == part.stop:
-                            return
-            finally:
-                batches.close()  # joins the reader's prefetch thread when the caller stops early
-                if position == part.stop:
-                    self.epoch, self.consumed = self.epoch + 1, 0
-        else:
+        if self.consumed >= len(part):  # a position at the end of its epoch (the caller stopped on its last item)
             self.epoch, self.consumed = self.epoch + 1, 0
+        if not part:
+            self.epoch += 1
+            return
+        position = part.start + self.consumed
+        batches = self.reader.iter_epoch(self.epoch, skip=position)
+        try:
+            for batch in batches:
+                for row in range(batch["input_ids"].shape[0]):
+                    self.consumed += 1  # before the yield: the state taken while the caller holds it counts it
+                    position += 1
+                    yield {name: values[row] for name, values in batch.items()}
+                    if position == part.stop:
+                        return
+        finally:
+            batches.close()  # joins the reader's prefetch thread when the caller stops early
+            if position == part.stop:
+                self.epoch, self.consumed = self.epoch + 1, 0
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
