@@ -26,6 +26,7 @@ _LAZY = {
     "CacheRows": "kd_pipeline.cache.format.rows",
     "CacheInfo": "kd_pipeline.cache.format.manifest",
     "tail_mass": "kd_pipeline.cache.format.rows",
+    "CacheDataset": "kd_pipeline.train.dataset",
 }
 
 __all__ = ["PipelineError", "__version__", *_LAZY]

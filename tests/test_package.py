@@ -64,7 +64,7 @@ def declared() -> dict[str, set[str]]:
 
 
 # Imported only behind an optional extra's feature, each with the extra that declares it.
-OPTIONAL = {"vllm": "vllm", "matplotlib": "plot"}
+OPTIONAL = {"vllm": "vllm", "matplotlib": "plot", "peft": "peft"}
 
 
 def test_every_direct_import_is_a_declared_dependency():

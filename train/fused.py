@@ -322,6 +322,14 @@ def _configs(model) -> list:
     return [config] if text is config else [config, text]
 
 
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under the wrappers: DDP's ``.module``, and a PEFT model's base (train/lora.py), whose
+    ``base_model`` is the decoder again (a PeftModel's own ``base_model`` returns the logits). The adapters stay
+    inside it, so its decoder's output is the adapted student's."""
+    inner = getattr(model, "module", model)  # DDP and friends wrap the model as .module
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def check_splittable(model) -> nn.Linear:
     """The output layer of ``model`` if its logits are ``hidden @ W.T + b``; else raise :class:`UnsplittableHead`.
 
@@ -330,7 +338,7 @@ def check_splittable(model) -> nn.Linear:
     argument, which lets the model skip its own full-vocabulary product. A check of the numbers is
     :func:`lm_head_inputs` with ``verify=True``.
     """
-    inner = getattr(model, "module", model)  # DDP and friends wrap the model as .module
+    inner = hf_model(model)
     name = type(inner).__name__
     for config in _configs(inner):
         for field in _SOFTCAP_FIELDS:
@@ -367,7 +375,7 @@ def lm_head_inputs(model, *, verify: bool = False, **forward_kwargs) -> HeadInpu
     does not say (an extra norm, a scale in forward); it costs a [B, d] x [d, V] product, so do it once per model.
     """
     head = check_splittable(model)
-    inner = getattr(model, "module", model)
+    inner = hf_model(model)
     captured: list[Tensor] = []
 
     def keep_output(module, args, output):

@@ -38,7 +38,7 @@ from kd_pipeline.cache.format.lock import hold_lock
 from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache, teacher_diff
 from kd_pipeline.config import option
 from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep, TrainingError
-from kd_pipeline.train import checkpoint, fused, losses
+from kd_pipeline.train import checkpoint, fused, lora, losses
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from kd_pipeline.train.metrics import METRICS_FILE, read_metrics
@@ -133,6 +133,24 @@ class RunOptions:
         "Accept an --eval-cache made by another teacher than --cache (same tokenizer): its KL and top-1 then measure "
         "agreement with that other teacher.",
     )
+    lora_r: int = option(
+        0,
+        "Train LoRA adapters of this rank on the frozen student (peft) instead of all its weights; 0: full "
+        "fine-tuning. final/ then holds the adapter (docs/integrations.md).",
+    )
+    lora_alpha: float = option(16.0, "With --lora-r: the adapters' update is scaled by alpha / r.")
+    lora_dropout: float = option(0.0, "With --lora-r: dropout on the adapters' input.")
+    lora_target_modules: str = option(
+        "",
+        "With --lora-r: comma-separated module names to adapt, or all-linear (every linear layer but the output "
+        "layer); empty: PEFT's default for the architecture (Llama: q_proj,v_proj).",
+    )
+    peft_config: Path | None = option(
+        None, "A PEFT config JSON (keys as in an adapter_config.json; any PEFT method) instead of the --lora-* options."
+    )
+    merge_lora: bool = option(
+        False, "Also write the student with its adapters merged into the weights, a plain model, to final/merged/."
+    )
 
 
 @dataclass
@@ -175,6 +193,7 @@ class DistillConfig(losses.LossOptions, RunOptions):
             raise ConfigError(
                 f"--loss {self.loss} ranks the student's whole distribution: it needs the logits; drop --fused-loss"
             )
+        lora.validate(self)
 
     def record(self) -> dict:
         """The config as JSON values (what distill_config.json and each checkpoint hold)."""
@@ -253,8 +272,9 @@ def schedule(optimizer, cfg: DistillConfig, total_steps: int, step: int = 0):
 
 
 def make_optimizer(model, cfg: DistillConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms and biases do not
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]  # a LoRA student's base weights are frozen
+    decay = [p for p in trained if p.ndim >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in trained if p.ndim < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -545,11 +565,14 @@ RESUME_FREE = frozenset(
         "skip_nonfinite_steps",
         "allow_vocab_superset",
         "allow_eval_teacher_mismatch",
+        "merge_lora",
     }
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
 RESUME_FIXED = frozenset(
     {"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"}
+    | lora.PARAMETER_OPTIONS
+    | {"lora_alpha"}
 )
 
 
@@ -616,6 +639,7 @@ class Recipe:
         torch.manual_seed(cfg.seed)
         student_vocab = len(self.tokenizer) if cfg.cross_tokenizer else None
         model = load_student(cfg.student, info, cfg.seed, cfg.trust_remote_code, student_vocab).to(self.device)
+        model = lora.wrap_student(model, cfg, lambda message: _log(d, message))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -699,6 +723,7 @@ class Recipe:
     def resume(self) -> None:
         """Continue from the newest usable checkpoint, after comparing its configuration with this one."""
         cfg, d = self.cfg, self.d
+        self._refuse_other_parameters(latest_checkpoint(cfg.out))
         restored = checkpoint.load_latest(cfg.out, self.strategy, self.model, self.optimizer)
         if restored is None:
             _log(d, f"--resume: no complete checkpoint in {cfg.out / CHECKPOINT_DIR}; starting from scratch")
@@ -755,6 +780,26 @@ class Recipe:
             return saved, None  # another cache: the config comparison refuses it
         moved = f"--cache moved from {old} to {now['cache']}, the same content (fingerprint {recorded})"
         return {**saved, "cache": now["cache"]}, moved
+
+    def _refuse_other_parameters(self, newest: Path | None) -> None:
+        """Name the options before loading when the newest checkpoint holds another set of parameters (full
+        fine-tuning against LoRA, other adapters): its state would not load, and DCP's error names no option."""
+        if newest is None:
+            return
+        try:
+            saved = checkpoint.read_config(newest)
+        except (OSError, ValueError):
+            return  # a damaged checkpoint: load_latest says so and falls back
+        now = self.cfg.record()
+        changed = [
+            f for f in sorted(lora.PARAMETER_OPTIONS) if saved.get(f, DistillConfig.field_defaults().get(f)) != now[f]
+        ]
+        if changed:
+            raise CacheError(
+                f"cannot resume {newest}: "
+                + "; ".join(f"--{f.replace('_', '-')}: {saved.get(f)} in the checkpoint, {now[f]} now" for f in changed)
+                + ". These options decide which parameters the student trains; start a new run (another --out)."
+            )
 
     # -------------------------------------------------------------------------------------- step
     def train_step(self, batches) -> dict | None:
@@ -885,8 +930,10 @@ class Recipe:
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.strategy.save_pretrained(self.model, tmp)  # every rank: FSDP gathers the full weights
+        folders = [tmp, *lora.save_merged(self.strategy, self.model, tmp, cfg)]
         if d.main:
-            self.tokenizer.save_pretrained(tmp)
+            for folder in folders:
+                self.tokenizer.save_pretrained(folder)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
                 "student": cfg.student,
                 "cache": str(Path(cfg.cache).resolve()),
@@ -899,7 +946,8 @@ class Recipe:
                 "config": cfg.record(),
                 "config_changes": self.config_changes,
             }
-            (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
+            for folder in folders:
+                (folder / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         d.barrier()
