@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -36,6 +37,7 @@ class Group:
     DATA = "Data"
     TEACHER = "Teacher"
     STUDENT = "Student"
+    LORA = "LoRA"
     VLLM = "vLLM engine"
     GENERATION = "Generation"
     STORAGE = "Storage"
@@ -47,7 +49,7 @@ class Group:
     LOGGING = "Logging"
     OPTIONS = "Options"  # --config, --help, and what fits no group below
 
-    ORDER = (OPTIONS, DATA, TEACHER, STUDENT, VLLM, GENERATION, STORAGE, LOSS, OPTIMIZER, EVAL, CHECKPOINTS)
+    ORDER = (OPTIONS, DATA, TEACHER, STUDENT, LORA, VLLM, GENERATION, STORAGE, LOSS, OPTIMIZER, EVAL, CHECKPOINTS)
     ORDER += (PARALLEL, LOGGING)
 
 
@@ -103,6 +105,9 @@ def is_required(f: dataclasses.Field) -> bool:
 # YAML scalars or lists. Read strictly: a wrong key or type is refused with the file and the key, never guessed.
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _type_name(tp: Any) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false", Path: "a path"}.get(
         tp, getattr(tp, "__name__", str(tp))
@@ -110,7 +115,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
-    """``value`` (as YAML gave it) for field ``f`` of type ``tp``, in the form the command line would give it."""
+    """``value`` (as YAML gave it) for field ``f`` of type ``tp``, as the field holds it."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (types.UnionType, typing.Union):
         inner = [a for a in args if a is not type(None)]
@@ -122,6 +127,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check_value(f"{where}[{i}]", f, args[0], v) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        value = float(value)  # `1e-4`: YAML 1.1 (PyYAML) reads an exponent without a dot as a string
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -137,12 +144,12 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     choices = choices_of(f)
     if choices and value not in choices:
         raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
-    return float(value) if tp is float else value
+    return float(value) if tp is float else Path(value) if tp is Path else value
 
 
 def read_config_file(path: Path, config_cls: type) -> dict[str, Any]:
-    """The options a YAML file sets for ``config_cls``, checked against their fields' types: ``{field name: value}``
-    in command-line form (paths as strings, lists as lists). Raises ConfigError naming the file and the key."""
+    """The options a YAML file sets for ``config_cls``, checked against their fields' types: ``{field name: value}``,
+    ready for ``config_cls(**values)``. Raises ConfigError naming the file and the key."""
     import yaml  # only a run with --config pays for it
 
     try:
