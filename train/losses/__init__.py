@@ -119,7 +119,13 @@ __all__ = [
 ]
 
 
+_loaded = False
+
+
 def _load_implementations() -> None:
+    global _loaded
+    if _loaded:
+        return
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}")
     from kd_pipeline.train.losses.base import LOSSES
@@ -130,6 +136,7 @@ def _load_implementations() -> None:
     ordered = {name: LOSSES[name] for name in DECLARED}  # --loss's order, whatever order the modules loaded in
     LOSSES.clear()
     LOSSES.update(ordered)
+    _loaded = True
 
 
 def __getattr__(name: str):
