@@ -28,6 +28,17 @@ class _Commands(TyperGroup):
             return _config_command(name, config(), run, doc)
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command with its whole first paragraph, wrapped (click would cut it to one line with "...")."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, " ".join((command.short_help or command.help or "").split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                _write_options(formatter, rows)
+
 
 class _GroupedHelp(TyperCommand):
     """A config command's --help: its options in panels (the fields' groups, kd_pipeline.config.Group) in click's
