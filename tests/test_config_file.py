@@ -212,6 +212,11 @@ def test_a_run_from_its_saved_config_equals_the_run_from_flags(tmp_path, teacher
 
     first, second = (json.loads((r / "distill_config.json").read_text()) for r in (run, rerun))
     assert {**first, "out": None} == {**second, "out": None} and first["loss"] == "taid"
+    # the saved file starts a run; --resume on top of it continues one (here: already at --max-steps)
+    result = runner.invoke(pipeline.app, ["distill", "--config", str(run / CONFIG_FILE), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert read_config_file(run / CONFIG_FILE, DistillConfig)["resume"] is False
+    assert json.loads((run / "distill_config.json").read_text())["resume"] is True
     one, two = _metrics(run), _metrics(rerun)
     train = [r for r in one if "kl" in r and "eval_kl" not in r]
     assert len(train) == 6 and any("eval_kl" in r for r in one)

@@ -824,7 +824,7 @@ class Recipe:
             out.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(out / METRICS_FILE, self.step)  # drop what a killed run logged past its checkpoint
             (out / "distill_config.json").write_text(json.dumps(cfg.record(), indent=1))  # what runs from here
-            save_config(cfg, out / CONFIG_FILE, "distill")  # the same, as a --config file that reruns it
+            save_config(replace(cfg, resume=False), out / CONFIG_FILE, "distill")  # --config file that reruns it
         d.barrier()
 
         metrics_file = open(out / METRICS_FILE, "a") if d.main else None
