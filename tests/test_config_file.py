@@ -138,7 +138,10 @@ def test_required_options_may_come_from_the_file_or_are_missing(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ examples
 def _command_of(example: Path) -> str:
-    return next(c for c in sorted(pipeline.CONFIG_COMMANDS, key=len, reverse=True) if example.stem.startswith(c))
+    """The command an example config is for: its name starts with the command's (distill-taid.yaml)."""
+    found = [c for c in sorted(pipeline.CONFIG_COMMANDS, key=len, reverse=True) if example.stem.startswith(c)]
+    assert found, f"{example.name}: name a config example after its command ({', '.join(pipeline.CONFIG_COMMANDS)})"
+    return found[0]
 
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
