@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import inspect
+import textwrap
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_type_hints
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 
 class _Commands(TyperGroup):
@@ -25,9 +28,55 @@ class _Commands(TyperGroup):
             return _config_command(name, config(), run, doc)
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command with its whole first paragraph, wrapped (click would cut it to one line with "...")."""
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, " ".join((command.short_help or command.help or "").split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                _write_options(formatter, rows)
 
+
+class _GroupedHelp(TyperCommand):
+    """A config command's --help: its options in panels (the fields' groups, kd_pipeline.config.Group) in click's
+    plain layout, which wraps the help text and never cuts an option name, at any width and outside a terminal."""
+
+    def format_options(self, ctx, formatter) -> None:
+        from kd_pipeline.config import Group
+
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                panels.setdefault(getattr(param, "rich_help_panel", None) or Group.OPTIONS, []).append(record)
+        for panel in sorted(panels, key=lambda p: Group.ORDER.index(p) if p in Group.ORDER else len(Group.ORDER)):
+            with formatter.section(panel):
+                _write_options(formatter, panels[panel])
+
+
+def _write_options(formatter, rows: list[tuple[str, str]], name_width: int = 30) -> None:
+    """click's two-column layout (`write_dl`), except that words are never broken at hyphens: an option named in
+    a help text stays whole for `--help | grep`."""
+    indent = " " * formatter.current_indent
+    first = min(max(len(name) for name, _ in rows), name_width)
+    width = max(formatter.width - len(indent) - first - 2, 20)
+    for name, text in rows:
+        lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False) or [""]
+        if len(name) <= first:
+            formatter.write(f"{indent}{name:<{first}}  {lines.pop(0)}".rstrip() + "\n")
+        else:  # a long name keeps its own line
+            formatter.write(f"{indent}{name}\n")
+        for line in lines:
+            formatter.write(f"{indent}{'':<{first}}  {line}\n")
+
+
+# Plain (not rich) help everywhere: rich's option tables cut long option names at 80 columns.
 app = typer.Typer(
     cls=_Commands,
+    rich_markup_mode=None,
     add_completion=False,
     no_args_is_help=True,
     help="Distill causal LMs from an offline teacher cache: `cache-teacher` once, `distill` many times.",
@@ -144,94 +193,137 @@ def _run_generate(config) -> None:
         generate(config)
 
 
-@app.command("plan-teacher")
-def plan_teacher_cmd(
-    student: str = typer.Option(..., help="Student: a model dir / hub id / config.json, or a size such as 1B."),
-    candidate: list[str] | None = typer.Option(
-        None, help="A possible teacher (repeat): model dir / hub id / config.json, NAME=SIZE, or a size such as 7B."
-    ),
-    ratio: float = typer.Option(2.5, help="Optimal teacher / student size (law of capacity gap, arXiv 2311.07052)."),
-    assistants: Path | None = typer.Option(
-        None, help="CSV/JSON of trained assistants (name, params, metric or eval_loss) to rank with MiniDisc."
-    ),
-    teacher: str | None = typer.Option(
-        None,
-        help="The teacher the assistants come from (their sparsity is relative to it); default: the largest candidate.",
-    ),
-    lam: float = typer.Option(0.2, help="MiniDisc lambda: score = metric + lambda * sparsity."),
-    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the hub (to count parameters)."),
-):
-    """Recommend a teacher by the law of capacity gap, a teacher-assistant chain for large gaps, rank assistants (MiniDisc)."""
+def _run_plan_teacher(config) -> None:
     import json
 
-    from kd_pipeline.train.capacity import PlanConfig, plan_teacher
+    from kd_pipeline.train.capacity import plan_teacher
 
-    config = PlanConfig(
-        student=student,
-        candidates=list(candidate or []),
-        ratio=ratio,
-        assistants=assistants,
-        teacher=teacher,
-        lam=lam,
-        trust_remote_code=trust_remote_code,
-    )
     with _user_errors():
         plan = plan_teacher(config)
-    typer.echo(json.dumps(plan.to_dict(), indent=1) if json_output else plan.render())
+    typer.echo(json.dumps(plan.to_dict(), indent=1) if config.json_output else plan.render())
+
+
+def _read_config_file(config_cls: type):
+    """The eager ``--config`` option's callback: the file's values become the command's defaults (click's
+    ``default_map``), so a flag given on the command line wins over the file, the file over the dataclass
+    default (click's parameter source: COMMANDLINE > DEFAULT_MAP > DEFAULT)."""
+
+    def callback(ctx, param, path: Path | None):
+        if path is None or ctx.resilient_parsing:
+            return path
+        from kd_pipeline.config import read_config_file
+        from kd_pipeline.errors import ConfigError
+
+        try:
+            values = read_config_file(path, config_cls)
+        except ConfigError as e:
+            _fail(e)
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+        return path
+
+    return callback
+
+
+def _choice_type(f: dataclasses.Field, choices: tuple[str, ...]) -> type[enum.Enum]:
+    # typer lists an Enum's values as the option's choices (`[fkl|rkl|...]`) and refuses any other value.
+    return enum.Enum(f"{f.name.title().replace('_', '')}Choice", {c: c for c in choices}, type=str)
 
 
 def _config_command(name: str, config_cls: type, run: Callable, doc: str):
-    """`pipeline NAME` as a click command whose options are generated from `config_cls`'s `option(...)` fields."""
-    from kd_pipeline.config import cli_fields, flag_of
+    """`pipeline NAME` as a click command (see :func:`_config_app`)."""
+    return typer.main.get_command(_config_app(name, config_cls, run, doc))
+
+
+def _config_app(name: str, config_cls: type, run: Callable, doc: str) -> typer.Typer:
+    """`pipeline NAME` as a one-command app whose options are generated from `config_cls`'s `option(...)` fields,
+    grouped in help panels as the fields declare, plus ``--config FILE.yaml`` (same keys as the fields)."""
+    from kd_pipeline.config import Group, choices_of, cli_fields, flag_of, group_of, is_required
 
     hints = get_type_hints(config_cls)
+    fields = sorted(cli_fields(config_cls), key=lambda f: Group.ORDER.index(group_of(f)))
     parameters = []
-    for f in cli_fields(config_cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = ... if required else f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in fields:
+        default = ... if is_required(f) else f.default if f.default is not dataclasses.MISSING else f.default_factory()
         # Booleans get typer's --x/--no-x pair unless the field names its own flag.
         declarations = [flag_of(f)] if f.metadata.get("flag") else []
+        annotation = hints[f.name]
+        metavar = None
+        if typing.get_origin(annotation) is list:  # a repeatable option: one value per flag
+            metavar = f"<{typing.get_args(annotation)[0].__name__}>"
+        choices = choices_of(f)
+        if choices:
+            annotation = _choice_type(f, choices)
+            default = default if default is ... else annotation(default)
         parameters.append(
             inspect.Parameter(
                 f.name,
                 inspect.Parameter.KEYWORD_ONLY,
-                annotation=hints[f.name],
-                default=typer.Option(default, *declarations, help=f.metadata["help"]),
+                annotation=annotation,
+                default=typer.Option(
+                    default, *declarations, help=f.metadata["help"], metavar=metavar, rich_help_panel=group_of(f)
+                ),
             )
         )
+    if any(p.name == CONFIG_PARAMETER for p in parameters):
+        raise TypeError(f"{config_cls.__name__} has a field named {CONFIG_PARAMETER!r}: it would shadow --config")
+    parameters.append(
+        inspect.Parameter(
+            CONFIG_PARAMETER,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Path | None,
+            default=typer.Option(
+                None,
+                "--config",
+                help="YAML file of this command's options, keyed by field name (top_k for --top-k); flags given "
+                "here override it (docs/configuration.md).",
+                is_eager=True,
+                callback=_read_config_file(config_cls),
+                rich_help_panel=Group.OPTIONS,
+            ),
+        )
+    )
 
     def command(**options) -> None:
-        run(config_cls(**options))
+        options.pop(CONFIG_PARAMETER)
+        values = {k: v.value if isinstance(v, enum.Enum) else v for k, v in options.items()}
+        run(config_cls(**values))
 
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
     command.__doc__ = doc
-    single = typer.Typer(add_completion=False)
-    single.command(name)(command)
-    return typer.main.get_command(single)
+    single = typer.Typer(add_completion=False, rich_markup_mode=None)
+    single.command(name, cls=_GroupedHelp)(command)
+    return single
 
 
 def _cache_teacher_config():
-    from kd_pipeline.cache.build import CacheConfig
+    from kd_pipeline.cache.config import CacheConfig
 
     return CacheConfig
 
 
 def _distill_config():
-    from kd_pipeline.train.trainer import DistillConfig
+    from kd_pipeline.train.config import DistillConfig
 
     return DistillConfig
 
 
 def _generate_config():
-    from kd_pipeline.cache.generate import GenerateConfig
+    from kd_pipeline.cache.config import GenerateConfig
 
     return GenerateConfig
 
 
-# Commands whose options come from a config dataclass. They are built when invoked: their modules import torch,
-# which would otherwise cost every `pipeline verify` or `plot` seconds of start-up.
+def _plan_config():
+    from kd_pipeline.train.capacity import PlanConfig
+
+    return PlanConfig
+
+
+CONFIG_PARAMETER = "config_file"  # --config's parameter name: no config field may take it
+
+# Commands whose options come from a config dataclass, built when invoked. The dataclasses' modules import no
+# torch (their runs do, inside `run`), so `pipeline COMMAND --help` starts in a fraction of a second.
 CONFIG_COMMANDS: dict[str, tuple[Callable[[], type], Callable, str]] = {
     "cache-teacher": (
         _cache_teacher_config,
@@ -241,12 +333,20 @@ CONFIG_COMMANDS: dict[str, tuple[Callable[[], type], Callable, str]] = {
     "distill": (
         _distill_config,
         _run_distill,
-        "Train a student on a teacher cache. Several GPUs or nodes: `torchrun --nproc-per-node N --no-python pipeline distill ... [--parallel fsdp]`.",
+        "Train a student on a teacher cache. Several GPUs or nodes: `torchrun --nproc-per-node N --no-python "
+        "pipeline distill ... [--parallel fsdp]`.",
     ),
     "generate": (
         _generate_config,
         _run_generate,
-        "Write responses for cache-teacher: SWITCH (Koo et al. 2024), or student- or teacher-only. HF backend (no vLLM).",
+        "Write responses for cache-teacher: SWITCH (Koo et al. 2024), or student- or teacher-only. HF backend "
+        "(no vLLM).",
+    ),
+    "plan-teacher": (
+        _plan_config,
+        _run_plan_teacher,
+        "Recommend a teacher by the law of capacity gap, a teacher-assistant chain for large gaps, rank assistants "
+        "(MiniDisc).",
     ),
 }
 

@@ -16,15 +16,16 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from kd_pipeline.cache.backends import TeacherBackend, check_seq_len, select_backend
+from kd_pipeline.cache.config import CacheConfig
 from kd_pipeline.cache.data import DataSpec, iter_sequences, source_fingerprint
-from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class, encoding_for, encoding_names
+from kd_pipeline.cache.format.encodings import encoding_class, encoding_for
 from kd_pipeline.cache.format.files import sha256_file, write_shard
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR, manifest_name, shard_name
 from kd_pipeline.cache.format.lock import hold_lock
@@ -38,125 +39,9 @@ from kd_pipeline.cache.format.manifest import (
     tokenizer_fingerprint,
 )
 from kd_pipeline.cache.format.rows import CacheRows, id_list, invalid_rows, tokens_sha256
-from kd_pipeline.config import option
+from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, ConfigError
 from kd_pipeline.models import check_model_path, load_config, load_tokenizer, teacher_identity
-
-
-@dataclass
-class CacheConfig:
-    """Stage one's settings; each field with `option(...)` is also a `pipeline cache-teacher` option."""
-
-    teacher: str = option(help="Teacher model: a local HF directory or a hub id.")
-    data: str = option(
-        help="Dataset: .jsonl, .jsonl.zst, .parquet, .txt, a datasets.save_to_disk directory, or a folder/glob of files."
-    )
-    out: Path = option(help="Cache directory to create (or resume).")
-    top_k: int = option(64, "Teacher log-probabilities kept per position (the support).")
-    seq_len: int = option(
-        1024, "Tokens per packed sequence (documents joined with EOS); at most the teacher's context (both backends)."
-    )
-    text_field: str = option("text", "Record field holding plain text.")
-    messages_field: str = option("messages", "Record field holding chat messages; only assistant tokens are trained.")
-    split: str = option("train", "Split to read from a DatasetDict directory.")
-    backend: str = option("auto", "hf | vllm | auto (vLLM when CUDA and vllm are present, else HF).")
-    batch_size: int = option(8, "Sequences per teacher forward (HF backend).")
-    dtype: str = option(
-        "auto",
-        "Teacher weights, both backends: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16.",
-    )
-    device: str = option("auto", "HF backend device: auto | cpu | cuda | cuda:N.")
-    revision: str | None = option(None, "Hub revision of the teacher.")
-    trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
-    # vLLM engine settings: recorded in the manifest's backend, not part of the cache identity (they schedule
-    # the same computation), except --vllm-arg, which may change the numbers (quantization, kv_cache_dtype).
-    tensor_parallel_size: int = option(1, "vLLM tensor parallel size (GPUs per pipeline stage).")
-    pipeline_parallel_size: int = option(1, "vLLM pipeline parallel size (stages per teacher).")
-    gpu_memory_utilization: float | None = option(
-        None,
-        "vLLM: share of GPU memory (on CPU: of RAM) the engine reserves. Default 0.9 on CUDA; on CPU the "
-        "teacher's weights x2 plus 2 GiB, at most half the free RAM.",
-    )
-    enforce_eager: bool = option(False, "vLLM: no torch.compile / CUDA graphs (starts faster, may score slower).")
-    max_num_seqs: int | None = option(None, "vLLM: most sequences in one engine step (vLLM's default if unset).")
-    max_num_batched_tokens: int | None = option(None, "vLLM: most tokens in one engine step (vLLM's default if unset).")
-    vllm_args: list[str] = option(
-        help="vLLM: KEY=VALUE passed to vllm.LLM (repeat; VALUE read as JSON if it parses). Part of the cache identity.",
-        flag="--vllm-arg",
-        default_factory=list,
-    )
-    shard_tokens: int = option(1 << 20, "Tokens per shard file: the unit of crash-safety and resume.")
-    row_group_tokens: int = option(1 << 16, "Tokens per Parquet row group: bounds reader memory.")
-    max_tokens: int | None = option(None, "Stop after this many tokens of the stream.")
-    max_sequences: int | None = option(None, "Stop after this many sequences.")
-    worker_index: int | None = option(
-        None, "This writer's index when several write one cache (default: RANK, else SLURM_PROCID, else 0)."
-    )
-    num_workers: int | None = option(
-        None, "Writers sharing the cache, each takes every n-th shard (default: WORLD_SIZE, else SLURM_NTASKS, else 1)."
-    )
-    overwrite: bool = option(False, "Delete an existing cache at --out instead of resuming it.")
-    progress: bool = option(True, "Show a progress bar.")
-    support: str = option(
-        "topk", "topk: the teacher's k most likely tokens. sampled: RS-KD importance samples (unbiased; HF backend)."
-    )
-    num_samples: int = option(64, "--support sampled: draws per position (distinct ids kept, at most --top-k).")
-    sample_temperature: float = option(1.0, "--support sampled: proposal r ∝ p^temperature (1: sample from p).")
-    sample_seed: int = option(0, "--support sampled: seed (draws depend only on it and the position).")
-    encoding: str = option(
-        DEFAULT_ENCODING,
-        "Shard encoding: compact (log-prob gaps quantized to 1/22 nat, ids as bytes of their frequency rank; "
-        "0.67-0.75x the bytes of exact) | exact (fp16, format v2's columns).",
-    )
-    min_logprob: float | None = option(
-        None, "compact: drop support entries below this log-prob (at most --top-k kept; their mass goes to the tail)."
-    )
-    assistant_roles: list[str] = option(
-        help="Chat data: a message role whose turns are the model's answers, trained and rendered as 'assistant' "
-        "(repeat). Built in: assistant, model (Gemma), gpt (ShareGPT); human is rendered as user; system, user, "
-        "tool, ipython, function, developer are context.",
-        flag="--assistant-role",
-        default_factory=list,
-    )
-
-    def validate(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError("--top-k must be >= 1")
-        if self.seq_len < 2:
-            raise ConfigError("--seq-len must be >= 2 (one position predicts the next token)")
-        if not 0 <= self.worker_index < self.num_workers:
-            raise ConfigError(f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}")
-        if self.support not in ("topk", "sampled"):
-            raise ConfigError(f"--support must be topk or sampled, got {self.support!r}")
-        if self.support == "sampled" and (self.num_samples < 1 or self.sample_temperature <= 0):
-            raise ConfigError("--num-samples must be >= 1 and --sample-temperature > 0")
-        if self.encoding not in encoding_names():
-            raise ConfigError(f"--encoding must be one of {', '.join(encoding_names())}, got {self.encoding!r}")
-        if self.min_logprob is not None and not self.min_logprob <= 0:
-            raise ConfigError(f"--min-logprob must be a log-probability (<= 0), got {self.min_logprob}")
-        for name in (
-            "batch_size",
-            "shard_tokens",
-            "row_group_tokens",
-            "tensor_parallel_size",
-            "pipeline_parallel_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-
-    @property
-    def rows_per_shard(self) -> int:
-        return max(1, self.shard_tokens // self.seq_len)
-
-    @property
-    def row_group_rows(self) -> int:
-        return max(1, min(self.rows_per_shard, self.row_group_tokens // self.seq_len))
-
 
 # (index, count) variables of launchers that start one process per task; torchrun's first, since under
 # `srun torchrun` they name the process while SLURM's name the node.
@@ -414,6 +299,8 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     _remove_uncommitted(config, manifest)
     with _naming_write_errors(config.out / TOKENIZER_DIR):
         _save_tokenizer(tokenizer, config.out)
+    if config.worker_index == 0:  # one copy per cache; docs/configuration.md says why these two are not kept
+        save_config(replace(config, worker_index=None, overwrite=False), config.out / CONFIG_FILE, "cache-teacher")
 
     encoding = encoding_for(manifest)
     done = {s.block: s for s in manifest.shards}

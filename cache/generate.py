@@ -65,11 +65,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kd_pipeline.cache.config import (  # noqa: F401 - the constants re-exported for bench/ and tests
+    DEFAULT_DECAY,
+    DEFAULT_TAU0,
+    MODES,
+    GenerateConfig,
+)
 from kd_pipeline.cache.data import iter_documents, source_fingerprint
 from kd_pipeline.cache.format.files import atomic_write_bytes
 from kd_pipeline.cache.format.manifest import identity_diff, tokenizer_fingerprint
-from kd_pipeline.config import option
-from kd_pipeline.errors import ConfigError, GenerateError
+from kd_pipeline.errors import GenerateError
 from kd_pipeline.models import (
     check_model_path,
     dtype_name,
@@ -79,81 +84,6 @@ from kd_pipeline.models import (
     teacher_identity,
 )
 from kd_pipeline.models import load_tokenizer as load_one_tokenizer
-
-MODES = ("switch", "student", "teacher")
-DEFAULT_TAU0 = 0.5  # nats; our choice (the paper's value was not found), see the module docstring
-DEFAULT_DECAY = 0.1  # λ per response token ("decay factor of 1/10")
-META_SUFFIX = ".meta.json"
-
-
-@dataclass
-class GenerateConfig:
-    """`pipeline generate`'s settings; each field with `option(...)` is also one of its options."""
-
-    prompts: str = option(
-        help="Prompts: any source cache-teacher reads (.jsonl, .parquet, ...) with a prompt field or chat messages."
-    )
-    out: Path = option(help="Output .jsonl (resumable: rerun to continue); OUT.meta.json records its settings.")
-    teacher: str | None = option(None, "Teacher: a local HF directory or a hub id (switch and teacher modes).")
-    student: str | None = option(None, "Student: a local HF directory or a hub id (switch and student modes).")
-    mode: str = option(
-        "switch", "switch: the student writes, the teacher steps in where JSD > tau_t | student | teacher."
-    )
-    tau0: float = option(
-        DEFAULT_TAU0,
-        "SWITCH threshold at the first response token, in nats (JSD <= ln 2 = 0.693). Our default: the paper's "
-        "value was not found.",
-    )
-    decay: float = option(
-        DEFAULT_DECAY,
-        "lambda in tau_t = tau0*exp(-lambda*t), t = 0 at the first response token (0.1: the paper's decay factor "
-        "1/10 as reported by summaries of it).",
-    )
-    max_new_tokens: int = option(256, "Stop a response after this many tokens (or at EOS).")
-    temperature: float = option(0.0, "Sampling temperature; 0 is greedy.")
-    top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens holding this mass.")
-    seed: int = option(0, "Seed; each prompt gets its own generator from (seed, prompt index).")
-    batch_size: int = option(8, "Prompts per batch (one batch is the unit of resume).")
-    prompt_field: str = option("prompt", "Record field holding a plain-text prompt.")
-    messages_field: str = option(
-        "messages",
-        "Record field holding chat messages (rendered with the chat template; trailing assistant turns dropped).",
-    )
-    chat: bool = option(False, "Render plain prompts as a single user turn with the chat template.")
-    split: str = option("train", "Split to read from a DatasetDict directory.")
-    max_prompts: int | None = option(None, "Use only the first N prompts.")
-    dtype: str = option("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16.")
-    device: str = option("auto", "Device of both models: auto | cpu | cuda | cuda:N.")
-    trust_remote_code: bool = option(False, "Allow custom model code from the hub.")
-    overwrite: bool = option(False, "Delete an existing --out instead of resuming it.")
-    progress: bool = option(True, "Show a progress bar (prompts, tokens/s, teacher share).")
-
-    @property
-    def writers(self) -> tuple[str, ...]:
-        """The models this mode cannot run without."""
-        return ("teacher", "student") if self.mode == "switch" else (self.mode,)
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        missing = [f"--{name}" for name in self.writers if getattr(self, name) is None]
-        if missing:
-            raise ConfigError(f"--mode {self.mode} needs {' and '.join(missing)}")
-        if self.tau0 < 0 or self.decay < 0:
-            raise ConfigError("--tau0 and --decay must be >= 0")
-        if self.temperature < 0:
-            raise ConfigError("--temperature must be >= 0 (0 is greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("--top-p must be in (0, 1]")
-        for name in ("max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise ConfigError("--max-prompts must be >= 1")
-
-    @property
-    def meta_path(self) -> Path:
-        return Path(f"{self.out}{META_SUFFIX}")
 
 
 # ------------------------------------------------------------------------------------------ the rule

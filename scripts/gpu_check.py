@@ -258,7 +258,8 @@ def free_cuda() -> None:
 
 def time_writer(scores, input_ids: np.ndarray, shard_rows: int) -> tuple[float, int]:
     """Write the scores as cache-teacher would (shards of shard_rows sequences); seconds and bytes."""
-    from kd_pipeline.cache.format.encodings import DEFAULT_ENCODING, encoding_class
+    from kd_pipeline.cache.config import DEFAULT_ENCODING
+    from kd_pipeline.cache.format.encodings import encoding_class
     from kd_pipeline.cache.format.files import write_shard
     from kd_pipeline.cache.format.layout import FORMAT_VERSION
     from kd_pipeline.cache.format.rows import CacheRows

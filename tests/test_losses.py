@@ -1,4 +1,4 @@
-"""Sparse-support KD losses (train/losses.py) against dense float64 references written from the formulas."""
+"""Sparse-support KD losses (train/losses/) against dense float64 references written from the formulas."""
 
 from __future__ import annotations
 
@@ -746,8 +746,8 @@ def test_tvd_by_hand():
 
 
 def test_every_registered_loss_has_a_reference_here():
-    """A new loss is one class in train/losses.py plus its reference in this file (uld's: ref_uld, on its own
-    bins, the sorted distributions, rather than the support's)."""
+    """A new loss is its declaration and class in train/losses/ plus its reference in this file (uld's: ref_uld,
+    on its own bins, the sorted distributions, rather than the support's)."""
     assert set(LOSS_NAMES) == set(ALL) | {"ce", "uld"}
 
 

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kd_pipeline.config import Group, option
 from kd_pipeline.errors import ConfigError
 
 LAW_RATIO = 2.5  # optimal teacher size / student size (law of capacity gap)
@@ -251,13 +252,35 @@ def rank_assistants(
 # ------------------------------------------------------------------------------------------- the plan
 @dataclass
 class PlanConfig:
-    student: str  # model dir / hub id / config.json, or a size such as 1B
-    candidates: list[str] = field(default_factory=list)  # possible teachers, same forms (or NAME=SIZE)
-    ratio: float = LAW_RATIO
-    assistants: Path | None = None  # CSV/JSON of trained assistants to rank with MiniDisc
-    teacher: str | None = None  # the teacher the assistants were cut/distilled from (default: largest candidate)
-    lam: float = MINIDISC_LAMBDA
-    trust_remote_code: bool = False
+    """`pipeline plan-teacher`'s settings; each field is also one of its options and a key of its ``--config``."""
+
+    student: str = option(
+        help="Student: a model dir / hub id / config.json, or a size such as 1B.", group=Group.STUDENT
+    )
+    candidates: list[str] = option(
+        help="A possible teacher (repeat): model dir / hub id / config.json, NAME=SIZE, or a size such as 7B.",
+        flag="--candidate",
+        default_factory=list,
+        group=Group.TEACHER,
+    )
+    ratio: float = option(
+        LAW_RATIO, "Optimal teacher / student size (law of capacity gap, arXiv 2311.07052).", group=Group.TEACHER
+    )
+    assistants: Path | None = option(
+        None,
+        "CSV/JSON of trained assistants (name, params, metric or eval_loss) to rank with MiniDisc.",
+        group=Group.TEACHER,
+    )
+    teacher: str | None = option(
+        None,
+        "The teacher the assistants come from (their sparsity is relative to it); default: the largest candidate.",
+        group=Group.TEACHER,
+    )
+    lam: float = option(MINIDISC_LAMBDA, "MiniDisc lambda: score = metric + lambda * sparsity.", group=Group.TEACHER)
+    trust_remote_code: bool = option(
+        False, "Allow custom model code from the hub (to count parameters).", group=Group.STUDENT
+    )
+    json_output: bool = option(False, "Print the plan as JSON.", flag="--json", group=Group.LOGGING)
 
     def validate(self) -> None:
         if self.ratio <= 1:

@@ -21,7 +21,6 @@ import pyarrow as pa
 from kd_pipeline.cache.format.rows import CacheRows
 from kd_pipeline.errors import ConfigError
 
-DEFAULT_ENCODING = "compact"  # what `pipeline cache-teacher` writes unless told otherwise
 LEGACY_ENCODING = {"name": "exact"}  # what a manifest of format v1/v2 (no "encoding" entry) holds
 
 
