@@ -69,7 +69,7 @@ def test_teacher_assistant_chain_records_lineage(tmp_path, teacher_dir, corpus_j
     assistant_config = config_dir(tmp_path / "assistant-config", 48, 2)
     student_config = config_dir(tmp_path / "student-config", 32, 1)
 
-    # The recipe of the README: every hop is cache-teacher with the bigger model, distill the smaller one.
+    # The recipe of docs/stage-one.md: every hop is cache-teacher with the bigger model, distill the smaller one.
     invoke("cache-teacher", "--teacher", teacher_dir, "--out", cache1, *cache_opts)
     invoke("distill", "--student", assistant_config, "--cache", cache1, "--out", assistant_run, *distill_opts)
     invoke("cache-teacher", "--teacher", assistant_run / "final", "--out", cache2, *cache_opts)

@@ -15,8 +15,8 @@ optimal gaps: 6.25x at 2.5), one distillation across the whole gap is expected t
 teacher → assistant(s) → student whose hops are close to the law's ratio. The chain's ideal sizes are
 spaced geometrically between the student and the largest teacher, with ``round(log(T/S) / log(ratio))``
 hops; each ideal size takes the nearest candidate (in log-size), duplicates merged. Every hop is the same
-two commands: ``cache-teacher`` with the bigger model, ``distill`` the smaller one (README, "Teacher-
-assistant chain").
+two commands: ``cache-teacher`` with the bigger model, ``distill`` the smaller one (docs/stage-one.md, "Teacher-
+assistant chains").
 
 MiniDisc (Zhang et al., "MiniDisc: Minimal Distillation Schedule for Language Model Compression", arXiv
 2205.14570; github.com/GeneZC/MiniDisc). Among trained assistants, pick the one maximizing the λ-tradeoff

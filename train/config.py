@@ -88,7 +88,7 @@ class RunOptions:
         "where a teacher token starts (see --cross-tokenizer-positions) the teacher's top-k, moved onto the student "
         "ids that stand for the same bytes (the rest to the tail bin), is the target of --loss; elsewhere the "
         "student gets CE on its own next token. The id map is built once per tokenizer pair, kept in the cache's "
-        "vocab_maps/. Compare runs in eval_bpb (bits per byte), not eval_ce (README: A student of another tokenizer).",
+        "vocab_maps/. Compare runs in eval_bpb (bits per byte), not eval_ce (docs/cross-tokenizer.md).",
         group=Group.STUDENT,
     )
     cross_tokenizer_positions: str = option(
