@@ -484,7 +484,9 @@ class Recipe:
         model = load_student(cfg.student, info, cfg.seed, cfg.trust_remote_code, student_vocab).to(self.device)
         model = lora.wrap_student(model, cfg, lambda message: _log(d, message))
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name warns); the new one also lets a frozen base pass gradients on
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
             model.config.use_cache = False
         model.train()
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
