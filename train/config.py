@@ -150,6 +150,13 @@ class RunOptions:
         "Also write the student with its adapters merged into the weights, a plain model, to final/merged/.",
         group=Group.LORA,
     )
+    save_on_signal_timeout: float = option(
+        60.0,
+        "On SIGTERM or SIGINT the run stops at the next step boundary, checkpoints (every rank) and exits 143 or "
+        "130; if that takes longer than this many seconds it exits without the new checkpoint (a second signal: at "
+        "once). Keep it below the scheduler's grace period (and torchrun's --shutdown-timeout).",
+        group=Group.CHECKPOINTS,
+    )
 
 
 @dataclass
@@ -191,6 +198,8 @@ class DistillConfig(LossOptions, RunOptions):
             raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
         if self.skip_nonfinite_steps < 0:
             raise ConfigError("--skip-nonfinite-steps must be >= 0")
+        if not self.save_on_signal_timeout > 0:
+            raise ConfigError(f"--save-on-signal-timeout must be > 0 seconds, got {self.save_on_signal_timeout}")
         if self.cross_tokenizer_positions not in xt.DISTILL_POSITIONS:
             raise ConfigError(f"--cross-tokenizer-positions must be one of {', '.join(xt.DISTILL_POSITIONS)}")
         if self.fused_loss and losses.LOSSES[self.loss].needs_logits:
