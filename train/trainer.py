@@ -39,7 +39,7 @@ from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cach
 from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, NonFiniteStep, TrainingError
 from kd_pipeline.signals import command_line, launcher_prefix
-from kd_pipeline.train import checkpoint, fused, lora, losses, preemption
+from kd_pipeline.train import checkpoint, fused, lora, losses, preemption, tracking
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from kd_pipeline.train.config import DistillConfig, RunOptions  # noqa: F401 - RunOptions re-exported
@@ -411,6 +411,9 @@ RESUME_FREE = frozenset(
         "allow_eval_teacher_mismatch",
         "merge_lora",
         "save_on_signal_timeout",
+        "report_to",
+        "run_name",
+        "tracker_dir",
     }
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
@@ -831,7 +834,16 @@ class Recipe:
             save_config(replace(cfg, resume=False), out / CONFIG_FILE, "distill")  # --config file that reruns it
         d.barrier()
 
-        metrics_file = open(out / METRICS_FILE, "a") if d.main else None
+        metrics_file = None
+        if d.main:  # metrics.jsonl and the trackers (rank 0 only)
+            metrics_file = tracking.MetricsLog(
+                out / METRICS_FILE,
+                cfg.report_to,
+                cfg.run_name or out.resolve().name,
+                cfg.record(),
+                cfg.tracker_dir or out,
+                resume_step=self.step if self.step > 0 else None,
+            )
         stop = preemption.TrainingStop(d, self.device, cfg.save_on_signal_timeout, self._kept).start()
         batches = iter(self.reader)
         bar = tqdm(
@@ -990,10 +1002,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-def _write_metrics(f, record: dict) -> None:
+def _write_metrics(f: tracking.MetricsLog | None, record: dict) -> None:
     if f is not None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+        f.write(record)
 
 
 def _log(d: Dist, message: str) -> None:
