@@ -241,6 +241,7 @@ class MLflow(Tracker):
             store.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.last_logged = -1  # the last step the store holds (a resumed run's)
+        self.pending: list = []  # MLflow's RunOperations of records still being written
         if run.state.get("run_id"):
             self.run_id = run.state["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
@@ -273,7 +274,17 @@ class MLflow(Tracker):
         if step <= self.last_logged:  # a killed run logged it already (see the module's docstring)
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        # MLflow's own background queue: a SQLite commit per record (~10-40 ms here) stays off the training loop
+        metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
+        self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+        if len(self.pending) >= 1000:
+            self._wait()
+
+    def _wait(self) -> None:
+        for operations in self.pending:
+            operations.wait()  # raises what a background write raised
+        self.pending.clear()
 
     def close(self) -> None:
+        self._wait()
         self.client.set_terminated(self.run_id)
