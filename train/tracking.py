@@ -240,15 +240,15 @@ class MLflow(Tracker):
         if self.uri == default_uri:
             store.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.last_logged = -1  # the last step the store holds (a resumed run's)
+        self.last_logged: dict[str, int] = {}  # per metric, the last step the store holds (a resumed run's)
         self.pending: list = []  # MLflow's RunOperations of records still being written
         if run.state.get("run_id"):
             self.run_id = run.state["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
-            self.last_logged = max(
-                (m.step for key in ("loss", "eval_ce") for m in self.client.get_metric_history(self.run_id, key)),
-                default=0,
-            )
+            # per metric: a killed run may have written a step's training record and not its eval record
+            for key in self.client.get_run(self.run_id).data.metrics:
+                history = self.client.get_metric_history(self.run_id, key)
+                self.last_logged[key] = max((m.step for m in history), default=-1)
             self.client.log_dict(self.run_id, run.config, f"config-resumed-at-step-{run.resume_step}.json")
             return
         experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
@@ -271,11 +271,12 @@ class MLflow(Tracker):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if step <= self.last_logged:  # a killed run logged it already (see the module's docstring)
-            return
         now = int(time.time() * 1000)
+        # what a killed run logged already is not logged again (see the module's docstring)
+        metrics = [Metric(k, v, now, step) for k, v in metrics.items() if step > self.last_logged.get(k, -1)]
+        if not metrics:
+            return
         # MLflow's own background queue: a SQLite commit per record (~10-40 ms here) stays off the training loop
-        metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
         self.pending.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
         if len(self.pending) >= 1000:
             self._wait()
