@@ -178,6 +178,7 @@ class TensorBoard(Tracker):
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # as metrics.jsonl: a killed run keeps what it logged (the writer queues otherwise)
 
     def close(self) -> None:
         self.writer.close()
