@@ -93,11 +93,16 @@ def _user_errors():
     """A PipelineError (bad input, a mismatch, a damaged file) is one line and exit 2; anything else is a bug in
     this tool and keeps its traceback (docs/reliability.md)."""
     from kd_pipeline.errors import PipelineError
+    from kd_pipeline.signals import Interrupted
 
     try:
         yield
     except PipelineError as e:
         _fail(e)
+    except Interrupted as stop:  # SIGTERM / SIGINT: what was kept and how to resume, then 128 + the signal
+        if stop.message:
+            typer.echo(stop.message, err=True)
+        raise typer.Exit(stop.exit_code) from None
 
 
 def _run_cache_teacher(config) -> None:

@@ -42,6 +42,7 @@ from kd_pipeline.cache.format.rows import CacheRows, id_list, invalid_rows, toke
 from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, ConfigError
 from kd_pipeline.models import check_model_path, load_config, load_tokenizer, teacher_identity
+from kd_pipeline.signals import stopping_cache
 
 # (index, count) variables of launchers that start one process per task; torchrun's first, since under
 # `srun torchrun` they name the process while SLURM's name the node.
@@ -219,12 +220,12 @@ def cache_teacher(config: CacheConfig) -> Manifest:
     """Build (or resume, or finish) the cache described by ``config``; return its final manifest.
 
     One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py)."""
-    config = with_workers(config)
+    given, config = config, with_workers(config)
     config.validate()
     backend = select_backend(config)  # refuses an unknown name or a cache the backend cannot produce
     check_model_path(config.teacher, "--teacher")
     what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
-    with hold_lock(config.out / writer_lock_name(config.worker_index), what):
+    with hold_lock(config.out / writer_lock_name(config.worker_index), what), stopping_cache(config, given):
         return _build(config, backend)
 
 

@@ -64,7 +64,14 @@ def declared() -> dict[str, set[str]]:
 
 
 # Imported only behind an optional extra's feature, each with the extra that declares it.
-OPTIONAL = {"vllm": "vllm", "matplotlib": "plot", "peft": "peft"}
+OPTIONAL = {
+    "vllm": "vllm",
+    "matplotlib": "plot",
+    "peft": "peft",
+    "wandb": "wandb",
+    "mlflow-skinny": "mlflow",
+    "tensorboard": "tensorboard",
+}
 
 
 def test_every_direct_import_is_a_declared_dependency():

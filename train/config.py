@@ -150,6 +150,28 @@ class RunOptions:
         "Also write the student with its adapters merged into the weights, a plain model, to final/merged/.",
         group=Group.LORA,
     )
+    save_on_signal_timeout: float = option(
+        60.0,
+        "On SIGTERM or SIGINT the run stops at the next step boundary, checkpoints (every rank) and exits 143 or "
+        "130; if that takes longer than this many seconds it exits without the new checkpoint (a second signal: at "
+        "once). Keep it below the scheduler's grace period (and torchrun's --shutdown-timeout).",
+        group=Group.CHECKPOINTS,
+    )
+    report_to: list[str] = option(
+        help="Also log every metrics.jsonl record and the config to this experiment tracker (repeat for several): "
+        "tensorboard | wandb (offline unless WANDB_MODE says otherwise) | mlflow (a local SQLite store unless "
+        "MLFLOW_TRACKING_URI says otherwise). Each is an extra: pip install 'kd-pipeline[NAME]'.",
+        default_factory=list,
+        group=Group.LOGGING,
+    )
+    run_name: str | None = option(
+        None, "The run's name in the trackers (default: the --out directory's name).", group=Group.LOGGING
+    )
+    tracker_dir: Path | None = option(
+        None,
+        "Where the trackers write locally (tensorboard/, wandb/, mlflow/); default: the --out directory.",
+        group=Group.LOGGING,
+    )
 
 
 @dataclass
@@ -191,6 +213,11 @@ class DistillConfig(LossOptions, RunOptions):
             raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_CHOICES)}; got {self.parallel!r}")
         if self.skip_nonfinite_steps < 0:
             raise ConfigError("--skip-nonfinite-steps must be >= 0")
+        from kd_pipeline.train import tracking  # torch-free, as this module
+
+        tracking.check(self.report_to)  # a missing tracker package is refused before anything runs
+        if not self.save_on_signal_timeout > 0:
+            raise ConfigError(f"--save-on-signal-timeout must be > 0 seconds, got {self.save_on_signal_timeout}")
         if self.cross_tokenizer_positions not in xt.DISTILL_POSITIONS:
             raise ConfigError(f"--cross-tokenizer-positions must be one of {', '.join(xt.DISTILL_POSITIONS)}")
         if self.fused_loss and losses.LOSSES[self.loss].needs_logits:

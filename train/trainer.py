@@ -38,7 +38,8 @@ from kd_pipeline.cache.format.lock import hold_lock
 from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache, teacher_diff
 from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, NonFiniteStep, TrainingError
-from kd_pipeline.train import checkpoint, fused, lora, losses
+from kd_pipeline.signals import command_line, launcher_prefix
+from kd_pipeline.train import checkpoint, fused, lora, losses, preemption, tracking
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from kd_pipeline.train.config import DistillConfig, RunOptions  # noqa: F401 - RunOptions re-exported
@@ -409,6 +410,10 @@ RESUME_FREE = frozenset(
         "allow_vocab_superset",
         "allow_eval_teacher_mismatch",
         "merge_lora",
+        "save_on_signal_timeout",
+        "report_to",
+        "run_name",
+        "tracker_dir",
     }
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
@@ -829,7 +834,17 @@ class Recipe:
             save_config(replace(cfg, resume=False), out / CONFIG_FILE, "distill")  # --config file that reruns it
         d.barrier()
 
-        metrics_file = open(out / METRICS_FILE, "a") if d.main else None
+        metrics_file = None
+        if d.main:  # metrics.jsonl and the trackers (rank 0 only)
+            metrics_file = tracking.MetricsLog(
+                out / METRICS_FILE,
+                cfg.report_to,
+                cfg.run_name or out.resolve().name,
+                cfg.record(),
+                cfg.tracker_dir or out,
+                resume_step=self.step if self.step > 0 else None,
+            )
+        stop = preemption.TrainingStop(d, self.device, cfg.save_on_signal_timeout, self._kept).start()
         batches = iter(self.reader)
         bar = tqdm(
             total=self.total_steps,
@@ -879,6 +894,12 @@ class Recipe:
                         {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown}
                     )
                     _write_metrics(metrics_file, last)
+                    if not cfg.progress:  # batch jobs: a line per --log-every steps instead of the bar
+                        _log(d, f"step {step}/{self.total_steps}: " + _train_line(last, shown))
+                if stop.requested():  # every rank, once per step: the same answer on all of them
+                    saved = self.save_checkpoint()
+                    resume = launcher_prefix() + command_line("distill", cfg, resume=True)
+                    raise stop.stopped(saved, step, self.total_steps, resume)
                 if self.eval_reader is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
                     ev = {"step": step, **self.evaluate()}
                     last.update(ev)
@@ -888,6 +909,7 @@ class Recipe:
                 if step % cfg.save_every == 0 and step < self.total_steps:
                     self.save_checkpoint()
         finally:
+            stop.close()
             batches.close()  # stops and joins the reader's prefetch thread before anything else can end the process
             bar.close()
             if metrics_file:
@@ -897,6 +919,11 @@ class Recipe:
         _log(d, f"saved the student to {final}")
         _log(d, self.summary(last, time.perf_counter() - started, self.step - start_step))
         return last
+
+    def _kept(self) -> str:
+        """Which checkpoint a --resume would continue from now (for the exits that write none)."""
+        last = latest_checkpoint(self.cfg.out)
+        return f"the last complete checkpoint is {last} (--resume continues from it)" if last else "no checkpoint yet"
 
     def summary(self, last: dict, seconds: float, steps_run: int) -> str:
         """The run's story in a few lines: before -> after on the eval set, tokens seen, time."""
@@ -922,17 +949,44 @@ def distill(cfg: DistillConfig, teacher: TeacherSignal | None = None) -> dict:
     ``teacher``: where the teacher's side of the training loss comes from (default: the cache's columns).
     One run per --out: a second is refused while the first runs (cache/format/lock.py).
     """
-    cfg.validate()  # before the lock: a refused option leaves no --out behind
+    recipe = Recipe(cfg, teacher)  # checks the options before anything is created
     main = int(os.environ.get("RANK", "0")) == 0
-    with hold_lock(Path(cfg.out) / RUN_LOCK, f"run {cfg.out}") if main else contextlib.nullcontext():
-        return Recipe(cfg, teacher).run()
+    created = _missing_dirs(Path(cfg.out)) if main else []
+    try:
+        with hold_lock(Path(cfg.out) / RUN_LOCK, f"run {cfg.out}") if main else contextlib.nullcontext():
+            return recipe.run()
+    except BaseException:
+        _remove_unused(created)  # a refused start (tokenizer mismatch, bad cache, ...) leaves nothing behind
+        raise
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unused(created: list[Path]) -> None:
+    """Remove the directories this run created if it wrote nothing into them but its lock file."""
+    for directory in created:
+        if not directory.is_dir() or {p.name for p in directory.iterdir()} - {RUN_LOCK}:
+            return
+        (directory / RUN_LOCK).unlink(missing_ok=True)
+        directory.rmdir()
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would interleave with ours
+
+
+def _train_line(record: dict, keys) -> str:
+    return "  ".join(f"{k} {record[k]:.4g}" for k in dict.fromkeys((*keys, "lr", "grad_norm")) if k in record)
 
 
 def _eval_line(ev: dict) -> str:
@@ -948,10 +1002,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
-def _write_metrics(f, record: dict) -> None:
+def _write_metrics(f: tracking.MetricsLog | None, record: dict) -> None:
     if f is not None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+        f.write(record)
 
 
 def _log(d: Dist, message: str) -> None:
