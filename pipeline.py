@@ -112,18 +112,25 @@ def _run_cache_teacher(config) -> None:
         cache_teacher(config)
 
 
+_STORAGE_OPTION_HELP = "KEY=VALUE for the filesystem of a URL cache (repeat; VALUE read as JSON if it parses)."
+
+
 @app.command("verify")
 def verify_cmd(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache directory, or a URL (s3://bucket/prefix, gs://...)."),
     quick: bool = typer.Option(False, help="Checksums, sizes and manifests only; skip decoding values."),
+    storage_option: list[str] | None = typer.Option(None, help=_STORAGE_OPTION_HELP),
 ):
     """Check every shard: sha256, schema, row counts, seq_id ranges, sorted log-probs <= 0, tail mass in [0, 1], and
     that the cache trains something. Exit status: 0 OK (complete, every check passed); 1 FAILED (a damaged, missing
     or inconsistent file: the lines marked BAD name it); 3 INCOMPLETE (what is there checks out, but a worker has
     not finished or its manifest is missing: rerun its cache-teacher command; distill refuses it until then)."""
+    from kd_pipeline.cache.format.storage import parse_storage_options
     from kd_pipeline.cache.format.verify import verify_cache
 
-    report = verify_cache(cache, check_values=not quick)
+    with _user_errors():
+        options = parse_storage_options(storage_option)
+    report = verify_cache(cache, check_values=not quick, storage_options=options)
     for warning in report.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     for problem in report.problems:
@@ -140,7 +147,7 @@ def verify_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    cache: Path = typer.Argument(..., help="Cache directory."),
+    cache: str = typer.Argument(..., help="Cache directory, or a URL (s3://bucket/prefix, gs://...)."),
     seq: int = typer.Option(0, help="Sequence id to show."),
     position: int | None = typer.Option(None, help="Position in the sequence (default: a trained one mid-way)."),
     show: int = typer.Option(10, help="How many of the top-k entries to print."),
@@ -148,24 +155,26 @@ def inspect_cmd(
         None, help="Tokenizer to decode with (default: the teacher's, saved with the cache)."
     ),
     trust_remote_code: bool = typer.Option(False, help="Allow a tokenizer's custom code (auto_map) to run."),
+    storage_option: list[str] | None = typer.Option(None, help=_STORAGE_OPTION_HELP),
 ):
     """Summarize a cache and show one position's teacher distribution as decoded tokens."""
     from kd_pipeline.cache.format.layout import TOKENIZER_DIR
     from kd_pipeline.cache.format.manifest import load_cache
+    from kd_pipeline.cache.format.storage import parse_storage_options
     from kd_pipeline.cache.format.verify import inspect_cache
     from kd_pipeline.errors import ModelLoadError
     from kd_pipeline.models import load_tokenizer
 
     with _user_errors():
         tok = None
-        info = load_cache(cache, require_complete=False)
-        saved = info.root / TOKENIZER_DIR
-        name = tokenizer or (str(saved) if saved.is_dir() else info.manifest.teacher.get("name_or_path"))
+        info = load_cache(cache, require_complete=False, storage_options=parse_storage_options(storage_option))
+        saved = info.store.local_dir(TOKENIZER_DIR) if info.store.is_folder(TOKENIZER_DIR) else None
+        name = tokenizer or (str(saved) if saved is not None else info.manifest.teacher.get("name_or_path"))
         try:
             tok = load_tokenizer(name, "--tokenizer", trust_remote_code=trust_remote_code)
         except ModelLoadError as e:  # a missing tokenizer only costs the decoding: show ids instead
             typer.secho(f"note: {e}; showing token ids", err=True)
-        typer.echo(inspect_cache(cache, seq=seq, position=position, show=show, tokenizer=tok))
+        typer.echo(inspect_cache(info, seq=seq, position=position, show=show, tokenizer=tok))
 
 
 def _run_distill(config) -> None:

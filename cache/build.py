@@ -12,8 +12,8 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -28,7 +28,6 @@ from kd_pipeline.cache.data import DataSpec, iter_sequences, source_fingerprint
 from kd_pipeline.cache.format.encodings import encoding_class, encoding_for
 from kd_pipeline.cache.format.files import sha256_file, write_shard
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR, manifest_name, shard_name
-from kd_pipeline.cache.format.lock import hold_lock
 from kd_pipeline.cache.format.manifest import (
     LINEAGE_FILE,
     Manifest,
@@ -39,7 +38,16 @@ from kd_pipeline.cache.format.manifest import (
     tokenizer_fingerprint,
 )
 from kd_pipeline.cache.format.rows import CacheRows, id_list, invalid_rows, tokens_sha256
-from kd_pipeline.config import CONFIG_FILE, save_config
+from kd_pipeline.cache.format.storage import (
+    Store,
+    WrittenFile,
+    describe_error,
+    is_storage_failure,
+    naming_storage_errors,
+    open_store,
+    parse_storage_options,
+)
+from kd_pipeline.config import CONFIG_FILE, config_yaml
 from kd_pipeline.errors import CacheError, ConfigError
 from kd_pipeline.models import check_model_path, load_config, load_tokenizer, teacher_identity
 from kd_pipeline.signals import stopping_cache
@@ -99,20 +107,28 @@ def _blocks(sequences: Iterator[tuple[np.ndarray, np.ndarray]], rows: int):
         yield block, np.stack(ids), np.stack(masks)
 
 
-def _clean_stray_temp_files(out: Path) -> None:
-    for directory in (out, out / SHARD_DIR):
-        for tmp in directory.glob(".*.tmp*"):
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+def _clean_stray_temp_files(config: CacheConfig, store: Store) -> None:
+    """Temp files (local) and multipart uploads (S3) of this worker's blocks left by a killed run."""
+
+    def mine(name: str) -> bool:
+        base = name.rsplit("/", 1)[-1]
+        return not _is_block_file(base) or int(base[:-8]) % config.num_workers == config.worker_index
+
+    for removed in store.clean_interrupted(mine):
+        if not store.local:
+            _log(f"{removed}: left by an interrupted run; aborted")
 
 
 @contextlib.contextmanager
-def _naming_write_errors(path: Path):
-    """A failed write (full disk, quota, read-only file system) is one line naming the file. What was
-    committed before stays committed: the same command resumes once the cause is fixed."""
+def _naming_write_errors(path: Path | str):
+    """A failed write (full disk, quota, read-only file system, a refused or unreachable bucket) is one line
+    naming the file. What was committed before stays committed: the same command resumes once the cause is fixed."""
     try:
         yield
-    except OSError as e:
-        reason = e.strerror or str(e)
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        reason = (e.strerror if isinstance(e, OSError) else None) or describe_error(e)
         raise CacheError(
             f"{path}: cannot write ({reason}); the shards committed so far are kept, rerun the same command "
             "to resume once this is fixed"
@@ -123,16 +139,27 @@ def _is_block_file(name: str) -> bool:
     return name.endswith(".parquet") and name.removesuffix(".parquet").isdigit()
 
 
-def _remove_uncommitted(config: CacheConfig, manifest: Manifest) -> None:
+def _remove_uncommitted(config: CacheConfig, manifest: Manifest, store: Store) -> None:
     """Delete this worker's shard files that its manifest does not list: the manifest is the commit log,
-    so these were written by a run killed between a shard's rename and the manifest update, and will
-    be written again. Other workers' files are theirs to judge."""
+    so these were written by a run killed between a shard's rename (or upload) and the manifest update, and
+    will be written again. Other workers' files are theirs to judge."""
     listed = {Path(s.name).name for s in manifest.shards}
-    for file in sorted((config.out / SHARD_DIR).iterdir()):
-        name = file.name
+    for name in store.list(SHARD_DIR):
         if _is_block_file(name) and int(name[:-8]) % config.num_workers == config.worker_index and name not in listed:
-            _log(f"{file}: not in the manifest (written by an interrupted run before its commit); removed")
-            file.unlink()
+            _log(
+                f"{store.member(f'{SHARD_DIR}/{name}')}: not in the manifest (written by an interrupted run before its commit); removed"
+            )
+            store.delete(f"{SHARD_DIR}/{name}")
+
+
+def _write_shard(store: Store, name: str, rows: CacheRows, row_group_rows: int, encoding) -> WrittenFile:
+    """One shard, visible whole or not at all: locally write_shard's temp + fsync + rename, in a bucket one upload
+    completed only on success (its sha256 computed as the bytes go out)."""
+    if store.local:
+        path = store.root / name
+        write_shard(rows, path, row_group_rows, encoding)
+        return WrittenFile(bytes=path.stat().st_size, sha256=sha256_file(path))
+    return store.write_parquet(name, encoding.encode(rows), row_group_size=row_group_rows, **encoding.write_options)
 
 
 def _teacher_lineage(teacher: str) -> dict:
@@ -141,33 +168,42 @@ def _teacher_lineage(teacher: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    """Keep the teacher's tokenizer with the cache: students are checked against it, inspect decodes with it."""
-    final = out / TOKENIZER_DIR
-    if final.exists():
+def _save_tokenizer(tokenizer, store: Store) -> None:
+    """Keep the teacher's tokenizer with the cache: students are checked against it, inspect decodes with it.
+    In a bucket its files are uploaded again by every run (a killed upload may have left some of them)."""
+    if store.local and store.is_folder(TOKENIZER_DIR):
         return
-    tmp = out / f".{TOKENIZER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(final)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        store.put_dir(Path(tmp), TOKENIZER_DIR)
 
 
-def _prepare_output(config: CacheConfig, fresh: Manifest) -> Manifest:
+def _manifest_names(store: Store) -> list[str]:
+    return [n for n in store.list("") if n.startswith("manifest") and n.endswith(".json")]
+
+
+def _prepare_output(config: CacheConfig, fresh: Manifest, store: Store) -> Manifest:
     """Return the manifest to continue from: a new one, or the one on disk if it matches."""
-    out = config.out
-    path = out / manifest_name(config.worker_index, config.num_workers)
-    if config.overwrite and out.exists():
+    name = manifest_name(config.worker_index, config.num_workers)
+    path = store.member(name)
+    if config.overwrite:
         if config.num_workers == 1:
-            for p in list(out.glob("manifest*.json")) + [out / SHARD_DIR, out / TOKENIZER_DIR]:
-                if p.exists():
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for p in _manifest_names(store):
+                store.delete(p)
+            store.delete_tree(SHARD_DIR)
+            store.delete_tree(TOKENIZER_DIR)
         else:  # other workers may be running: remove only this worker's manifest and blocks
-            path.unlink(missing_ok=True)
-            for shard in (out / SHARD_DIR).glob("*.parquet"):
-                if shard.stem.isdigit() and int(shard.stem) % config.num_workers == config.worker_index:
-                    shard.unlink()
-    if path.exists():
-        existing = read_manifest(path)
+            store.delete(name)
+            for shard in store.list(SHARD_DIR):
+                stem = shard.removesuffix(".parquet")
+                if (
+                    shard.endswith(".parquet")
+                    and stem.isdigit()
+                    and int(stem) % config.num_workers == config.worker_index
+                ):
+                    store.delete(f"{SHARD_DIR}/{shard}")
+    if store.exists(name):
+        existing = read_manifest(name, store)
         diff = identity_diff(existing.identity(), fresh.identity())
         settings = [
             f"{name}: {getattr(existing, name)} != {getattr(fresh, name)}"
@@ -180,33 +216,33 @@ def _prepare_output(config: CacheConfig, fresh: Manifest) -> Manifest:
                 + "\n  ".join(diff + settings)
                 + "\nUse a new --out, or --overwrite to delete the existing cache."
             )
+        sizes = store.sizes(SHARD_DIR)
         for shard in existing.shards:
-            file = out / shard.name
-            if not file.exists() or file.stat().st_size != shard.bytes:
-                raise CacheError(f"{file}: listed in the manifest but missing or of the wrong size")
+            if sizes.get(shard.name.rsplit("/", 1)[-1]) != shard.bytes:
+                raise CacheError(f"{store.member(shard.name)}: listed in the manifest but missing or of the wrong size")
         return existing
     layout = {manifest_name(i, config.num_workers) for i in range(config.num_workers)}
-    existing_manifests = sorted(out.glob("manifest*.json")) if out.exists() else []
-    foreign = [p for p in existing_manifests if p.name not in layout]
+    existing_manifests = _manifest_names(store)
+    foreign = [p for p in existing_manifests if p not in layout]
     if foreign:
         raise CacheError(
-            f"{out} holds a cache written with a different --num-workers ({foreign[0].name}); "
+            f"{config.out} holds a cache written with a different --num-workers ({foreign[0]}); "
             "use the same worker layout, a new --out, or --overwrite"
         )
     for sibling in existing_manifests:  # another worker of this layout: it must be the same cache
-        diff = identity_diff(read_manifest(sibling).identity(), fresh.identity())
+        diff = identity_diff(read_manifest(sibling, store).identity(), fresh.identity())
         if diff:
-            raise CacheError(f"{sibling} describes a different cache:\n  " + "\n  ".join(diff))
+            raise CacheError(f"{store.member(sibling)} describes a different cache:\n  " + "\n  ".join(diff))
     # Block files without a manifest are uncommitted and rewritten (_remove_uncommitted); anything else
     # there is not ours to delete.
     foreign = (
-        [p.name for p in (out / SHARD_DIR).iterdir() if not _is_block_file(p.name) and not p.name.startswith(".")]
-        if not existing_manifests and (out / SHARD_DIR).is_dir()
+        [n for n in store.list(SHARD_DIR) if not _is_block_file(n) and not n.startswith(".")]
+        if not existing_manifests
         else []
     )
     if foreign:
         raise CacheError(
-            f"{out / SHARD_DIR} holds files that are not shards of a cache ({', '.join(sorted(foreign)[:3])}) "
+            f"{store.member(SHARD_DIR)} holds files that are not shards of a cache ({', '.join(sorted(foreign)[:3])}) "
             "and no manifest; use a new --out, or --overwrite to start over"
         )
     return fresh
@@ -219,17 +255,22 @@ def writer_lock_name(worker_index: int) -> str:
 def cache_teacher(config: CacheConfig) -> Manifest:
     """Build (or resume, or finish) the cache described by ``config``; return its final manifest.
 
-    One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py)."""
+    One writer per (out, worker index): a second one is refused while the first runs (cache/format/lock.py).
+    ``out`` may be a URL (cache/format/storage.py): shards are uploaded whole, the manifest written after them."""
     given, config = config, with_workers(config)
     config.validate()
     backend = select_backend(config)  # refuses an unknown name or a cache the backend cannot produce
     check_model_path(config.teacher, "--teacher")
+    store = open_store(config.out, config.storage_options)
     what = f"cache {config.out}" + (f" (worker {config.worker_index})" if config.num_workers > 1 else "")
-    with hold_lock(config.out / writer_lock_name(config.worker_index), what), stopping_cache(config, given):
-        return _build(config, backend)
+    with (
+        store.lock(writer_lock_name(config.worker_index), what, enabled=not config.no_lock) as lease,
+        stopping_cache(config, given),
+    ):
+        return _build(config, backend, store, lease)
 
 
-def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
+def _build(config: CacheConfig, backend: type[TeacherBackend], store: Store, lease) -> Manifest:
     started = time.perf_counter()
     tokenizer = load_tokenizer(
         config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
@@ -290,18 +331,25 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
     # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
     # make it depend on where a run was interrupted.
     fresh.teacher.update(backend=backend.name, **backend.identity(config))
-    manifest = _prepare_output(config, fresh)
+    with naming_storage_errors(store.member(""), "cannot use the output"):
+        manifest = _prepare_output(config, fresh, store)
     if manifest.complete:
-        load_cache(config.out, require_complete=False).check_trains_something()
+        options = parse_storage_options(config.storage_options)
+        load_cache(config.out, require_complete=False, storage_options=options).check_trains_something()
         _log(f"{config.out}: cache already complete ({len(manifest.shards)} shards); nothing to do")
         return manifest
-    (config.out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    _clean_stray_temp_files(config.out)
-    _remove_uncommitted(config, manifest)
-    with _naming_write_errors(config.out / TOKENIZER_DIR):
-        _save_tokenizer(tokenizer, config.out)
+    if store.local:
+        (store.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    with naming_storage_errors(store.member(""), "cannot clean up after an interrupted run"):
+        _clean_stray_temp_files(config, store)
+        _remove_uncommitted(config, manifest, store)
+    with _naming_write_errors(store.member(TOKENIZER_DIR)):
+        _save_tokenizer(tokenizer, store)
     if config.worker_index == 0:  # one copy per cache; docs/configuration.md says why these two are not kept
-        save_config(replace(config, worker_index=None, overwrite=False), config.out / CONFIG_FILE, "cache-teacher")
+        # Storage options are not kept (they may hold credentials): a rerun gives them again.
+        saved = replace(config, worker_index=None, overwrite=False, storage_options=[])
+        with _naming_write_errors(store.member(CONFIG_FILE)):
+            store.write_bytes(CONFIG_FILE, config_yaml(saved, "cache-teacher").encode())
 
     encoding = encoding_for(manifest)
     done = {s.block: s for s in manifest.shards}
@@ -359,7 +407,7 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
                 target_logprob=scores.target_logprob,
             )
             name = shard_name(block)
-            path = config.out / name
+            path = store.member(name)
             bad = invalid_rows(rows.topk_logprobs, rows.target_logprob, sampled=config.support == "sampled")
             if bad.size:
                 raise CacheError(
@@ -373,15 +421,15 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
                     + ". Check the teacher's weights and --dtype (float16 overflows in some models)."
                 )
             with _naming_write_errors(path):
-                write_shard(rows, path, manifest.row_group_rows, encoding)
+                written = _write_shard(store, name, rows, manifest.row_group_rows, encoding)
             manifest.shards.append(
                 ShardEntry(
                     name=name,
                     block=block,
                     rows=rows.num_rows,
                     tokens=int(input_ids.size),
-                    bytes=path.stat().st_size,
-                    sha256=sha256_file(path),
+                    bytes=written.bytes,
+                    sha256=written.sha256,
                     first_seq_id=int(rows.seq_ids[0]),
                     last_seq_id=int(rows.seq_ids[-1]),
                     tokens_sha256=block_tokens_sha,
@@ -389,8 +437,9 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
                 )
             )
             manifest.shards.sort(key=lambda s: s.block)
-            with _naming_write_errors(config.out / manifest_name(config.worker_index, config.num_workers)):
-                manifest.save(config.out)  # the commit point of this shard
+            lease.check()  # never commit over a writer that took over an expired lease
+            with _naming_write_errors(store.member(manifest_name(config.worker_index, config.num_workers))):
+                manifest.save(store)  # the commit point of this shard
             scored_tokens += int(input_ids.size)
             bar.set_postfix(shards=len(manifest.shards), refresh=False)
     finally:
@@ -402,9 +451,12 @@ def _build(config: CacheConfig, backend: type[TeacherBackend]) -> Manifest:
         raise CacheError(f"{config.data}: the dataset produced no token sequences")
     manifest.stream = {"num_sequences": num_sequences, "sha256": stream_hash.hexdigest()}
     manifest.complete = True
-    with _naming_write_errors(config.out / manifest_name(config.worker_index, config.num_workers)):
-        manifest.save(config.out)
-    load_cache(config.out, require_complete=False).check_trains_something()  # once the last worker completes it
+    lease.check()
+    with _naming_write_errors(store.member(manifest_name(config.worker_index, config.num_workers))):
+        manifest.save(store)
+    with naming_storage_errors(store.member(""), "cannot read back"):  # once the last worker completes it
+        options = parse_storage_options(config.storage_options)
+        load_cache(config.out, require_complete=False, storage_options=options).check_trains_something()
     elapsed = time.perf_counter() - started
     tokens, size = manifest.total_tokens, manifest.total_bytes
     _log(

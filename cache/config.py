@@ -70,7 +70,10 @@ class CacheConfig(VLLMOptions):
         "files.",
         group=Group.DATA,
     )
-    out: Path = option(help="Cache directory to create (or resume).", group=Group.STORAGE)
+    out: str = option(
+        help="Cache directory to create (or resume), or a URL: s3://bucket/prefix, gs://... (docs/object-storage.md).",
+        group=Group.STORAGE,
+    )
     top_k: int = option(64, "Teacher log-probabilities kept per position (the support).", group=Group.TEACHER)
     seq_len: int = option(
         1024,
@@ -145,6 +148,18 @@ class CacheConfig(VLLMOptions):
         flag="--assistant-role",
         default_factory=list,
         group=Group.DATA,
+    )
+    storage_options: list[str] = option(
+        help="KEY=VALUE for the filesystem of a URL --out (repeat; VALUE read as JSON if it parses), e.g. "
+        "profile=lab. Credentials: better from the environment or a profile; never saved.",
+        flag="--storage-option",
+        default_factory=list,
+        group=Group.STORAGE,
+    )
+    no_lock: bool = option(
+        False,
+        "Write without the one-writer lock (for a store with no conditional write: one writer at a time).",
+        group=Group.STORAGE,
     )
 
     def validate(self) -> None:

@@ -60,7 +60,7 @@ def test_values_come_back_typed_as_their_fields(tmp_path):
     assert values == {
         "teacher": "t",
         "data": "d.jsonl",
-        "out": Path("cache"),
+        "out": "cache",  # a str: a cache may be a URL (docs/object-storage.md)
         "top_k": 8,
         "gpu_memory_utilization": 1.0,
         "vllm_args": ["a=1", "b=2"],
@@ -78,8 +78,8 @@ def test_values_come_back_typed_as_their_fields(tmp_path):
 
 
 CONFIGS = [
-    CacheConfig(teacher="t", data="d.jsonl", out=Path("c"), top_k=5, vllm_args=["x=1"], min_logprob=-9.5),
-    DistillConfig(student="s", cache=Path("c"), out=Path("o"), loss="taid", taid_alpha=0.01, max_steps=7, lr=3e-3),
+    CacheConfig(teacher="t", data="d.jsonl", out="c", top_k=5, vllm_args=["x=1"], min_logprob=-9.5),
+    DistillConfig(student="s", cache="c", out=Path("o"), loss="taid", taid_alpha=0.01, max_steps=7, lr=3e-3),
     GenerateConfig(prompts="p.jsonl", out=Path("g.jsonl"), student="s", mode="student", top_p=0.9),
     PlanConfig(student="1B", candidates=["a=7B", "b=70B"], json_output=True),
 ]

@@ -29,7 +29,9 @@ class RunOptions:
         "train from scratch.",
         group=Group.STUDENT,
     )
-    cache: Path = option(help="Teacher cache written by `pipeline cache-teacher`.", group=Group.DATA)
+    cache: str = option(
+        help="Teacher cache written by `pipeline cache-teacher`: a directory or a URL (s3://, gs://).", group=Group.DATA
+    )
     out: Path = option(
         help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).",
         group=Group.CHECKPOINTS,
@@ -58,7 +60,9 @@ class RunOptions:
     eval_sequences: int = option(
         64, "Sequences held out from the end of the cache for eval (0: none).", group=Group.EVAL
     )
-    eval_cache: Path | None = option(None, "Evaluate on this cache instead of a held-out part.", group=Group.EVAL)
+    eval_cache: str | None = option(
+        None, "Evaluate on this cache (directory or URL) instead of a held-out part.", group=Group.EVAL
+    )
     eval_at_start: bool = option(
         True, "Also evaluate the untrained student (step 0): the 'before' of the summary.", group=Group.EVAL
     )
@@ -172,6 +176,13 @@ class RunOptions:
         "Where the trackers write locally (tensorboard/, wandb/, mlflow/); default: the --out directory.",
         group=Group.LOGGING,
     )
+    storage_options: list[str] = option(
+        help="KEY=VALUE for the filesystem of a URL --cache / --eval-cache (repeat; VALUE read as JSON if it "
+        "parses). Never saved: a resumed run gives them again.",
+        flag="--storage-option",
+        default_factory=list,
+        group=Group.DATA,
+    )
 
 
 @dataclass
@@ -228,7 +239,10 @@ class DistillConfig(LossOptions, RunOptions):
 
     def record(self) -> dict:
         """The config as JSON values (what distill_config.json and each checkpoint hold)."""
-        return json.loads(json.dumps(asdict(self), default=str))
+        record = json.loads(json.dumps(asdict(self), default=str))
+        # Storage options may carry credentials: only their keys are recorded.
+        record["storage_options"] = [item.split("=", 1)[0] + "=..." for item in self.storage_options]
+        return record
 
     @classmethod
     def field_defaults(cls) -> dict:

@@ -628,16 +628,18 @@ def student_batches(info: CacheInfo, student_tok, positions: str = "same-token")
     the cache, the vocabulary map from (or into) the cache's :data:`VOCAB_MAP_DIR`."""
     from transformers import AutoTokenizer
 
-    teacher_dir = info.root / TOKENIZER_DIR
-    if not teacher_dir.exists():
+    teacher_dir = info.store.member(TOKENIZER_DIR)
+    if not info.store.is_folder(TOKENIZER_DIR):
         raise CacheError(
             f"{teacher_dir}: --cross-tokenizer needs the copy of the teacher tokenizer kept with the cache"
         )
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher_tok = AutoTokenizer.from_pretrained(info.store.local_dir(TOKENIZER_DIR))
     teacher, student = TokenPieces.of(teacher_tok), TokenPieces.of(student_tok)
     if teacher.fingerprint != info.manifest.tokenizer["sha256"]:
         raise CacheError(f"{teacher_dir}: this tokenizer is not the one the manifest of {info.root} names")
-    vocab_map = load_vocab_map(info.root / VOCAB_MAP_DIR, teacher_tok, student_tok, teacher, student)
+    # Kept with a local cache only: a cache in a bucket is not written by its readers (the map is rebuilt per run).
+    map_dir = info.root / VOCAB_MAP_DIR if info.store.local else None
+    vocab_map = load_vocab_map(map_dir, teacher_tok, student_tok, teacher, student)
     pad = next((i for i in (student_tok.pad_token_id, student_tok.eos_token_id) if i is not None), 0)
     return StudentBatches(Retokenizer(student_tok, teacher, student, vocab_map), pad, positions)
 

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from kd_pipeline.cache.format.encodings import encoding_for
-from kd_pipeline.cache.format.files import sha256_file
 from kd_pipeline.cache.format.layout import TOKENIZER_DIR
 from kd_pipeline.cache.format.manifest import CacheInfo, load_cache, tokenizer_fingerprint
 from kd_pipeline.cache.format.rows import CacheRows
+from kd_pipeline.cache.format.storage import naming_storage_errors
 from kd_pipeline.errors import CacheError
 
 
@@ -49,12 +48,13 @@ def check_tokenizer(info: CacheInfo, tokenizer, allow_vocab_superset: bool = Fal
             "tokenizer, use the teacher's, or pass --allow-vocab-superset if the student's vocabulary extends the "
             "teacher's with the same ids."
         )
-    teacher_dir = info.root / TOKENIZER_DIR
-    if not teacher_dir.exists():
-        raise CacheError(f"{teacher_dir}: the cache has no copy of the teacher tokenizer to compare with")
+    if not info.store.is_folder(TOKENIZER_DIR):
+        raise CacheError(
+            f"{info.store.member(TOKENIZER_DIR)}: the cache has no copy of the teacher tokenizer to compare with"
+        )
     from transformers import AutoTokenizer
 
-    teacher_vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    teacher_vocab = AutoTokenizer.from_pretrained(info.store.local_dir(TOKENIZER_DIR)).get_vocab()
     student_vocab = tokenizer.get_vocab()
     wrong = [tok for tok, idx in teacher_vocab.items() if student_vocab.get(tok) != idx]
     if wrong:
@@ -181,22 +181,25 @@ class CacheReader:
         return out
 
     # ------------------------------------------------------------------------------------ reading
-    def _check_shard(self, index: int, path: Path) -> None:
+    def _check_shard(self, index: int, name: str) -> None:
         """Verify a shard on its first open (sha256 against the manifest) and prove it is the same file on every
         later one: a shard is reopened by path for each of its row groups, and a cache rebuilt or rsynced into
         place under a running job renames new files over the old ones. One ``stat`` (device, inode, size,
         modification time) per open costs microseconds against milliseconds of reading, where holding every
         verified shard open would hold thousands of descriptors. A file whose identity changed is hashed again:
-        the same bytes (a copy of the same cache) read on, other bytes stop the run naming the shard."""
-        shard = self.info.shards[index]
+        the same bytes (a copy of the same cache) read on, other bytes stop the run naming the shard. In a bucket the
+        identity is the object's size, ETag and modification time (cache/format/storage.py), and a shard is hashed
+        by streaming it once in bounded ranges, then read by row-group ranges: twice its bytes in epoch one."""
+        shard, store = self.info.shards[index], self.info.store
+        path = store.member(name)
         try:
-            before = _identity(path)
+            before = store.identity(name)
         except FileNotFoundError:
             raise CacheError(f"{path}: shard listed in the manifest is missing") from None
         if self._verified.get(index) == before:
             return
         if self.verify_checksums or index in self._verified:
-            if sha256_file(path) != shard.sha256:
+            if store.sha256(name) != shard.sha256:
                 changed = index in self._verified
                 raise CacheError(
                     f"{path}: the shard changed since this run verified it (the cache was rebuilt or replaced "
@@ -205,22 +208,24 @@ class CacheReader:
                     if changed
                     else f"{path}: sha256 mismatch; the shard is corrupted (run `pipeline verify`)"
                 )
-            if _identity(path) != before:  # replaced while it was being hashed
+            if store.identity(name) != before:  # replaced while it was being hashed
                 raise CacheError(f"{path}: the shard changed while it was being verified (a cache written under a run)")
         self._verified[index] = before
 
     def _read_chunk(self, chunk: Chunk) -> CacheRows:
-        shard = self.info.shards[chunk.shard]
-        path = self.info.root / shard.name
+        shard, store = self.info.shards[chunk.shard], self.info.store
+        path = store.member(shard.name)
         # Arrow's errors name no file (ArrowInvalid is a ValueError, ArrowIOError an OSError): name it here.
         unreadable = (OSError, ValueError, KeyError, IndexError, pa.ArrowException)
-        self._check_shard(chunk.shard, path)
+        with naming_storage_errors(path):
+            self._check_shard(chunk.shard, shard.name)
         try:
-            # Small reads instead of pre-buffering the whole row group's column chunks at once.
-            with pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) as f:
+            # Locally small reads; in a bucket one ranged request per row group (the store knows which).
+            with store.parquet_file(shard.name) as f:
                 # After the open: the file arrow holds is the one whose identity is checked (a rename over the
                 # path from here on leaves arrow reading the verified file).
-                self._check_shard(chunk.shard, path)
+                with naming_storage_errors(path):
+                    self._check_shard(chunk.shard, shard.name)
                 table = f.read_row_group(chunk.row_group)
         except unreadable as e:
             raise CacheError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from e
@@ -313,12 +318,6 @@ class CacheReader:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         if state["world_size"] != self.world_size:
             self.consumed = min(state["consumed"] * state["world_size"] // self.world_size, self.samples_per_rank)
-
-
-def _identity(path: Path) -> tuple[int, ...]:
-    """What changes when a file is replaced or rewritten: device, inode, size, modification time."""
-    st = path.stat()
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _DecodedWindow:

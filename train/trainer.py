@@ -36,6 +36,7 @@ from tqdm import tqdm
 from kd_pipeline.cache.format.layout import TOKENIZER_DIR
 from kd_pipeline.cache.format.lock import hold_lock
 from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache, teacher_diff
+from kd_pipeline.cache.format.storage import is_url, parse_storage_options
 from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, NonFiniteStep, TrainingError
 from kd_pipeline.signals import command_line, launcher_prefix
@@ -99,7 +100,7 @@ def load_student_tokenizer(spec: str, info: CacheInfo, trust_remote_code: bool =
                 ) from None
             continue
     # A student built from a bare config uses the teacher's tokenizer saved with the cache.
-    return AutoTokenizer.from_pretrained(info.root / TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(info.store.local_dir(TOKENIZER_DIR))
 
 
 def schedule(optimizer, cfg: DistillConfig, total_steps: int, step: int = 0):
@@ -414,6 +415,7 @@ RESUME_FREE = frozenset(
         "report_to",
         "run_name",
         "tracker_dir",
+        "storage_options",
     }
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
@@ -435,7 +437,13 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             saved.get(name, defaults.get(name)),
             now.get(name),
         )  # an option newer than the checkpoint: its default
-        if name in ("student", "cache") and old is not None and new is not None and Path(old).exists():
+        if (
+            name in ("student", "cache")
+            and old is not None
+            and new is not None
+            and not is_url(old)
+            and Path(old).exists()
+        ):
             old, new = str(Path(old).resolve()), str(Path(new).resolve())
         if old == new:
             continue
@@ -465,7 +473,7 @@ class Recipe:
         d, self.device = init_processes(cfg.device)
         self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
         self.d = d
-        self.info = info = load_cache(cfg.cache)
+        self.info = info = load_cache(cfg.cache, storage_options=parse_storage_options(cfg.storage_options))
         info.check_trains_something()
         self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
         self._setup_tokens()
@@ -532,7 +540,7 @@ class Recipe:
         cfg, d, info = self.cfg, self.d, self.info
         chunks = plan_chunks(info)
         if cfg.eval_cache is not None:
-            eval_info = load_cache(cfg.eval_cache)
+            eval_info = load_cache(cfg.eval_cache, storage_options=parse_storage_options(cfg.storage_options))
             if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
                 raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
             # One vocabulary serves a whole model family: the tokenizer alone does not make it the same teacher.
@@ -786,7 +794,7 @@ class Recipe:
                 self.tokenizer.save_pretrained(folder)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
                 "student": cfg.student,
-                "cache": str(Path(cfg.cache).resolve()),
+                "cache": cfg.cache if is_url(cfg.cache) else str(Path(cfg.cache).resolve()),
                 "cache_fingerprint": self.info.fingerprint(),
                 "cache_teacher": self.info.manifest.teacher,
                 "cache_lineage": self.info.manifest.lineage,
@@ -831,7 +839,9 @@ class Recipe:
             out.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(out / METRICS_FILE, self.step)  # drop what a killed run logged past its checkpoint
             (out / "distill_config.json").write_text(json.dumps(cfg.record(), indent=1))  # what runs from here
-            save_config(replace(cfg, resume=False), out / CONFIG_FILE, "distill")  # --config file that reruns it
+            save_config(
+                replace(cfg, resume=False, storage_options=[]), out / CONFIG_FILE, "distill"
+            )  # --config file that reruns it
         d.barrier()
 
         metrics_file = None

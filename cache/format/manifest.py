@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kd_pipeline.cache.format.encodings import encoding_for
-from kd_pipeline.cache.format.files import atomic_write_bytes
 from kd_pipeline.cache.format.layout import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -22,6 +22,7 @@ from kd_pipeline.cache.format.layout import (
     manifest_name,
 )
 from kd_pipeline.cache.format.schema import ManifestFieldError, validate_manifest
+from kd_pipeline.cache.format.storage import Store, naming_storage_errors, open_store
 from kd_pipeline.errors import CacheError
 
 # Fields that define what a cache *is*. A resume, a second worker or a student run must agree on them.
@@ -123,8 +124,10 @@ class Manifest:
             raise CacheError(f"cache encoding {manifest.encoding.get('name')!r}: {e}") from e
         return manifest
 
-    def save(self, cache_dir: Path) -> None:
-        atomic_write_bytes(cache_dir / manifest_name(self.worker_index, self.num_workers), self.to_json().encode())
+    def save(self, cache_dir: Path | Store) -> None:
+        """Write this worker's manifest whole (temp + rename locally, one PUT in a bucket): the commit point."""
+        store = cache_dir if isinstance(cache_dir, Store) else open_store(cache_dir)
+        store.write_bytes(manifest_name(self.worker_index, self.num_workers), self.to_json().encode())
 
     @property
     def total_tokens(self) -> int:
@@ -168,25 +171,34 @@ def identity_diff(a: dict, b: dict) -> list[str]:
     return [f"{key}: {shown(fa.get(key))} != {shown(fb.get(key))}" for key in keys if fa.get(key) != fb.get(key)]
 
 
-def read_manifest(path: Path) -> Manifest:
+def read_manifest(path: Path | str, store: Store | None = None) -> Manifest:
+    """The manifest at ``path``, or at the name ``path`` inside ``store``."""
+    where = store.member(str(path)) if store is not None else path
+    with naming_storage_errors(str(where)):
+        text = store.read_bytes(str(path)).decode() if store is not None else Path(path).read_text()
     try:
-        return Manifest.from_json(path.read_text())
+        return Manifest.from_json(text)
     except ManifestFieldError as e:
-        raise CacheError(f"{path}: corrupt manifest, {e}") from e
+        raise CacheError(f"{where}: corrupt manifest, {e}") from e
     except CacheError as e:
-        raise CacheError(f"{path}: {e}") from e
+        raise CacheError(f"{where}: {e}") from e
     except (ValueError, TypeError, KeyError) as e:  # json.JSONDecodeError is a ValueError
-        raise CacheError(f"{path}: corrupt manifest, not a valid cache manifest ({e})") from e
+        raise CacheError(f"{where}: corrupt manifest, not a valid cache manifest ({e})") from e
 
 
 @dataclass
 class CacheInfo:
     """A whole cache as the reader sees it: one identity, shards from every worker sorted by block."""
 
-    root: Path
+    root: Path | str  # a local directory, or the URL of a cache in an object store
     manifest: Manifest  # the first worker's; identity and settings are shared by all
     shards: list[ShardEntry]
     complete: bool
+    store: Store | None = None  # where the files are; None: the local directory ``root``
+
+    def __post_init__(self):
+        if self.store is None:
+            self.store = open_store(self.root)
 
     @property
     def num_sequences(self) -> int:
@@ -223,20 +235,24 @@ class CacheInfo:
         return h.hexdigest()[:16]
 
 
-def load_cache(root: str | Path, require_complete: bool = True) -> CacheInfo:
-    root = Path(root)
-    if not root.is_dir():
-        raise CacheError(f"{root}: no such cache directory")
-    single = root / MANIFEST_NAME
-    paths = [single] if single.exists() else sorted(root.glob("manifest.worker*-of-*.json"))
+def load_cache(root: str | Path, require_complete: bool = True, storage_options: dict | None = None) -> CacheInfo:
+    """The cache at ``root``: a local directory or a URL (``s3://bucket/prefix``, ``gs://``, any fsspec protocol
+    installed), ``storage_options`` passed to its filesystem."""
+    store = open_store(root, storage_options)
+    root = store.root if store.local else os.fspath(root).rstrip("/")
+    with naming_storage_errors(str(root)):
+        if not store.root_exists():
+            raise CacheError(f"{root}: no such cache directory")
+        names = store.list("")
+    paths = [MANIFEST_NAME] if MANIFEST_NAME in names else [n for n in names if _is_worker_manifest(n)]
     if not paths:
         raise CacheError(f"{root}: no manifest.json (is this a cache written by `pipeline cache-teacher`?)")
-    manifests = [read_manifest(p) for p in paths]
+    manifests = [read_manifest(p, store) for p in paths]
     first = manifests[0]
     for path, m in zip(paths[1:], manifests[1:]):
         diff = identity_diff(first.identity(), m.identity())
         if diff:
-            raise CacheError(f"{path.name} describes a different cache than {paths[0].name}: " + "; ".join(diff))
+            raise CacheError(f"{path} describes a different cache than {paths[0]}: " + "; ".join(diff))
     expected_workers = first.num_workers
     found = sorted(m.worker_index for m in manifests)
     complete = all(m.complete for m in manifests) and found == list(range(expected_workers))
@@ -256,7 +272,13 @@ def load_cache(root: str | Path, require_complete: bool = True) -> CacheInfo:
     blocks = [s.block for s in shards]
     if len(set(blocks)) != len(blocks):
         raise CacheError(f"{root}: two manifests claim the same shard block")
-    return CacheInfo(root=root, manifest=first, shards=shards, complete=complete)
+    return CacheInfo(root=root, manifest=first, shards=shards, complete=complete, store=store)
+
+
+def _is_worker_manifest(name: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return fnmatchcase(name, "manifest.worker*-of-*.json")
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:

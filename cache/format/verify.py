@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kd_pipeline.cache.format.encodings import Encoding, encoding_for
-from kd_pipeline.cache.format.files import sha256_file
 from kd_pipeline.cache.format.layout import SHARD_DIR, TOKENIZER_DIR
 from kd_pipeline.cache.format.manifest import CacheInfo, ShardEntry, load_cache, tokenizer_fingerprint
 from kd_pipeline.cache.format.rows import id_list, invalid_rows, tail_mass
+from kd_pipeline.cache.format.storage import naming_storage_errors
 from kd_pipeline.errors import CacheError
 
 # fp16 storage rounds each probability by at most 2^-11 relative, so a sum over the support may exceed 1
@@ -43,14 +43,22 @@ class VerifyReport:
         return 1 if self.problems else 3 if self.incomplete else 0
 
 
-def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encoding) -> tuple[list[str], int]:
+def _read_shard(info: CacheInfo, name: str):
+    """A whole shard as an arrow table (verify and inspect decode all of it)."""
+    if info.store.local:
+        return pq.read_table(info.root / name)
+    with info.store.open_input(name) as f:
+        return pq.read_table(f)
+
+
+def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path | str, encoding: Encoding) -> tuple[list[str], int]:
     """Decoded-value bounds every encoding must meet: ids in the vocabulary and unique per position,
     log-probs <= 0 and sorted, support mass <= 1 (tail mass in [0, 1]), target consistent with the support.
     Returns (problems, trained targets in the shard)."""
     m = info.manifest
     vocab = m.tokenizer["vocab_size"]
     problems = []
-    table = pq.read_table(path)
+    table = _read_shard(info, shard.name)
     if table.schema.remove_metadata() != encoding.schema.remove_metadata():
         return [f"{path}: schema differs from format v{m.format_version} ({encoding.name}): {table.schema}"], 0
     if table.num_rows != shard.rows:
@@ -97,15 +105,16 @@ def _check_rows(shard: ShardEntry, info: CacheInfo, path: Path, encoding: Encodi
 def _check_tokenizer(info: CacheInfo, load: bool) -> list[str]:
     """The teacher's tokenizer saved with the cache must be there and be the one the manifest fingerprints:
     a student built from a config gets its tokenizer from it."""
-    directory = info.root / TOKENIZER_DIR
-    if not directory.is_dir():
+    directory = info.store.member(TOKENIZER_DIR)
+    if not info.store.is_folder(TOKENIZER_DIR):
         return [f"{directory}: missing (the teacher's tokenizer, saved with the cache; distill and inspect use it)"]
     if not load:
         return []
     from transformers import AutoTokenizer
 
     try:
-        got = tokenizer_fingerprint(AutoTokenizer.from_pretrained(directory, trust_remote_code=False))
+        local = info.store.local_dir(TOKENIZER_DIR)
+        got = tokenizer_fingerprint(AutoTokenizer.from_pretrained(local, trust_remote_code=False))
     except Exception as e:  # whatever transformers raises for a damaged tokenizer, name the folder
         return [f"{directory}: unreadable tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
     expected = info.manifest.tokenizer["sha256"]
@@ -117,32 +126,43 @@ def _check_tokenizer(info: CacheInfo, load: bool) -> list[str]:
     return []
 
 
-def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
+def verify_cache(root: str | Path, check_values: bool = True, storage_options: dict | None = None) -> VerifyReport:
     """Checksums, schema, row counts, seq_id ranges and value sanity of every shard."""
     report = VerifyReport()
     try:
-        info = load_cache(root, require_complete=False)
+        info = load_cache(root, require_complete=False, storage_options=storage_options)
     except CacheError as e:
         report.problems.append(str(e))
         return report
     if not info.complete:
         try:  # its own words: which workers are missing or unfinished
-            load_cache(root)
+            load_cache(root, storage_options=storage_options)
         except CacheError as e:
             report.incomplete = str(e)
+    try:
+        with naming_storage_errors(str(info.root)):
+            _verify_files(info, report, check_values)
+    except CacheError as e:  # the store stopped answering (credentials, network): what was checked stays reported
+        report.problems.append(str(e))
+    return report
+
+
+def _verify_files(info: CacheInfo, report: VerifyReport, check_values: bool) -> None:
+    store = info.store
     encoding = encoding_for(info.manifest)
     listed = set()
     for shard in info.shards:
-        path = info.root / shard.name
-        listed.add(path.name)
+        path = store.member(shard.name)
+        listed.add(shard.name.rsplit("/", 1)[-1])
         report.shards_checked += 1
-        if not path.exists():
+        if not store.exists(shard.name):
             report.problems.append(f"{path}: missing")
             continue
-        if path.stat().st_size != shard.bytes:
-            report.problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes}")
+        size = store.size(shard.name)
+        if size != shard.bytes:
+            report.problems.append(f"{path}: {size} bytes, manifest says {shard.bytes}")
             continue
-        if sha256_file(path) != shard.sha256:
+        if store.sha256(shard.name) != shard.sha256:
             report.problems.append(f"{path}: sha256 mismatch (file corrupted or replaced)")
             continue
         if check_values:
@@ -165,16 +185,27 @@ def verify_cache(root: str | Path, check_values: bool = True) -> VerifyReport:
             info.check_trains_something()
         except CacheError as e:
             report.problems.append(str(e))
-    shard_dir = info.root / SHARD_DIR
-    if shard_dir.exists():
-        for extra in sorted(p.name for p in shard_dir.iterdir() if p.name not in listed):
-            report.warnings.append(f"{shard_dir / extra}: not listed in any manifest (left by an interrupted run)")
-    return report
+    for extra in store.list(SHARD_DIR):
+        if extra not in listed:
+            report.warnings.append(
+                f"{store.member(f'{SHARD_DIR}/{extra}')}: not listed in any manifest (left by an interrupted run)"
+            )
 
 
-def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, show: int = 10, tokenizer=None) -> str:
+def inspect_cache(
+    root: str | Path | CacheInfo,
+    seq: int = 0,
+    position: int | None = None,
+    show: int = 10,
+    tokenizer=None,
+    storage_options: dict | None = None,
+) -> str:
     """A human summary: manifest facts, one position decoded with probabilities, tail-mass statistics."""
-    info = load_cache(root, require_complete=False)
+    info = (
+        root
+        if isinstance(root, CacheInfo)
+        else load_cache(root, require_complete=False, storage_options=storage_options)
+    )
     m = info.manifest
     lines = [
         f"cache: {info.root}  (format v{m.format_version}, {'complete' if info.complete else 'INCOMPLETE'})",
@@ -198,7 +229,8 @@ def inspect_cache(root: str | Path, seq: int = 0, position: int | None = None, s
         )
     if position is not None and not 0 <= position <= m.seq_len - 2:
         raise CacheError(f"--position {position} is outside [0, {m.seq_len - 2}] (sequences of {m.seq_len} tokens)")
-    rows = encoding_for(m).decode(pq.read_table(info.root / shard.name))
+    with naming_storage_errors(info.store.member(shard.name)):
+        rows = encoding_for(m).decode(_read_shard(info, shard.name))
     row = seq - shard.first_seq_id
     mask = rows.loss_mask[row, 1:]
     if position is None:
