@@ -38,11 +38,11 @@ from kd_pipeline.cache.format.lock import hold_lock
 from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache
 from kd_pipeline.config import option
 from kd_pipeline.errors import CacheError, ConfigError, NonFiniteStep
-from kd_pipeline.train import checkpoint, fused, losses
+from kd_pipeline.train import checkpoint, fused, losses, sources
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from kd_pipeline.train.parallel import PARALLEL_CHOICES, Dist, Strategy, init_processes, make_strategy
-from kd_pipeline.train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+from kd_pipeline.train.reader import CacheReader
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
@@ -58,8 +58,29 @@ class RunOptions:
         help="Student: a HF model dir/id with weights, or a config (config.json, or a dir with only a config) to "
         "train from scratch."
     )
-    cache: Path = option(help="Teacher cache written by `pipeline cache-teacher`.")
+    cache: list[str] = option(
+        help="Teacher cache written by `pipeline cache-teacher`. Repeat for several teachers, each PATH or NAME=PATH "
+        "(NAME names its metrics, e.g. eval_kl/NAME; default the folder's name); see --combine."
+    )
     out: Path = option(help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).")
+    cache_weights: str | None = option(
+        None,
+        "With several --cache: one weight per cache, e.g. 0.3,0.7 (normalized). mixture: the share of trained "
+        "tokens drawn from each (default: each cache's share of all trained tokens, one pass each per epoch); "
+        "ensemble: each teacher's weight in the combined target (default: equal).",
+    )
+    combine: str = option(
+        "mixture",
+        "How several --cache combine. mixture: caches over different data, each batch from one cache with its own "
+        "teacher, drawn in proportion to --cache-weights | ensemble: teachers scored on the same token stream, "
+        "combined position by position into one target, p = Σ w_i p_i on the union of their top-k "
+        "(docs/multi-teacher.md).",
+    )
+    ensemble_temperature: float | None = option(
+        None,
+        "With --combine ensemble: per-position weights w_i ∝ weight_i · p_i(true token)^(1/T), trusting the teacher "
+        "that knows the token (from each cache's target_logprob); unset: the static --cache-weights.",
+    )
     loss: str = option(losses.DEFAULT_LOSS, losses.loss_help())
     batch_size: int = option(8, "Sequences per micro-batch per process.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
@@ -78,7 +99,11 @@ class RunOptions:
     keep_checkpoints: int = option(2, "Complete checkpoints to keep.")
     eval_every: int = option(200, "Evaluate every N optimizer steps (and at the end).")
     eval_sequences: int = option(64, "Sequences held out from the end of the cache for eval (0: none).")
-    eval_cache: Path | None = option(None, "Evaluate on this cache instead of a held-out part.")
+    eval_cache: list[str] | None = option(
+        None,
+        "Evaluate on this cache instead of a held-out part; repeatable as --cache (each reported as eval_kl/NAME ..., "
+        "and pooled); with --combine ensemble, one per teacher over the same stream.",
+    )
     eval_at_start: bool = option(True, "Also evaluate the untrained student (step 0): the 'before' of the summary.")
     log_every: int = option(10, "Write metrics every N steps.")
     resume: bool = option(False, "Continue from the latest complete checkpoint in --out.")
@@ -136,8 +161,14 @@ class DistillConfig(losses.LossOptions, RunOptions):
     temperature, ce_weight and each loss's own, declared by the losses). Bases in this order put the run's fields
     first (dataclass fields follow the reversed MRO), as `pipeline distill --help` lists them."""
 
+    def __post_init__(self) -> None:
+        # One path (code callers, configs from before several caches) is a list of one.
+        self.cache = sources.cache_values(self.cache)
+        self.eval_cache = sources.cache_values(self.eval_cache) or None
+
     def validate(self) -> None:
         losses.build_loss(self.loss, self)  # raises on an unknown name or an option out of range
+        sources.check_options(self)
         for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -271,9 +302,20 @@ class TeacherSignal:
     takes_fused_bins = True
 
     def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
-        if student.bins is not None:
-            return loss(student.cached, student=student.bins)
-        return loss(student.cached, student.logits)
+        bins = _student_bins(loss, student)
+        return loss(student.cached, student.logits if loss.needs_logits else None, student=bins)
+
+
+def _student_bins(loss: losses.DistillLoss, student: StudentView) -> losses.StudentBins:
+    """The student's bins on the cached support, the student's side of a repeated id emptied: a support that repeats
+    an id in its empty columns (an ensemble's union, a projected support) has an empty bin there on both sides
+    (:func:`~train.cross_tokenizer.empty_repeats`; a cache's own support has distinct ids and is unchanged)."""
+    cached, bins = student.cached, student.bins
+    if bins is None:
+        bins = losses.student_bins(
+            student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
+        )
+    return bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
 
 
 CACHED_TEACHER = TeacherSignal()
@@ -288,12 +330,7 @@ class ProjectedTeacher(TeacherSignal):
 
     def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
         cached = student.cached
-        bins = student.bins
-        if bins is None:
-            bins = losses.student_bins(
-                student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
-            )
-        bins = bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
+        bins = _student_bins(loss, student)
         out = loss(cached, student.logits if loss.needs_logits else None, student=bins)
         ce = losses.cross_entropy(bins.log_q_target)
         total = xt.mixed_loss(out.total, cached.mask.sum(), ce, cached.mask)
@@ -502,6 +539,7 @@ def evaluate(
     }
     if has_bytes:
         out["eval_bpb"] = xt.bits_per_byte(nll, n_bytes)
+        out["eval_bytes"] = int(n_bytes)  # pooling several eval sets (train/sources.py) weighs bits per byte by it
     return out
 
 
@@ -528,7 +566,17 @@ RESUME_FREE = frozenset(
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
 RESUME_FIXED = frozenset(
-    {"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"}
+    {
+        "student",
+        "cache",
+        "cache_weights",
+        "combine",
+        "seed",
+        "batch_size",
+        "shuffle_rows",
+        "eval_sequences",
+        "cross_tokenizer",
+    }
 )
 
 
@@ -543,7 +591,9 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             saved.get(name, defaults.get(name)),
             now.get(name),
         )  # an option newer than the checkpoint: its default
-        if name in ("student", "cache") and old is not None and new is not None and Path(old).exists():
+        if name == "cache":
+            old, new = sources.comparable(old), sources.comparable(new)
+        elif name == "student" and old is not None and new is not None and Path(old).exists():
             old, new = str(Path(old).resolve()), str(Path(new).resolve())
         if old == new:
             continue
@@ -573,9 +623,8 @@ class Recipe:
         d, self.device = init_processes(cfg.device)
         self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
         self.d = d
-        self.info = info = load_cache(cfg.cache)
+        self.info = info = load_cache(sources.parse_caches(cfg.cache)[0].path)  # the first cache's tokenizer and vocab
         self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
-        self._setup_tokens()
         self._setup_data()
         if self.reader.samples_per_rank < cfg.batch_size:
             _log(
@@ -604,64 +653,23 @@ class Recipe:
         self.step, self.skipped, self.tokens_seen, self.config_changes = 0, 0, 0, []
         self.before: dict | None = None
 
-    def _setup_tokens(self) -> None:
-        """How the cache's batches reach the student (``self.tokens``) and where its teacher signal comes from: the
-        cache's ids as they are, or with --cross-tokenizer the student's re-tokenization and the projected teacher."""
-        cfg, info = self.cfg, self.info
-        if not cfg.cross_tokenizer:
-            check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
-            try:
-                pieces = xt.TokenPieces.of(self.tokenizer)
-            except CacheError as error:  # a slow or unusual tokenizer: the run goes on without bits per byte
-                _log(self.d, f"warning: no eval_bpb: {error}")
-                pieces = None
-            self.tokens = xt.CachedTokens(pieces)
-            return
-        if self.teacher is not CACHED_TEACHER:
+    def _setup_data(self) -> None:
+        """The batch source (``self.reader``: one cache, a mixture or an ensemble, train/sources.py, its batches as
+        the student sees them), the eval sets, and where the teacher signal comes from: the cache's columns, or with
+        --cross-tokenizer the projected teacher (each cache re-tokenized by the student through its own map)."""
+        cfg, d = self.cfg, self.d
+        if cfg.cross_tokenizer and self.teacher is not CACHED_TEACHER:
             raise CacheError(
                 "--cross-tokenizer distills the cache's teacher; this run was given another teacher signal"
             )
-        self.tokens = xt.student_batches(info, self.tokenizer, cfg.cross_tokenizer_positions)
-        self.teacher = ProjectedTeacher()
-        matched = int((self.tokens.mapping >= 0).sum())
-        _log(
-            self.d,
-            f"--cross-tokenizer: {matched:,} of the teacher's {len(self.tokens.mapping):,} ids have a student "
-            f"counterpart; distilling at {cfg.cross_tokenizer_positions} positions, CE elsewhere",
+        self.data = sources.open_run_data(
+            cfg, self.tokenizer, d.rank, d.world_size, self.device.type == "cuda", lambda m: _log(d, m)
         )
-
-    def _setup_data(self) -> None:
-        cfg, d, info = self.cfg, self.d, self.info
-        chunks = plan_chunks(info)
-        if cfg.eval_cache is not None:
-            eval_info = load_cache(cfg.eval_cache)
-            if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
-                raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
-            train_chunks, eval_source, eval_chunks = chunks, eval_info, None
-        else:
-            train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
-            eval_source = info
-        self.reader = CacheReader(
-            info,
-            cfg.batch_size,
-            chunks=train_chunks,
-            seed=cfg.seed,
-            shuffle_rows=cfg.shuffle_rows,
-            rank=d.rank,
-            world_size=d.world_size,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.eval_reader = None
-        if eval_chunks or cfg.eval_cache is not None:
-            self.eval_reader = CacheReader(
-                eval_source,
-                cfg.batch_size,
-                chunks=eval_chunks,
-                shuffle=False,
-                rank=d.rank,
-                world_size=d.world_size,
-                drop_remainder=False,
-            )
+        if self.data.projected:
+            self.teacher = ProjectedTeacher()
+        self.reader = self.data.train
+        self.tokens = xt.CachedTokens(None)  # the batch source hands out batches as the student sees them
+        self.eval_sets = self.data.eval_sets
 
     def resume(self) -> None:
         """Continue from the newest usable checkpoint, after comparing its configuration with this one."""
@@ -783,15 +791,21 @@ class Recipe:
     def evaluate(self) -> dict:
         # The unwrapped student where its forward needs no collective (DDP's broadcasts buffers: ranks with unequal
         # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
-        return evaluate(
-            self.strategy.inner(self.model),
-            self.eval_reader,
-            self.device,
-            self.autocast,
-            self.d,
-            fused_loss=self.cfg.fused_loss,
-            lockstep=self.strategy.lockstep_forwards,
-            tokens=self.tokens,
+        # Several eval sets (one per cache; an ensemble's combined target too): per source and pooled.
+        return sources.pooled(
+            {
+                ev.name: evaluate(
+                    self.strategy.inner(self.model),
+                    ev.reader,
+                    self.device,
+                    self.autocast,
+                    self.d,
+                    fused_loss=self.cfg.fused_loss,
+                    lockstep=self.strategy.lockstep_forwards,
+                    tokens=ev.tokens,
+                )
+                for ev in self.eval_sets
+            }
         )
 
     # ----------------------------------------------------------------------------------- saving
@@ -832,10 +846,12 @@ class Recipe:
             self.tokenizer.save_pretrained(tmp)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
                 "student": cfg.student,
-                "cache": str(Path(cfg.cache).resolve()),
+                "cache": str(self.data.teachers[0].spec.path.resolve()),
                 "cache_fingerprint": self.info.fingerprint(),
                 "cache_teacher": self.info.manifest.teacher,
                 "cache_lineage": self.info.manifest.lineage,
+                "teachers": self.data.lineage(),  # every cache and its weight (the fields above: the first's)
+                "combine": cfg.combine,
                 "loss": cfg.loss,
                 "steps": self.step,
                 "run_dir": str(Path(cfg.out).resolve()),
@@ -892,7 +908,7 @@ class Recipe:
         window_start, window_tokens, window_steps = started, 0, 0
         last: dict = {}
         try:
-            if self.eval_reader is not None and cfg.eval_at_start and self.step == 0:
+            if self.eval_sets and cfg.eval_at_start and self.step == 0:
                 self.before = {"step": 0, **self.evaluate()}
                 _write_metrics(metrics_file, self.before)
                 _log(d, "step 0 (before training): " + _eval_line(self.before))
@@ -921,7 +937,7 @@ class Recipe:
                         {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in last.items() if k in shown}
                     )
                     _write_metrics(metrics_file, last)
-                if self.eval_reader is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
+                if self.eval_sets and (step % cfg.eval_every == 0 or step == self.total_steps):
                     ev = {"step": step, **self.evaluate()}
                     last.update(ev)
                     _write_metrics(metrics_file, ev)
