@@ -4,6 +4,7 @@ ensemble's batches, refusals, and two-teacher runs end to end with per-source ev
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,3 +363,51 @@ def test_cli_takes_repeated_caches(tmp_path, small_cache, second_teacher_cache, 
     assert config["cache"] == [f"a={small_cache}", f"b={second_teacher_cache}"] and config["combine"] == "ensemble"
     bad = CliRunner().invoke(app, [*args[:-2], "--cache-weights", "1,2,3", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "3 values for 2" in bad.output
+
+
+def test_ensemble_resumes_every_reader(small_cache, second_teacher_cache):
+    def ensemble():
+        infos = [sources.load_cache(c) for c in (small_cache, second_teacher_cache)]
+        return sources.Ensemble(
+            ["a", "b"], [CacheReader(i, 4, seed=2, shuffle_rows=8) for i in infos], lambda b: b, [0.5, 0.5]
+        )
+
+    def ids(batches):
+        return [(tuple(b["seq_ids"].tolist()), b["topk_ids"].sum().item()) for b in batches]
+
+    whole, ens = ensemble(), ensemble()
+    it = iter(whole)
+    want = ids(next(it) for _ in range(30))  # 30 batches of 4: over an epoch boundary (82 sequences)
+    it.close()
+    it = iter(ens)
+    for _ in range(11):
+        next(it)
+    state = json.loads(json.dumps(ens.state_dict()))
+    it.close()
+    resumed = ensemble()
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert ids(next(it) for _ in range(19)) == want[11:]
+    it.close()
+
+
+def test_mixture_with_teachers_of_two_tokenizer_families(
+    tmp_path, small_cache, corpus_jsonl, sentencepiece_tokenizer_dir
+):
+    """A student of the SentencePiece tokenizer learns from a BPE teacher's cache and from a SentencePiece teacher's,
+    each through its own projection (--cross-tokenizer), and each source's eval is reported in bits per byte."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_tokenizer_dir)
+    sp_teacher, student = tmp_path / "sp_teacher", tmp_path / "student"
+    for d in (sp_teacher, student):
+        tok.save_pretrained(d)
+    build_llama(sp_teacher, len(tok), layers=2, hidden=64, seed=3)
+    build_llama(student, len(tok), layers=1, hidden=32, seed=4)
+    sp_cache = build_cache(tmp_path / "sp_cache", sp_teacher, corpus_jsonl, sequences=40)
+    bpe_cache = Path(shutil.copytree(small_cache, tmp_path / "bpe_cache"))  # the session's cache stays as it is
+    out = tmp_path / "run"
+    last = distill(config(student, [f"bpe={bpe_cache}", f"sp={sp_cache}"], out, cross_tokenizer=True, max_steps=4))
+    for key in ("eval_bpb", "eval_bpb/bpe", "eval_bpb/sp", "eval_kl/bpe", "eval_kl/sp"):
+        assert key in last and last[key] > 0, key
+    assert (sp_cache / "vocab_maps").is_dir() and (bpe_cache / "vocab_maps").is_dir()  # one map per cache
