@@ -662,9 +662,7 @@ class Recipe:
             raise CacheError(
                 "--cross-tokenizer distills the cache's teacher; this run was given another teacher signal"
             )
-        self.data = sources.open_run_data(
-            cfg, self.tokenizer, d.rank, d.world_size, self.device.type == "cuda", lambda m: _log(d, m)
-        )
+        self.data = sources.open_run_data(cfg, self.tokenizer, d.rank, d.world_size, self.device, lambda m: _log(d, m))
         if self.data.projected:
             self.teacher = ProjectedTeacher()
         self.reader = self.data.train
