@@ -411,3 +411,24 @@ def test_mixture_with_teachers_of_two_tokenizer_families(
     for key in ("eval_bpb", "eval_bpb/bpe", "eval_bpb/sp", "eval_kl/bpe", "eval_kl/sp"):
         assert key in last and last[key] > 0, key
     assert (sp_cache / "vocab_maps").is_dir() and (bpe_cache / "vocab_maps").is_dir()  # one map per cache
+
+
+def test_one_cache_is_its_reader_and_resumes_from_a_reader_state(small_cache):
+    """One cache: the reader's own batches in its own order; a checkpoint from before mixtures (the reader's own
+    state_dict) resumes at the same place."""
+    info = sources.load_cache(small_cache)
+    reader = CacheReader(info, 4, seed=5, shuffle_rows=8)
+    plain = iter(reader)
+    want = [tuple(next(plain)["seq_ids"].tolist()) for _ in range(30)]
+    plain.close()
+    assert [ids for _, ids in take(mixture([small_cache], [1.0], seed=5), 30)] == want
+    old = CacheReader(info, 4, seed=5, shuffle_rows=8)
+    it = iter(old)
+    for _ in range(25):  # past the first epoch (23 batches of 90 sequences)
+        next(it)
+    legacy = old.state_dict()
+    it.close()
+    mix = mixture([small_cache], [1.0], seed=5)
+    mix.load_state_dict(legacy)
+    assert mix.drawn == [25] and mix.epoch == old.epoch == 1
+    assert [ids for _, ids in take(mix, 5)] == want[25:]
