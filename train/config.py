@@ -29,8 +29,34 @@ class RunOptions:
         "train from scratch.",
         group=Group.STUDENT,
     )
-    cache: str = option(
-        help="Teacher cache written by `pipeline cache-teacher`: a directory or a URL (s3://, gs://).", group=Group.DATA
+    cache: list[str] = option(
+        help="Teacher cache written by `pipeline cache-teacher`: a directory or a URL (s3://, gs://). Repeat for "
+        "several teachers, each PATH or NAME=PATH (NAME names its metrics, e.g. eval_kl/NAME; default the folder's "
+        "name); see --combine.",
+        group=Group.DATA,
+    )
+    cache_weights: str | None = option(
+        None,
+        "With several --cache: one weight per cache, e.g. 0.3,0.7 (normalized). mixture: the share of trained "
+        "tokens drawn from each (default: each cache's share of all trained tokens, one pass each per epoch); "
+        "ensemble: each teacher's weight in the combined target (default: equal).",
+        group=Group.DATA,
+    )
+    combine: str = option(
+        "mixture",
+        "How several --cache combine. mixture: caches over different data, each batch from one cache with its own "
+        "teacher, drawn in proportion to --cache-weights | ensemble: teachers scored on the same token stream, "
+        "combined position by position into one target, p = sum_i w_i p_i on the union of their top-k "
+        "(docs/multi-teacher.md).",
+        group=Group.DATA,
+        choices=("mixture", "ensemble"),
+    )
+    ensemble_temperature: float | None = option(
+        None,
+        "With --combine ensemble: per-position weights w_i proportional to weight_i * p_i(true token)^(1/T), "
+        "trusting the teacher that knows the token (from each cache's target_logprob); unset: the static "
+        "--cache-weights.",
+        group=Group.DATA,
     )
     out: Path = option(
         help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).",
@@ -60,8 +86,11 @@ class RunOptions:
     eval_sequences: int = option(
         64, "Sequences held out from the end of the cache for eval (0: none).", group=Group.EVAL
     )
-    eval_cache: str | None = option(
-        None, "Evaluate on this cache (directory or URL) instead of a held-out part.", group=Group.EVAL
+    eval_cache: list[str] | None = option(
+        None,
+        "Evaluate on this cache (directory or URL) instead of a held-out part; repeatable as --cache (each reported "
+        "as eval_kl/NAME ..., and pooled); with --combine ensemble, one per teacher over the same stream.",
+        group=Group.EVAL,
     )
     eval_at_start: bool = option(
         True, "Also evaluate the untrained student (step 0): the 'before' of the summary.", group=Group.EVAL
@@ -191,13 +220,19 @@ class DistillConfig(LossOptions, RunOptions):
     temperature, ce_weight and each loss's own, declared by the losses). Bases in this order put the run's fields
     first (dataclass fields follow the reversed MRO), as `pipeline distill --help` lists them."""
 
+    def __post_init__(self) -> None:
+        # One path (code callers, configs from before several caches) is a list of one.
+        self.cache = cache_values(self.cache)
+        self.eval_cache = cache_values(self.eval_cache) or None
+
     def validate(self) -> None:
         # What the checks need lives with the code that runs (torch): imported by a run, never by --help.
         from kd_pipeline.train import cross_tokenizer as xt
-        from kd_pipeline.train import lora, losses
+        from kd_pipeline.train import lora, losses, sources
         from kd_pipeline.train.parallel import PARALLEL_CHOICES
 
         losses.build_loss(self.loss, self)  # raises on an unknown name or an option out of range
+        sources.check_options(self)
         for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -251,3 +286,13 @@ class DistillConfig(LossOptions, RunOptions):
 
         found = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
         return json.loads(json.dumps(found, default=str))
+
+
+def cache_values(value) -> list[str]:
+    """The ``--cache`` / ``--eval-cache`` config value as a list of strings (one path, URL or ``NAME=PATH`` each); a
+    single path (the form before several caches, and what code callers pass) becomes a list of one."""
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    return [str(v) for v in value]

@@ -35,18 +35,18 @@ from tqdm import tqdm
 
 from kd_pipeline.cache.format.layout import TOKENIZER_DIR
 from kd_pipeline.cache.format.lock import hold_lock
-from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache, teacher_diff
+from kd_pipeline.cache.format.manifest import LINEAGE_FILE, CacheInfo, load_cache
 from kd_pipeline.cache.format.storage import is_url, parse_storage_options
 from kd_pipeline.config import CONFIG_FILE, save_config
 from kd_pipeline.errors import CacheError, NonFiniteStep, TrainingError
 from kd_pipeline.signals import command_line, launcher_prefix
-from kd_pipeline.train import checkpoint, fused, lora, losses, preemption, tracking
+from kd_pipeline.train import checkpoint, fused, lora, losses, preemption, sources, tracking
 from kd_pipeline.train import cross_tokenizer as xt
 from kd_pipeline.train.checkpoint import CHECKPOINT_DIR, latest_checkpoint  # noqa: F401 - re-exported for the benches/tests
 from kd_pipeline.train.config import DistillConfig, RunOptions  # noqa: F401 - RunOptions re-exported
 from kd_pipeline.train.metrics import METRICS_FILE, read_metrics
 from kd_pipeline.train.parallel import Dist, Strategy, init_processes, make_strategy
-from kd_pipeline.train.reader import CacheReader, check_tokenizer, plan_chunks, split_holdout
+from kd_pipeline.train.reader import CacheReader
 
 FINAL_DIR = "final"
 MEMORY_FILE = "memory.json"
@@ -156,9 +156,20 @@ class TeacherSignal:
     takes_fused_bins = True
 
     def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
-        if student.bins is not None:
-            return loss(student.cached, student=student.bins)
-        return loss(student.cached, student.logits)
+        bins = _student_bins(loss, student)
+        return loss(student.cached, student.logits if loss.needs_logits else None, student=bins)
+
+
+def _student_bins(loss: losses.DistillLoss, student: StudentView) -> losses.StudentBins:
+    """The student's bins on the cached support, the student's side of a repeated id emptied: a support that repeats
+    an id in its empty columns (an ensemble's union, a projected support) has an empty bin there on both sides
+    (:func:`~train.cross_tokenizer.empty_repeats`; a cache's own support has distinct ids and is unchanged)."""
+    cached, bins = student.cached, student.bins
+    if bins is None:
+        bins = losses.student_bins(
+            student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
+        )
+    return bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
 
 
 CACHED_TEACHER = TeacherSignal()
@@ -173,12 +184,7 @@ class ProjectedTeacher(TeacherSignal):
 
     def loss(self, loss: losses.DistillLoss, student: StudentView) -> losses.KDLossOutput:
         cached = student.cached
-        bins = student.bins
-        if bins is None:
-            bins = losses.student_bins(
-                student.logits, cached.support_ids, cached.target_ids, include_target=loss.needs_target_column
-            )
-        bins = bins._replace(log_q_support=xt.empty_repeats(bins.log_q_support, cached.support_ids))
+        bins = _student_bins(loss, student)
         out = loss(cached, student.logits if loss.needs_logits else None, student=bins)
         ce = losses.cross_entropy(bins.log_q_target)
         total = xt.mixed_loss(out.total, cached.mask.sum(), ce, cached.mask)
@@ -387,6 +393,7 @@ def evaluate(
     }
     if has_bytes:
         out["eval_bpb"] = xt.bits_per_byte(nll, n_bytes)
+        out["eval_bytes"] = int(n_bytes)  # pooling several eval sets (train/sources.py) weighs bits per byte by it
     return out
 
 
@@ -420,7 +427,17 @@ RESUME_FREE = frozenset(
 )
 # Options a run cannot change midway: they fix the student, the data or its order.
 RESUME_FIXED = frozenset(
-    {"student", "cache", "seed", "batch_size", "shuffle_rows", "eval_sequences", "cross_tokenizer"}
+    {
+        "student",
+        "cache",
+        "cache_weights",
+        "combine",
+        "seed",
+        "batch_size",
+        "shuffle_rows",
+        "eval_sequences",
+        "cross_tokenizer",
+    }
     | lora.PARAMETER_OPTIONS
     | {"lora_alpha"}
 )
@@ -437,13 +454,9 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
             saved.get(name, defaults.get(name)),
             now.get(name),
         )  # an option newer than the checkpoint: its default
-        if (
-            name in ("student", "cache")
-            and old is not None
-            and new is not None
-            and not is_url(old)
-            and Path(old).exists()
-        ):
+        if name == "cache":
+            old, new = sources.comparable(old), sources.comparable(new)
+        elif name == "student" and old is not None and new is not None and not is_url(old) and Path(old).exists():
             old, new = str(Path(old).resolve()), str(Path(new).resolve())
         if old == new:
             continue
@@ -473,16 +486,16 @@ class Recipe:
         d, self.device = init_processes(cfg.device)
         self.strategy: Strategy = make_strategy(cfg.parallel, d, self.device)
         self.d = d
-        self.info = info = load_cache(cfg.cache, storage_options=parse_storage_options(cfg.storage_options))
-        info.check_trains_something()
+        # the first cache's tokenizer and vocabulary (every cache is loaded and checked by sources.open_run_data)
+        first = sources.parse_caches(cfg.cache)[0].path
+        self.info = info = load_cache(first, storage_options=parse_storage_options(cfg.storage_options))
         self.tokenizer = load_student_tokenizer(cfg.student, info, cfg.trust_remote_code)
-        self._setup_tokens()
         self._setup_data()
         if self.reader.samples_per_rank < cfg.batch_size:
             _log(
                 d,
                 f"warning: --batch-size {cfg.batch_size} is more than the {self.reader.samples_per_rank} training "
-                f"sequences per process in {cfg.cache}: every batch holds {self.reader.samples_per_rank} sequences "
+                f"sequences per process in {', '.join(cfg.cache)}: every batch holds {self.reader.samples_per_rank} sequences "
                 "(the metrics and tokens/s count the tokens actually trained)",
             )
         self.steps_per_epoch = max(1, self.reader.batches_per_epoch // cfg.grad_accum)
@@ -510,73 +523,21 @@ class Recipe:
         self.step, self.skipped, self.tokens_seen, self.config_changes = 0, 0, 0, []
         self.before: dict | None = None
 
-    def _setup_tokens(self) -> None:
-        """How the cache's batches reach the student (``self.tokens``) and where its teacher signal comes from: the
-        cache's ids as they are, or with --cross-tokenizer the student's re-tokenization and the projected teacher."""
-        cfg, info = self.cfg, self.info
-        if not cfg.cross_tokenizer:
-            check_tokenizer(info, self.tokenizer, cfg.allow_vocab_superset)
-            try:
-                pieces = xt.TokenPieces.of(self.tokenizer)
-            except CacheError as error:  # a slow or unusual tokenizer: the run goes on without bits per byte
-                _log(self.d, f"warning: no eval_bpb: {error}")
-                pieces = None
-            self.tokens = xt.CachedTokens(pieces)
-            return
-        if self.teacher is not CACHED_TEACHER:
+    def _setup_data(self) -> None:
+        """The batch source (``self.reader``: one cache, a mixture or an ensemble, train/sources.py, its batches as
+        the student sees them), the eval sets, and where the teacher signal comes from: the cache's columns, or with
+        --cross-tokenizer the projected teacher (each cache re-tokenized by the student through its own map)."""
+        cfg, d = self.cfg, self.d
+        if cfg.cross_tokenizer and self.teacher is not CACHED_TEACHER:
             raise CacheError(
                 "--cross-tokenizer distills the cache's teacher; this run was given another teacher signal"
             )
-        self.tokens = xt.student_batches(info, self.tokenizer, cfg.cross_tokenizer_positions)
-        self.teacher = ProjectedTeacher()
-        matched = int((self.tokens.mapping >= 0).sum())
-        _log(
-            self.d,
-            f"--cross-tokenizer: {matched:,} of the teacher's {len(self.tokens.mapping):,} ids have a student "
-            f"counterpart; distilling at {cfg.cross_tokenizer_positions} positions, CE elsewhere",
-        )
-
-    def _setup_data(self) -> None:
-        cfg, d, info = self.cfg, self.d, self.info
-        chunks = plan_chunks(info)
-        if cfg.eval_cache is not None:
-            eval_info = load_cache(cfg.eval_cache, storage_options=parse_storage_options(cfg.storage_options))
-            if eval_info.manifest.tokenizer["sha256"] != info.manifest.tokenizer["sha256"]:
-                raise CacheError(f"{cfg.eval_cache} was made with another tokenizer than {cfg.cache}")
-            # One vocabulary serves a whole model family: the tokenizer alone does not make it the same teacher.
-            other = teacher_diff(info.manifest.teacher, eval_info.manifest.teacher)
-            if other and not cfg.allow_eval_teacher_mismatch:
-                raise CacheError(
-                    f"--eval-cache {cfg.eval_cache} was made by teacher {eval_info.manifest.teacher.get('name_or_path')}"
-                    f", --cache {cfg.cache} by {info.manifest.teacher.get('name_or_path')} ({'; '.join(other)}): eval "
-                    "KL and top-1 would measure the other teacher. Use an eval cache of the same teacher, or pass "
-                    "--allow-eval-teacher-mismatch."
-                )
-            train_chunks, eval_source, eval_chunks = chunks, eval_info, None
-        else:
-            train_chunks, eval_chunks = split_holdout(chunks, cfg.eval_sequences)
-            eval_source = info
-        self.reader = CacheReader(
-            info,
-            cfg.batch_size,
-            chunks=train_chunks,
-            seed=cfg.seed,
-            shuffle_rows=cfg.shuffle_rows,
-            rank=d.rank,
-            world_size=d.world_size,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.eval_reader = None
-        if eval_chunks or cfg.eval_cache is not None:
-            self.eval_reader = CacheReader(
-                eval_source,
-                cfg.batch_size,
-                chunks=eval_chunks,
-                shuffle=False,
-                rank=d.rank,
-                world_size=d.world_size,
-                drop_remainder=False,
-            )
+        self.data = sources.open_run_data(cfg, self.tokenizer, d.rank, d.world_size, self.device, lambda m: _log(d, m))
+        if self.data.projected:
+            self.teacher = ProjectedTeacher()
+        self.reader = self.data.train
+        self.tokens = xt.CachedTokens(None)  # the batch source hands out batches as the student sees them
+        self.eval_sets = self.data.eval_sets
 
     def resume(self) -> None:
         """Continue from the newest usable checkpoint, after comparing its configuration with this one."""
@@ -631,12 +592,14 @@ class Recipe:
         path whose content fingerprint (identity and shard checksums) is the checkpoint's is the same cache."""
         saved, now = restored.config, self.cfg.record()
         old = saved.get("cache")
-        recorded = restored.trainer_state.get("reader", {}).get("cache_fingerprint")
-        if old is None or Path(old).resolve() == Path(now["cache"]).resolve():
+        if old is None or sources.comparable(old) == sources.comparable(now["cache"]):
             return saved, None
-        if recorded != self.info.fingerprint():
-            return saved, None  # another cache: the config comparison refuses it
-        moved = f"--cache moved from {old} to {now['cache']}, the same content (fingerprint {recorded})"
+        reader = restored.trainer_state.get("reader", {})
+        # A run of one cache records its reader's fingerprint (a mixture: each reader's, in --cache order).
+        recorded = [r.get("cache_fingerprint") for r in reader.get("readers", [reader])]
+        if recorded != [t.info.fingerprint() for t in self.data.teachers]:
+            return saved, None  # other caches: the config comparison refuses them
+        moved = f"--cache moved from {old} to {now['cache']}, the same content (fingerprint {', '.join(recorded)})"
         return {**saved, "cache": now["cache"]}, moved
 
     def _refuse_other_parameters(self, newest: Path | None) -> None:
@@ -736,18 +699,27 @@ class Recipe:
     def evaluate(self) -> dict:
         # The unwrapped student where its forward needs no collective (DDP's broadcasts buffers: ranks with unequal
         # eval batches would hang); FSDP's forward gathers parameters, so there every rank runs as many.
-        ev = evaluate(
-            self.strategy.inner(self.model),
-            self.eval_reader,
-            self.device,
-            self.autocast,
-            self.d,
-            fused_loss=self.cfg.fused_loss,
-            lockstep=self.strategy.lockstep_forwards,
-            tokens=self.tokens,
+        # Several eval sets (one per cache; an ensemble's combined target too): per source and pooled.
+        ev = sources.pooled(
+            {
+                ev.name: evaluate(
+                    self.strategy.inner(self.model),
+                    ev.reader,
+                    self.device,
+                    self.autocast,
+                    self.d,
+                    fused_loss=self.cfg.fused_loss,
+                    lockstep=self.strategy.lockstep_forwards,
+                    tokens=ev.tokens,
+                )
+                for ev in self.eval_sets
+            }
         )
         if ev["eval_tokens"] == 0:  # summed over the ranks: every rank stops here together
-            source = self.cfg.eval_cache or f"the last {self.cfg.eval_sequences} sequences of {self.cfg.cache}"
+            source = (
+                ", ".join(self.cfg.eval_cache or [])
+                or f"the last {self.cfg.eval_sequences} sequences of {', '.join(self.cfg.cache)}"
+            )
             raise TrainingError(
                 f"the eval set ({source}) holds no trained target: its numbers would all read 0. Give "
                 "--eval-sequences more sequences, another --eval-cache, or --eval-sequences 0 for no eval."
@@ -794,10 +766,12 @@ class Recipe:
                 self.tokenizer.save_pretrained(folder)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
                 "student": cfg.student,
-                "cache": cfg.cache if is_url(cfg.cache) else str(Path(cfg.cache).resolve()),
+                "cache": _where(self.data.teachers[0].spec.path),
                 "cache_fingerprint": self.info.fingerprint(),
                 "cache_teacher": self.info.manifest.teacher,
                 "cache_lineage": self.info.manifest.lineage,
+                "teachers": self.data.lineage(),  # every cache and its weight (the fields above: the first's)
+                "combine": cfg.combine,
                 "loss": cfg.loss,
                 "steps": self.step,
                 "run_dir": str(Path(cfg.out).resolve()),
@@ -869,7 +843,7 @@ class Recipe:
         trained_here = 0  # targets this process trained on: a stream that trains none is an error, not a zero
         last: dict = {}
         try:
-            if self.eval_reader is not None and cfg.eval_at_start and self.step == 0:
+            if self.eval_sets and cfg.eval_at_start and self.step == 0:
                 self.before = {"step": 0, **self.evaluate()}
                 _write_metrics(metrics_file, self.before)
                 _log(d, "step 0 (before training): " + _eval_line(self.before))
@@ -885,7 +859,7 @@ class Recipe:
                 if not trained_here and step - start_step >= min(self.steps_per_epoch, self.total_steps - start_step):
                     raise TrainingError(
                         f"{step - start_step} steps (an epoch, or the whole run) trained no target: the batches from "
-                        f"{cfg.cache} have no trained position."
+                        f"{', '.join(cfg.cache)} have no trained position."
                     )
                 window_tokens += record["tokens"]
                 window_steps += 1
@@ -910,7 +884,7 @@ class Recipe:
                     saved = self.save_checkpoint()
                     resume = launcher_prefix() + command_line("distill", cfg, resume=True)
                     raise stop.stopped(saved, step, self.total_steps, resume)
-                if self.eval_reader is not None and (step % cfg.eval_every == 0 or step == self.total_steps):
+                if self.eval_sets and (step % cfg.eval_every == 0 or step == self.total_steps):
                     ev = {"step": step, **self.evaluate()}
                     last.update(ev)
                     _write_metrics(metrics_file, ev)
@@ -997,6 +971,11 @@ def _quiet_transformers() -> None:
 
 def _train_line(record: dict, keys) -> str:
     return "  ".join(f"{k} {record[k]:.4g}" for k in dict.fromkeys((*keys, "lr", "grad_norm")) if k in record)
+
+
+def _where(path) -> str:
+    """A cache's location as recorded: a URL as given, a local path absolute."""
+    return str(path) if is_url(str(path)) else str(Path(path).resolve())
 
 
 def _eval_line(ev: dict) -> str:
