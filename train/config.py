@@ -35,6 +35,10 @@ class RunOptions:
         "name); see --combine.",
         group=Group.DATA,
     )
+    out: Path = option(
+        help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).",
+        group=Group.CHECKPOINTS,
+    )
     cache_weights: str | None = option(
         None,
         "With several --cache: one weight per cache, e.g. 0.3,0.7 (normalized). mixture: the share of trained "
@@ -57,10 +61,6 @@ class RunOptions:
         "trusting the teacher that knows the token (from each cache's target_logprob); unset: the static "
         "--cache-weights.",
         group=Group.DATA,
-    )
-    out: Path = option(
-        help="Run directory: checkpoints/, metrics.jsonl, final/ (the student, save_pretrained).",
-        group=Group.CHECKPOINTS,
     )
     loss: str = option(DEFAULT_LOSS, loss_help(), group=Group.LOSS, choices=LOSS_NAMES)
     batch_size: int = option(8, "Sequences per micro-batch per process.", group=Group.OPTIMIZER)
