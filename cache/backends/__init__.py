@@ -1,7 +1,7 @@
 """Teacher backends: turn token sequences into the teacher's top-k next-token log-probabilities.
 
 Every backend subclasses :class:`TeacherBackend` and registers itself with :func:`register` (in the spirit of
-the encoding registry, kd_pipeline/cache/format/encodings/__init__.py). Stage one's driver (cache/build.py) only
+the encoding registry, cache/format/encodings/base.py). Stage one's driver (cache/build.py) only
 calls :func:`select_backend` and the class it returns: it never knows which backend it drives, so a new backend
 is one new module holding a registered subclass (plus its import in ``_BUILT_IN`` below, for a built-in one)
 and its test; docs/backends.md walks through one. Modules register on import; the built-ins are imported on

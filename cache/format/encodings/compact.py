@@ -44,7 +44,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from kd_pipeline.cache.format.encodings import Encoding, register
+from kd_pipeline.cache.format.encodings.base import Encoding, register
 from kd_pipeline.cache.format.rows import (
     CacheRows,
     binary_array,

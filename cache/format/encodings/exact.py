@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from kd_pipeline.cache.format.encodings import Encoding, register
+from kd_pipeline.cache.format.encodings.base import Encoding, register
 from kd_pipeline.cache.format.rows import CacheRows, flat_values, list_array, list_type, shard_write_options
 from kd_pipeline.errors import ConfigError
 
