@@ -270,35 +270,14 @@ def cache_teacher(config: CacheConfig) -> Manifest:
         return _build(config, backend, store, lease)
 
 
-def _build(config: CacheConfig, backend: type[TeacherBackend], store: Store, lease) -> Manifest:
-    started = time.perf_counter()
-    tokenizer = load_tokenizer(
-        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
-    )
-    spec = DataSpec(
-        path=config.data,
-        seq_len=config.seq_len,
-        text_field=config.text_field,
-        messages_field=config.messages_field,
-        split=config.split,
-        max_tokens=config.max_tokens,
-        max_sequences=config.max_sequences,
-        assistant_roles=list(config.assistant_roles),
-    )
-    teacher_config = load_config(
-        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
-    )
-    check_seq_len(config.seq_len, teacher_config, config.teacher)
-    # The encoding's parameters (the compact id table) come from the first block's tokens, which every
-    # worker reads whether or not the block is its own: the same for a resume and for every worker.
-    blocks = _blocks(iter_sequences(spec, tokenizer), config.rows_per_shard)
-    first_block = next(blocks, None)
-    if first_block is None:
-        raise CacheError(f"{config.data}: the dataset produced no token sequences")
-    blocks = itertools.chain([first_block], blocks)
+def _fresh_manifest(
+    config: CacheConfig, backend: type[TeacherBackend], tokenizer, spec: DataSpec, first_block_ids: np.ndarray
+) -> Manifest:
+    """The manifest a new cache of ``config`` starts with: its identity (what a resume, another worker or a student
+    must agree on) and its settings, no shard yet. The encoding's parameters come from the first block's tokens."""
     tokenizer_identity = tokenizer_fingerprint(tokenizer)
     encoding_params = encoding_class(config.encoding).new_params(
-        first_block_input_ids=first_block[1],
+        first_block_input_ids=first_block_ids,
         vocab_size=tokenizer_identity["vocab_size"],
         min_logprob=config.min_logprob,
     )
@@ -331,6 +310,91 @@ def _build(config: CacheConfig, backend: type[TeacherBackend], store: Store, lea
     # The backend's name is part of the identity check: mixing HF and vLLM numbers in one cache would
     # make it depend on where a run was interrupted.
     fresh.teacher.update(backend=backend.name, **backend.identity(config))
+    return fresh
+
+
+def _commit_block(
+    config: CacheConfig,
+    store: Store,
+    lease,
+    manifest: Manifest,
+    encoding,
+    block: int,
+    input_ids,
+    loss_mask,
+    scores,
+    tokens_sha: str,
+) -> None:
+    """Write block ``block``'s shard whole, then the manifest that lists it (the commit point), or nothing: a block
+    with values no teacher may give is refused before any byte is written."""
+    first_seq = block * config.rows_per_shard
+    rows = CacheRows(
+        seq_ids=np.arange(first_seq, first_seq + len(input_ids), dtype=np.int64),
+        input_ids=input_ids,
+        loss_mask=loss_mask,
+        topk_ids=scores.topk_ids,
+        topk_logprobs=scores.topk_logprobs,
+        target_logprob=scores.target_logprob,
+    )
+    name = shard_name(block)
+    path = store.member(name)
+    bad = invalid_rows(rows.topk_logprobs, rows.target_logprob, sampled=config.support == "sampled")
+    if bad.size:
+        raise CacheError(
+            f"the teacher gave non-finite log-probabilities (NaN or inf) for sequences "
+            f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block"
+            + (f" (the {len(manifest.shards)} shard(s) committed before it are kept)" if manifest.shards else "")
+            + ". Check the teacher's weights and --dtype (float16 overflows in some models)."
+        )
+    with _naming_write_errors(path):
+        written = _write_shard(store, name, rows, manifest.row_group_rows, encoding)
+    manifest.shards.append(
+        ShardEntry(
+            name=name,
+            block=block,
+            rows=rows.num_rows,
+            tokens=int(input_ids.size),
+            bytes=written.bytes,
+            sha256=written.sha256,
+            first_seq_id=int(rows.seq_ids[0]),
+            last_seq_id=int(rows.seq_ids[-1]),
+            tokens_sha256=tokens_sha,
+            trained=int(loss_mask.sum()),
+        )
+    )
+    manifest.shards.sort(key=lambda s: s.block)
+    lease.check()  # never commit over a writer that took over an expired lease
+    with _naming_write_errors(store.member(manifest_name(config.worker_index, config.num_workers))):
+        manifest.save(store)  # the commit point of this shard
+
+
+def _build(config: CacheConfig, backend: type[TeacherBackend], store: Store, lease) -> Manifest:
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(
+        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    spec = DataSpec(
+        path=config.data,
+        seq_len=config.seq_len,
+        text_field=config.text_field,
+        messages_field=config.messages_field,
+        split=config.split,
+        max_tokens=config.max_tokens,
+        max_sequences=config.max_sequences,
+        assistant_roles=list(config.assistant_roles),
+    )
+    teacher_config = load_config(
+        config.teacher, "--teacher", revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    check_seq_len(config.seq_len, teacher_config, config.teacher)
+    # The encoding's parameters (the compact id table) come from the first block's tokens, which every
+    # worker reads whether or not the block is its own: the same for a resume and for every worker.
+    blocks = _blocks(iter_sequences(spec, tokenizer), config.rows_per_shard)
+    first_block = next(blocks, None)
+    if first_block is None:
+        raise CacheError(f"{config.data}: the dataset produced no token sequences")
+    blocks = itertools.chain([first_block], blocks)
+    fresh = _fresh_manifest(config, backend, tokenizer, spec, first_block[1])
     with naming_storage_errors(store.member(""), "cannot use the output"):
         manifest = _prepare_output(config, fresh, store)
     if manifest.complete:
@@ -398,48 +462,9 @@ def _build(config: CacheConfig, backend: type[TeacherBackend], store: Store, lea
                 input_ids, progress=lambda n, bar=bar: bar.update(n * config.seq_len), first_seq_id=first_seq
             )
             score_seconds += time.perf_counter() - scoring
-            rows = CacheRows(
-                seq_ids=np.arange(first_seq, first_seq + len(input_ids), dtype=np.int64),
-                input_ids=input_ids,
-                loss_mask=loss_mask,
-                topk_ids=scores.topk_ids,
-                topk_logprobs=scores.topk_logprobs,
-                target_logprob=scores.target_logprob,
+            _commit_block(
+                config, store, lease, manifest, encoding, block, input_ids, loss_mask, scores, block_tokens_sha
             )
-            name = shard_name(block)
-            path = store.member(name)
-            bad = invalid_rows(rows.topk_logprobs, rows.target_logprob, sampled=config.support == "sampled")
-            if bad.size:
-                raise CacheError(
-                    f"the teacher gave non-finite log-probabilities (NaN or inf) for sequences "
-                    f"{id_list(rows.seq_ids[bad])} of {path}; nothing was written for that block"
-                    + (
-                        f" (the {len(manifest.shards)} shard(s) committed before it are kept)"
-                        if manifest.shards
-                        else ""
-                    )
-                    + ". Check the teacher's weights and --dtype (float16 overflows in some models)."
-                )
-            with _naming_write_errors(path):
-                written = _write_shard(store, name, rows, manifest.row_group_rows, encoding)
-            manifest.shards.append(
-                ShardEntry(
-                    name=name,
-                    block=block,
-                    rows=rows.num_rows,
-                    tokens=int(input_ids.size),
-                    bytes=written.bytes,
-                    sha256=written.sha256,
-                    first_seq_id=int(rows.seq_ids[0]),
-                    last_seq_id=int(rows.seq_ids[-1]),
-                    tokens_sha256=block_tokens_sha,
-                    trained=int(loss_mask.sum()),
-                )
-            )
-            manifest.shards.sort(key=lambda s: s.block)
-            lease.check()  # never commit over a writer that took over an expired lease
-            with _naming_write_errors(store.member(manifest_name(config.worker_index, config.num_workers))):
-                manifest.save(store)  # the commit point of this shard
             scored_tokens += int(input_ids.size)
             bar.set_postfix(shards=len(manifest.shards), refresh=False)
     finally:
