@@ -124,6 +124,8 @@ def _check_value(where: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
         tp = inner[0] if len(inner) == 1 else tp
         origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is list:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # one value of a repeatable option, as one flag gives it on the command line
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_check_value(f"{where}[{i}]", f, args[0], v) for i, v in enumerate(value)]

@@ -69,8 +69,10 @@ def test_values_come_back_typed_as_their_fields(tmp_path):
     assert isinstance(values["gpu_memory_utilization"], float)
     with pytest.raises(ConfigError, match=r"key `vllm_args`\[1\]: expected a string, got 2"):
         read_config_file(_write(tmp_path / "c.yaml", "vllm_args: [a=1, 2]\n"), CacheConfig)
-    with pytest.raises(ConfigError, match="key `candidates`: expected a list, got '7B'"):
-        read_config_file(_write(tmp_path / "p.yaml", "candidates: 7B\n"), PlanConfig)
+    # One value of a repeatable option is a list of one, as one flag on the command line gives it.
+    assert read_config_file(_write(tmp_path / "p.yaml", "candidates: 7B\n"), PlanConfig) == {"candidates": ["7B"]}
+    with pytest.raises(ConfigError, match=r"key `candidates`: expected a list, got \{'a': 1\}"):
+        read_config_file(_write(tmp_path / "p.yaml", "candidates: {a: 1}\n"), PlanConfig)
     assert read_config_file(_write(tmp_path / "empty.yaml", ""), PlanConfig) == {}
     assert read_config_file(_write(tmp_path / "n.yaml", "min_logprob: null\n"), CacheConfig) == {"min_logprob": None}
     with pytest.raises(ConfigError, match="key `top_k`: expected an integer, got '1e3'"):
