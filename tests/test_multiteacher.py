@@ -96,7 +96,8 @@ def test_cache_values_names_and_weights(tmp_path):
         ("prose", "/data/prose"),
         ("a=b", str(tmp_path / "a=b")),
     ]
-    assert sources.parse_caches(Path("/data/one")) == [sources.CacheSpec("one", Path("/data/one"))]
+    assert sources.parse_caches(Path("/data/one")) == [sources.CacheSpec("one", "/data/one")]
+    assert sources.parse_caches("s3://bucket/caches/run1") == [sources.CacheSpec("run1", "s3://bucket/caches/run1")]
     assert DistillConfig(student="s", cache=Path("/c"), out=Path("o")).cache == ["/c"]  # one path: a list of one
     with pytest.raises(ConfigError, match="two caches are named 'cache'"):
         sources.parse_caches(["/a/cache", "/b/cache"])

@@ -429,7 +429,7 @@ def test_a_moved_cache_resumes_by_its_fingerprint_and_records_the_new_path(
     assert code == 0, output
     assert f"--cache moved from {small_cache} to {moved}, the same content" in output
     lineage = json.loads((four_steps / "final" / "lineage.json").read_text())
-    assert lineage["cache"] == str(moved.resolve()) and lineage["config"]["cache"] == str(moved)
+    assert lineage["cache"] == str(moved.resolve()) and lineage["config"]["cache"] == [str(moved)]
     assert any("moved" in c for change in lineage["config_changes"] for c in change["changes"])
     # Another cache at the moved path is still refused.
     other = tmp_path / "other"

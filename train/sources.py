@@ -268,11 +268,17 @@ class Mixture:
                 state["epoch"] * self.readers[0].batches_per_epoch + -(-state["consumed"] // state["batch_size"])
             ]
             return
-        if state["names"] != self.names:
-            raise CacheError(f"cannot resume: the checkpoint's caches are {state['names']}, now {self.names}")
+        _check_same_count(state.get("names"), self.names)
         for reader, saved in zip(self.readers, state["readers"]):
-            reader.load_state_dict(saved, reshard=reshard)
+            reader.load_state_dict(saved, reshard=reshard)  # each refuses another cache by its fingerprint
         self.drawn = [int(n) for n in state["drawn"]]
+
+
+def _check_same_count(saved: list[str] | None, now: list[str]) -> None:
+    """A resume reads as many caches as the checkpoint did, in the same order. Their names may differ (a cache
+    moved to a folder of another name is the same cache: each reader compares content fingerprints)."""
+    if saved is None or len(saved) != len(now):
+        raise CacheError(f"cannot resume: the checkpoint's caches are {saved}, now {now}")
 
 
 # ---------------------------------------------------------------------------------------- ensemble
@@ -365,10 +371,9 @@ class Ensemble:
         return {"names": self.names, "readers": [r.state_dict() for r in self.readers]}
 
     def load_state_dict(self, state: dict, reshard: bool = False) -> None:
-        if state.get("names") != self.names:
-            raise CacheError(f"cannot resume: the checkpoint's caches are {state.get('names')}, now {self.names}")
+        _check_same_count(state.get("names"), self.names)
         for reader, saved in zip(self.readers, state["readers"]):
-            reader.load_state_dict(saved, reshard=reshard)
+            reader.load_state_dict(saved, reshard=reshard)  # each refuses another cache by its fingerprint
 
 
 # ------------------------------------------------------------------------------------------ the run

@@ -599,7 +599,8 @@ class Recipe:
         recorded = [r.get("cache_fingerprint") for r in reader.get("readers", [reader])]
         if recorded != [t.info.fingerprint() for t in self.data.teachers]:
             return saved, None  # other caches: the config comparison refuses them
-        moved = f"--cache moved from {old} to {now['cache']}, the same content (fingerprint {', '.join(recorded)})"
+        where = ", ".join(sources.cache_values(old)), ", ".join(now["cache"])
+        moved = f"--cache moved from {where[0]} to {where[1]}, the same content (fingerprint {', '.join(recorded)})"
         return {**saved, "cache": now["cache"]}, moved
 
     def _refuse_other_parameters(self, newest: Path | None) -> None:
