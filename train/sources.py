@@ -108,13 +108,20 @@ class Teacher:
     projected: bool
 
 
-def open_teachers(specs: list[CacheSpec], tokenizer, cfg, log: Callable[[str], None]) -> list[Teacher]:
+def open_teachers(
+    specs: list[CacheSpec], tokenizer, cfg, log: Callable[[str], None], loaded: list[CacheInfo] = ()
+) -> list[Teacher]:
     """Load and check every cache. Without ``--cross-tokenizer`` each must hold the student's token ids (else
-    refused with the reason); with it, each is projected onto the student's vocabulary through its own map."""
+    refused with the reason); with it, each is projected onto the student's vocabulary through its own map.
+    ``loaded``: the first caches, already loaded by the caller (the manifests are not read again)."""
     pieces: xt.TokenPieces | None | bool = False  # not built yet: once for all caches of the student's tokenizer
     teachers = []
-    for spec in specs:
-        info = load_cache(spec.path, storage_options=parse_storage_options(cfg.storage_options))
+    for i, spec in enumerate(specs):
+        info = (
+            loaded[i]
+            if i < len(loaded)
+            else load_cache(spec.path, storage_options=parse_storage_options(cfg.storage_options))
+        )
         info.check_trains_something()
         if cfg.cross_tokenizer:
             tokens = xt.student_batches(info, tokenizer, cfg.cross_tokenizer_positions)
@@ -416,15 +423,16 @@ class RunData:
         ]
 
 
-def open_run_data(cfg, tokenizer, rank: int, world_size: int, device, log=None) -> RunData:
+def open_run_data(cfg, tokenizer, rank: int, world_size: int, device, log=None, loaded=()) -> RunData:
     """The batch source and eval sets of a distill run, from ``cfg.cache``, ``cfg.cache_weights``, ``cfg.combine``,
     ``cfg.eval_cache`` / ``cfg.eval_sequences`` (every cache checked and refused with the reason if unusable), for a
-    student on ``device`` (an ensemble combines there; CUDA gets pinned batches)."""
+    student on ``device`` (an ensemble combines there; CUDA gets pinned batches). ``loaded``: caches of ``cfg.cache``
+    the caller has loaded already, in order (not read again)."""
     device = torch.device(device)
     pin_memory = device.type == "cuda"
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     specs = parse_caches(cfg.cache)
-    teachers = open_teachers(specs, tokenizer, cfg, log)
+    teachers = open_teachers(specs, tokenizer, cfg, log, loaded)
     ensemble = cfg.combine == "ensemble"
     if ensemble:
         check_ensemble(teachers)

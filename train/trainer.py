@@ -532,7 +532,9 @@ class Recipe:
             raise CacheError(
                 "--cross-tokenizer distills the cache's teacher; this run was given another teacher signal"
             )
-        self.data = sources.open_run_data(cfg, self.tokenizer, d.rank, d.world_size, self.device, lambda m: _log(d, m))
+        self.data = sources.open_run_data(
+            cfg, self.tokenizer, d.rank, d.world_size, self.device, lambda m: _log(d, m), loaded=[self.info]
+        )
         if self.data.projected:
             self.teacher = ProjectedTeacher()
         self.reader = self.data.train
@@ -767,7 +769,7 @@ class Recipe:
                 self.tokenizer.save_pretrained(folder)
             lineage = {  # read by cache-teacher when this model teaches the next one (teacher-assistant chains)
                 "student": cfg.student,
-                "cache": _where(self.data.teachers[0].spec.path),
+                "cache": sources.located(self.data.teachers[0].spec.path),
                 "cache_fingerprint": self.info.fingerprint(),
                 "cache_teacher": self.info.manifest.teacher,
                 "cache_lineage": self.info.manifest.lineage,
@@ -972,11 +974,6 @@ def _quiet_transformers() -> None:
 
 def _train_line(record: dict, keys) -> str:
     return "  ".join(f"{k} {record[k]:.4g}" for k in dict.fromkeys((*keys, "lr", "grad_norm")) if k in record)
-
-
-def _where(path) -> str:
-    """A cache's location as recorded: a URL as given, a local path absolute."""
-    return str(path) if is_url(str(path)) else str(Path(path).resolve())
 
 
 def _eval_line(ev: dict) -> str:
